@@ -1,1 +1,220 @@
+//! Write registry plugins for `discoveryd` as WebAssembly components.
+//!
+//! A registry plugin learns about the other nodes of a cluster from one source (a
+//! discovery service, Kubernetes, a file...) and publishes what it found to the
+//! daemon. The daemon owns the node identity, the cluster secret, merging and the
+//! API; a plugin owns only its protocol. Implement [`Registry`], export it with
+//! [`export_registry!`], and build with `cargo build --target wasm32-wasip2`.
+//!
+//! The SDK runs the event loop: it calls [`Registry::on_local_change`] once at start
+//! and whenever this node's data changes, [`Registry::on_timer`] every
+//! [`Registry::poll_interval`], and [`Registry::on_shutdown`] before the plugin
+//! stops. Returning an error restarts the plugin with backoff.
+//!
+//! # Example
+//!
+//! A registry that publishes one fixed peer:
+//!
+//! ```no_run
+//! use discovery_sdk::{Affiliate, MachineType, Registry, export_registry, info, publish};
+//!
+//! struct OnePeer {
+//!     peer: Affiliate,
+//! }
+//!
+//! impl Registry for OnePeer {
+//!     const PREFIX: &'static str = "one";
+//!
+//!     fn new(config: &str) -> Result<Self, String> {
+//!         // `config` is the plugin's config section from the daemon config, as JSON.
+//!         let nodename = config.trim_matches(|c| c == '"').to_string();
+//!         let peer = Affiliate {
+//!             node_id: "5z3zDxA6XfwQd4ZhZ3LhJjLZmR1Y8VJ3pS4YmIwbG1Fq".into(),
+//!             hostname: nodename.clone(),
+//!             nodename,
+//!             machine_type: MachineType::Worker,
+//!             operating_system: "Talos (v1.12.0)".into(),
+//!             addresses: vec!["10.0.0.7".parse().map_err(|e| format!("{e}"))?],
+//!             kubespan: None,
+//!             control_plane: None,
+//!         };
+//!         Ok(Self { peer })
+//!     }
+//!
+//!     fn on_local_change(&mut self, _local: Option<Affiliate>) -> Result<(), String> {
+//!         let rejected = publish(std::slice::from_ref(&self.peer));
+//!         info!("published 1 peer, {} rejected", rejected.len());
+//!         Ok(())
+//!     }
+//! }
+//!
+//! export_registry!(OnePeer);
+//! ```
 
+// The generated bindings name this crate by its public path, which must resolve
+// inside the crate too.
+extern crate self as discovery_sdk;
+
+mod convert;
+
+use std::time::{Duration, Instant};
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "registry-plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_bindings",
+        default_bindings_module: "discovery_sdk::bindings",
+        runtime_path: "discovery_sdk::bindings::__rt",
+        additional_derives: [PartialEq, Eq, Hash],
+    });
+    #[doc(hidden)]
+    pub use wit_bindgen::rt as __rt;
+}
+
+use bindings::discovery::registry::host::{self, Event};
+pub use bindings::discovery::registry::host::Rejection;
+pub use bindings::discovery::registry::types::{
+    Affiliate, ControlPlane, Endpoint, IpAddress, IpPrefix, Kubespan, LogLevel, MachineType,
+};
+pub use convert::ParseError;
+
+/// Sealing and opening through the host: the cluster key never enters the plugin.
+pub mod crypto {
+    pub use crate::bindings::discovery::registry::cluster_crypto::{
+        cluster_id, open, open_affiliate, open_endpoint, seal, seal_affiliate, seal_endpoint,
+    };
+}
+
+/// A registry plugin. Every callback that returns an error stops this run of the
+/// plugin; the daemon logs the error and restarts the plugin with backoff.
+pub trait Registry: Sized {
+    /// Prefix of the raw affiliates this registry publishes, as in `static/<node-id>`.
+    const PREFIX: &'static str;
+
+    /// Builds the registry from its config section (JSON; `null` when absent).
+    fn new(config: &str) -> Result<Self, String>;
+
+    /// How often [`Registry::on_timer`] runs; `None` (the default) never.
+    fn poll_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Called once at start and whenever this node's own affiliate changes.
+    fn on_local_change(&mut self, local: Option<Affiliate>) -> Result<(), String> {
+        let _ = local;
+        Ok(())
+    }
+
+    /// Called every [`Registry::poll_interval`].
+    fn on_timer(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Called before the plugin stops because the daemon shuts down.
+    fn on_shutdown(&mut self) {}
+}
+
+/// Replaces this plugin's published view of the other nodes; returns the entries
+/// the daemon refused, with the reason.
+pub fn publish(affiliates: &[Affiliate]) -> Vec<Rejection> {
+    host::publish(affiliates)
+}
+
+/// Sets the health note shown by `discoveryd plugins`.
+pub fn set_status(healthy: bool, message: &str) {
+    host::set_status(healthy, message)
+}
+
+/// This node's own affiliate, if discovery publishes one.
+pub fn local_affiliate() -> Option<Affiliate> {
+    host::local_affiliate()
+}
+
+/// Writes a line to the daemon's log; prefer the [`info!`]-style macros.
+pub fn log(level: LogLevel, message: &str) {
+    host::log(level, message)
+}
+
+/// Logs at debug level, with `format!` arguments.
+#[macro_export]
+macro_rules! debug {
+    ($($arg:tt)*) => { $crate::log($crate::LogLevel::Debug, &format!($($arg)*)) };
+}
+
+/// Logs at info level, with `format!` arguments.
+#[macro_export]
+macro_rules! info {
+    ($($arg:tt)*) => { $crate::log($crate::LogLevel::Info, &format!($($arg)*)) };
+}
+
+/// Logs at warn level, with `format!` arguments.
+#[macro_export]
+macro_rules! warn {
+    ($($arg:tt)*) => { $crate::log($crate::LogLevel::Warn, &format!($($arg)*)) };
+}
+
+/// Logs at error level, with `format!` arguments.
+#[macro_export]
+macro_rules! error {
+    ($($arg:tt)*) => { $crate::log($crate::LogLevel::Error, &format!($($arg)*)) };
+}
+
+/// Exports a [`Registry`] implementation as the plugin's entry point.
+#[macro_export]
+macro_rules! export_registry {
+    ($registry:ty) => {
+        struct __DiscoveryRegistryExport;
+
+        impl $crate::bindings::exports::discovery::registry::registry::Guest
+            for __DiscoveryRegistryExport
+        {
+            fn describe() -> $crate::bindings::exports::discovery::registry::registry::RegistryInfo {
+                $crate::bindings::exports::discovery::registry::registry::RegistryInfo {
+                    prefix: <$registry as $crate::Registry>::PREFIX.to_string(),
+                }
+            }
+
+            fn run(config: String) -> Result<(), String> {
+                $crate::run::<$registry>(&config)
+            }
+        }
+
+        $crate::bindings::__export_bindings!(
+            __DiscoveryRegistryExport with_types_in $crate::bindings
+        );
+    };
+}
+
+/// The longest single wait; the loop simply waits again after it.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// The event loop behind [`export_registry!`].
+#[doc(hidden)]
+pub fn run<R: Registry>(config: &str) -> Result<(), String> {
+    let mut registry = R::new(config)?;
+    registry.on_local_change(host::local_affiliate())?;
+    let mut next_timer = registry.poll_interval().map(|every| Instant::now() + every);
+    loop {
+        let wait = next_timer
+            .map(|at| at.saturating_duration_since(Instant::now()))
+            .unwrap_or(MAX_WAIT)
+            .min(MAX_WAIT);
+        match host::next_event(wait.as_millis() as u32) {
+            Event::Shutdown => {
+                registry.on_shutdown();
+                return Ok(());
+            }
+            Event::LocalChanged => registry.on_local_change(host::local_affiliate())?,
+            Event::Timeout | Event::Ready(_) => {}
+        }
+        if let Some(at) = next_timer
+            && Instant::now() >= at
+        {
+            registry.on_timer()?;
+            next_timer = registry.poll_interval().map(|every| Instant::now() + every);
+        }
+    }
+}
