@@ -1,1 +1,63 @@
-fn main() {}
+//! `discovery-service`: the binary. Parses flags, sets up logging, runs the server until
+//! SIGTERM/SIGINT, and exits non-zero if the final snapshot could not be written.
+
+use std::process::ExitCode;
+
+use discovery_service::{Config, Server, shutdown};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(debug: bool) {
+    let dev = debug || std::env::var("MODE").is_ok_and(|m| m == "dev");
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(if dev { "debug" } else { "info" }));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    if dev {
+        builder.init();
+    } else {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    }
+}
+
+fn main() -> ExitCode {
+    let config = Config::from_args(std::env::args());
+    init_logging(config.debug);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let server = match Server::start(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "failed to start");
+                return ExitCode::FAILURE;
+            }
+        };
+        tokio::select! {
+            _ = shutdown::signal() => {}
+            _ = server.stopped() => {}
+        }
+        match server.shutdown().await {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "shutdown failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,294 @@
+//! The interceptor chain around every RPC, in upstream's order (§4.9): request logger →
+//! rate limiter → gRPC metrics → panic recovery → handler. Throttled requests are
+//! therefore logged but not counted in `grpc_server_*`.
+
+use std::any::Any;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::{Code, Request, Status};
+
+use super::peer::{self, ConnInfo, Trust};
+use crate::metrics::{GRPC_SERVICE, Metrics, code_name};
+use crate::proto::server::{
+    AffiliateDeleteRequest, AffiliateUpdateRequest, HelloRequest, ListRequest, WatchRequest,
+};
+use crate::ratelimit::IpRateLimiter;
+
+/// Longest ID logged as is: IDs are validated after logging starts, and a 4 MiB
+/// cluster ID must not become a 4 MiB log line.
+const LOGGED_ID_MAX: usize = 256;
+
+fn clip(s: &str) -> String {
+    if s.len() <= LOGGED_ID_MAX {
+        return s.to_owned();
+    }
+    let mut end = LOGGED_ID_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Request fields worth a log line.
+#[derive(Debug, Default, Clone)]
+pub struct Fields {
+    cluster_id: String,
+    affiliate_id: Option<String>,
+    client_version: Option<String>,
+}
+
+pub trait Describe {
+    fn fields(&self) -> Fields;
+}
+
+impl Describe for HelloRequest {
+    fn fields(&self) -> Fields {
+        Fields {
+            cluster_id: clip(&self.cluster_id),
+            affiliate_id: None,
+            client_version: Some(clip(&self.client_version)),
+        }
+    }
+}
+
+impl Describe for AffiliateUpdateRequest {
+    fn fields(&self) -> Fields {
+        Fields {
+            cluster_id: clip(&self.cluster_id),
+            affiliate_id: Some(clip(&self.affiliate_id)),
+            client_version: None,
+        }
+    }
+}
+
+impl Describe for AffiliateDeleteRequest {
+    fn fields(&self) -> Fields {
+        Fields {
+            cluster_id: clip(&self.cluster_id),
+            affiliate_id: Some(clip(&self.affiliate_id)),
+            client_version: None,
+        }
+    }
+}
+
+impl Describe for ListRequest {
+    fn fields(&self) -> Fields {
+        Fields {
+            cluster_id: clip(&self.cluster_id),
+            ..Fields::default()
+        }
+    }
+}
+
+impl Describe for WatchRequest {
+    fn fields(&self) -> Fields {
+        Fields {
+            cluster_id: clip(&self.cluster_id),
+            ..Fields::default()
+        }
+    }
+}
+
+/// The `grpc-timeout` header as a duration: 1–8 digits and a unit (§ gRPC over HTTP/2).
+pub fn grpc_timeout(md: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A panic payload as text, like Go's `%v` of a recovered value.
+pub fn panic_message(p: &(dyn Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_owned()
+    }
+}
+
+/// Shared by every call: metrics, limiter and which headers to trust.
+#[derive(Debug)]
+pub struct Observer {
+    pub metrics: Arc<Metrics>,
+    pub limiter: Arc<IpRateLimiter>,
+    pub trust: Trust,
+}
+
+/// One RPC in flight. Finishing it records the outcome; dropping it unfinished (the
+/// client went away) records a cancellation for unary calls and a normal end for
+/// streams, which is how upstream reports a watcher that left.
+#[derive(Debug)]
+pub struct Call {
+    obs: Arc<Observer>,
+    method: &'static str,
+    kind: &'static str,
+    pub peer: Option<IpAddr>,
+    start: Instant,
+    fields: Fields,
+    counted: bool,
+    done: bool,
+}
+
+impl Observer {
+    /// Logger and rate limiter: admits the call or fails it with ResourceExhausted.
+    pub async fn begin<R: Describe>(
+        self: &Arc<Self>,
+        method: &'static str,
+        kind: &'static str,
+        req: &Request<R>,
+    ) -> Result<Call, Status> {
+        let start = Instant::now();
+        let conn = req.extensions().get::<ConnInfo>();
+        let peer = peer::client_ip(req.metadata(), conn, self.trust);
+        let mut call = Call {
+            obs: self.clone(),
+            method,
+            kind,
+            peer,
+            start,
+            fields: req.get_ref().fields(),
+            counted: false,
+            done: false,
+        };
+        if peer.is_none() {
+            tracing::warn!(method, "failed to determine the client address");
+        }
+        let deadline = grpc_timeout(req.metadata()).map(|d| start + d);
+        if let Err(e) = self.limiter.wait(peer, deadline).await {
+            let status = Status::resource_exhausted(e.to_string());
+            call.finish(status.code(), Some(status.message()));
+            return Err(status);
+        }
+        let l = [kind, GRPC_SERVICE, method];
+        self.metrics.grpc_started.with_label_values(&l).inc();
+        self.metrics.grpc_msg_received.with_label_values(&l).inc();
+        call.counted = true;
+        Ok(call)
+    }
+}
+
+impl Call {
+    /// Counts one message sent to the client.
+    pub fn sent(&self) {
+        self.obs
+            .metrics
+            .grpc_msg_sent
+            .with_label_values(&[self.kind, GRPC_SERVICE, self.method])
+            .inc();
+    }
+
+    /// Records the outcome once: metrics (if admitted) and one log line.
+    pub fn finish(&mut self, code: Code, error: Option<&str>) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let elapsed = self.start.elapsed();
+        if self.counted {
+            let m = &self.obs.metrics;
+            let l = [self.kind, GRPC_SERVICE, self.method];
+            m.grpc_handled
+                .with_label_values(&[self.kind, GRPC_SERVICE, self.method, code_name(code)])
+                .inc();
+            m.grpc_handling_seconds
+                .with_label_values(&l)
+                .observe(elapsed.as_secs_f64());
+        }
+        let method = format!("/{GRPC_SERVICE}/{}", self.method);
+        let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+        let f = &self.fields;
+        let code = code_name(code);
+        if error.is_none() {
+            tracing::info!(
+                grpc.method = %method,
+                duration = ?elapsed,
+                code,
+                peer.address = %peer,
+                cluster_id = %f.cluster_id,
+                affiliate_id = f.affiliate_id.as_deref(),
+                client_version = f.client_version.as_deref(),
+                "finished call"
+            );
+        } else {
+            tracing::error!(
+                grpc.method = %method,
+                duration = ?elapsed,
+                code,
+                error,
+                peer.address = %peer,
+                cluster_id = %f.cluster_id,
+                affiliate_id = f.affiliate_id.as_deref(),
+                client_version = f.client_version.as_deref(),
+                "finished call"
+            );
+        }
+    }
+
+    /// Records a handler result.
+    pub fn finish_result<T>(&mut self, r: &Result<T, Status>) {
+        match r {
+            Ok(_) => {
+                self.sent();
+                self.finish(Code::Ok, None);
+            }
+            Err(s) => self.finish(s.code(), Some(s.message())),
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.done {
+            let code = if self.kind == "unary" {
+                Code::Cancelled
+            } else {
+                Code::Ok
+            };
+            self.finish(code, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        for (v, want) in [
+            ("1S", Some(Duration::from_secs(1))),
+            ("250m", Some(Duration::from_millis(250))),
+            ("2H", Some(Duration::from_secs(7200))),
+            ("99999999n", Some(Duration::from_nanos(99_999_999))),
+            ("123456789S", None),
+            ("S", None),
+            ("1x", None),
+        ] {
+            md.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&md), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn long_ids_are_clipped_on_char_boundaries() {
+        let s = "é".repeat(300);
+        let c = clip(&s);
+        assert!(c.len() <= LOGGED_ID_MAX + "…".len());
+        assert_eq!(clip("short"), "short");
+    }
+}

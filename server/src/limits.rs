@@ -1,0 +1,47 @@
+//! Every limit and timing of the service, in one place (reference §4.1, §10).
+//!
+//! Values are the reference's; changing one changes what real Talos nodes observe.
+
+use std::time::Duration;
+
+/// Maximum `cluster_id` length in bytes, in every RPC.
+pub const CLUSTER_ID_MAX: usize = 256;
+/// Maximum `affiliate_id` length in bytes.
+pub const AFFILIATE_ID_MAX: usize = 256;
+/// Maximum `affiliate_data` length in bytes (GCM plaintext can be at most 2020 bytes).
+pub const AFFILIATE_DATA_MAX: usize = 2048;
+/// Maximum length of one endpoint blob (at most two AES blocks).
+pub const AFFILIATE_ENDPOINT_MAX: usize = 32;
+/// Maximum TTL; only strictly greater values are rejected.
+pub const TTL_MAX: Duration = Duration::from_secs(30 * 60);
+/// Affiliates per cluster, checked only when one is created.
+pub const CLUSTER_AFFILIATES_MAX: usize = 1024;
+/// Distinct endpoints stored per affiliate.
+pub const AFFILIATE_ENDPOINTS_MAX: usize = 64;
+
+/// Token refill per client IP, per second.
+pub const IP_RATE_REQUESTS_PER_SECOND_MAX: f64 = 15.0;
+/// Token bucket size per client IP.
+pub const IP_RATE_BURST_SIZE_MAX: u32 = 60;
+/// How often idle (full) buckets are dropped.
+pub const IP_RATE_GARBAGE_COLLECTION_PERIOD: Duration = Duration::from_secs(60);
+
+/// Notifications a watcher may fall behind before its stream is aborted.
+pub const WATCH_BUFFER: usize = 32;
+
+/// Largest `ClusterSnapshot` record accepted on load: a maximal cluster (1024 affiliates
+/// with 64 endpoints each, every field at its limit) encodes to exactly this many bytes.
+pub const MAX_CLUSTER_SNAPSHOT_SIZE: u64 = 137_912_579;
+
+/// Deadline of the final snapshot on shutdown.
+pub const FINAL_SAVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Grace period each HTTP server gets on shutdown.
+pub const HTTP_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/1 header read timeout (slowloris guard).
+pub const READ_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Minimum interval between client keepalive pings (gRPC enforcement policy `MinTime`).
+pub const KEEPALIVE_MIN_TIME: Duration = Duration::from_secs(10);
+/// How long `/stats` answers from its cache.
+pub const STATS_CACHE_TTL: Duration = Duration::from_secs(3600);
+/// How often certificate files are checked for changes.
+pub const TLS_RELOAD_POLL: Duration = Duration::from_secs(2);

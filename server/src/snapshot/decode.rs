@@ -1,0 +1,283 @@
+//! Snapshot bytes → state, one record at a time (reference §4.11).
+//!
+//! Each cluster is inserted as soon as it is decoded, so a corrupt or truncated file
+//! still restores everything before the damage (Q4). Nothing here trusts the input: a
+//! length is checked against [`MAX_CLUSTER_SNAPSHOT_SIZE`] before reading, and buffers
+//! grow only as bytes actually arrive.
+
+use std::io::{self, Read};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::Stats;
+use crate::limits::{MAX_CLUSTER_SNAPSHOT_SIZE, TTL_MAX};
+use crate::proto::storage::{AffiliateSnapshot, ClusterSnapshot, EndpointSnapshot};
+use crate::state::{Affiliate, DuplicateCluster, Endpoint, State};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unexpected number {0}")]
+    UnexpectedNumber(u64),
+    #[error("unexpected type {0}")]
+    UnexpectedType(u64),
+    #[error("varint overflow")]
+    VarintOverflow,
+    #[error("cluster snapshot is too large: {0} bytes")]
+    ClusterSnapshotTooLarge(u64),
+    #[error("failed to read bytes: {0}")]
+    Truncated(io::Error),
+    #[error("failed to decode cluster snapshot: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error(transparent)]
+    Duplicate(#[from] DuplicateCluster),
+    #[error("failed to read snapshot: {0}")]
+    Io(io::Error),
+}
+
+/// Reads one varint; `Ok(None)` on a clean EOF before its first byte.
+fn read_varint(r: &mut impl Read) -> Result<Option<u64>, DecodeError> {
+    let mut value: u64 = 0;
+    for i in 0..10 {
+        let mut byte = [0u8; 1];
+        match r.read_exact(&mut byte) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && i == 0 => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(DecodeError::Truncated(e));
+            }
+            Err(e) => return Err(DecodeError::Io(e)),
+        }
+        let b = byte[0];
+        // The tenth byte may only carry the top bit of a u64.
+        if i == 9 && b > 1 {
+            return Err(DecodeError::VarintOverflow);
+        }
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some(value));
+        }
+    }
+    Err(DecodeError::VarintOverflow)
+}
+
+/// Reads the next `ClusterSnapshot` record into `buf`; `Ok(false)` at a clean end.
+pub fn read_record(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<bool, DecodeError> {
+    let Some(tag) = read_varint(r)? else {
+        return Ok(false);
+    };
+    if tag >> 3 != 1 {
+        return Err(DecodeError::UnexpectedNumber(tag >> 3));
+    }
+    if tag & 7 != 2 {
+        return Err(DecodeError::UnexpectedType(tag & 7));
+    }
+    let len = read_varint(r)?
+        .ok_or_else(|| DecodeError::Truncated(io::ErrorKind::UnexpectedEof.into()))?;
+    if len > MAX_CLUSTER_SNAPSHOT_SIZE {
+        return Err(DecodeError::ClusterSnapshotTooLarge(len));
+    }
+    buf.clear();
+    r.take(len).read_to_end(buf).map_err(DecodeError::Io)?;
+    if (buf.len() as u64) < len {
+        return Err(DecodeError::Truncated(io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(true)
+}
+
+/// Signed nanoseconds of a protobuf duration, saturating.
+fn nanos(d: &prost_types::Duration) -> i128 {
+    i128::from(d.seconds) * 1_000_000_000 + i128::from(d.nanos)
+}
+
+/// Remaining lifetime of an entry: its relative `ttl`, else the legacy absolute
+/// `expiration` against the wall clock. `None` when expired: such entries would only
+/// go at the first GC, so they are skipped (Q4). Capped at the TTL limit so a garbage
+/// value can neither overflow the clock nor pin an entry forever.
+fn remaining(
+    ttl: Option<&prost_types::Duration>,
+    expiration: Option<&prost_types::Timestamp>,
+    wall: SystemTime,
+) -> Option<Duration> {
+    let ns = match (ttl, expiration) {
+        (Some(ttl), _) => nanos(ttl),
+        (None, Some(exp)) => {
+            let wall_ns = match wall.duration_since(SystemTime::UNIX_EPOCH) {
+                Ok(d) => d.as_nanos() as i128,
+                Err(e) => -(e.duration().as_nanos() as i128),
+            };
+            i128::from(exp.seconds) * 1_000_000_000 + i128::from(exp.nanos) - wall_ns
+        }
+        (None, None) => 0,
+    };
+    if ns <= 0 {
+        return None;
+    }
+    let capped = ns.min(TTL_MAX.as_nanos() as i128);
+    Some(Duration::from_nanos(capped as u64))
+}
+
+fn endpoint(e: &EndpointSnapshot, now: Instant, wall: SystemTime) -> Option<Endpoint> {
+    let left = remaining(e.ttl.as_ref(), e.expiration.as_ref(), wall)?;
+    Some(Endpoint {
+        blob: Bytes::copy_from_slice(&e.data),
+        expiry: now + left,
+    })
+}
+
+/// Converts a decoded affiliate; `None` if it had already expired.
+pub fn affiliate(a: &AffiliateSnapshot, now: Instant, wall: SystemTime) -> Option<Affiliate> {
+    let left = remaining(a.ttl.as_ref(), a.expiration.as_ref(), wall)?;
+    let endpoints = a
+        .endpoints
+        .iter()
+        .filter_map(|e| endpoint(e, now, wall))
+        .collect();
+    Some(Affiliate::restored(
+        now + left,
+        Bytes::copy_from_slice(&a.data),
+        endpoints,
+    ))
+}
+
+/// Loads records from `r` into `state` until the end or the first error. On error the
+/// clusters already inserted stay, and the returned stats (in the error's company)
+/// say how many.
+pub fn import(
+    state: &State,
+    r: &mut impl Read,
+    now: Instant,
+    wall: SystemTime,
+) -> (Stats, Result<(), DecodeError>) {
+    let mut stats = Stats::default();
+    let mut buf = Vec::new();
+    let result = (|| {
+        while read_record(r, &mut buf)? {
+            stats.size_bytes += buf.len() as u64;
+            let cluster = ClusterSnapshot::decode(buf.as_slice())?;
+            let affiliates: Vec<(String, Affiliate)> = cluster
+                .affiliates
+                .iter()
+                .filter_map(|a| affiliate(a, now, wall).map(|x| (a.id.clone(), x)))
+                .collect();
+            let endpoints: usize = affiliates.iter().map(|(_, a)| a.endpoints().len()).sum();
+            let count = affiliates.len();
+            state.import_cluster(&cluster.id, affiliates)?;
+            stats.clusters += 1;
+            stats.affiliates += count;
+            stats.endpoints += endpoints;
+        }
+        Ok(())
+    })();
+    (stats, result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::encode::write_record;
+
+    fn record(id: &str) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let c = ClusterSnapshot {
+            id: id.into(),
+            affiliates: vec![AffiliateSnapshot {
+                id: "af".into(),
+                expiration: None,
+                data: Bytes::from_static(b"d"),
+                endpoints: vec![],
+                ttl: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+            }],
+        };
+        write_record(&mut buf, &c);
+        buf
+    }
+
+    fn load(bytes: &[u8]) -> (State, Stats, Result<(), DecodeError>) {
+        let s = State::new();
+        let (stats, r) = import(&s, &mut &bytes[..], Instant::now(), SystemTime::now());
+        (s, stats, r)
+    }
+
+    #[test]
+    fn empty_input_is_an_empty_state() {
+        let (s, stats, r) = load(&[]);
+        r.unwrap();
+        assert_eq!((s.cluster_count(), stats.clusters), (0, 0));
+    }
+
+    #[test]
+    fn wrong_field_number_and_wire_type() {
+        let (_, _, r) = load(&[0x12, 0x00]);
+        assert_eq!(r.unwrap_err().to_string(), "unexpected number 2");
+        let (_, _, r) = load(&[0x08, 0x00]);
+        assert_eq!(r.unwrap_err().to_string(), "unexpected type 0");
+    }
+
+    #[test]
+    fn varint_overflow_and_oversized_length() {
+        let (_, _, r) = load(&[
+            0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+        ]);
+        assert!(matches!(r, Err(DecodeError::VarintOverflow)));
+        let mut too_big = vec![0x0a];
+        let mut n = MAX_CLUSTER_SNAPSHOT_SIZE + 1;
+        while n >= 0x80 {
+            too_big.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        too_big.push(n as u8);
+        let (_, _, r) = load(&too_big);
+        assert!(matches!(r, Err(DecodeError::ClusterSnapshotTooLarge(_))));
+    }
+
+    #[test]
+    fn truncation_keeps_clusters_before_it() {
+        let mut bytes = record("c1");
+        let second = record("c2");
+        bytes.extend_from_slice(&second[..second.len() - 1]);
+        let (s, stats, r) = load(&bytes);
+        assert!(
+            r.unwrap_err()
+                .to_string()
+                .starts_with("failed to read bytes")
+        );
+        assert_eq!(stats.clusters, 1);
+        assert_eq!(s.list("c1").len(), 1);
+        assert!(s.cluster("c2").is_none());
+    }
+
+    #[test]
+    fn duplicate_cluster_is_an_error_after_the_first_loaded() {
+        let mut bytes = record("c1");
+        bytes.extend(record("c1"));
+        let (s, _, r) = load(&bytes);
+        assert_eq!(r.unwrap_err().to_string(), "cluster \"c1\" already exists");
+        assert_eq!(s.list("c1").len(), 1);
+    }
+
+    #[test]
+    fn expired_and_garbage_ttls() {
+        let wall = SystemTime::now();
+        let neg = prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        };
+        assert_eq!(remaining(Some(&neg), None, wall), None);
+        assert_eq!(remaining(None, None, wall), None);
+        let huge = prost_types::Duration {
+            seconds: i64::MAX,
+            nanos: i32::MAX,
+        };
+        assert_eq!(remaining(Some(&huge), None, wall), Some(TTL_MAX));
+        let ts = prost_types::Timestamp {
+            seconds: i64::MIN,
+            nanos: i32::MIN,
+        };
+        assert_eq!(remaining(None, Some(&ts), wall), None);
+    }
+}

@@ -1,0 +1,267 @@
+//! One affiliate: an opaque data blob and an ordered set of endpoint blobs, each with
+//! its own expiry (reference §4.4, §4.7).
+//!
+//! The affiliate owns its invariants: endpoints are byte-exact deduplicated in insertion
+//! order and never exceed [`AFFILIATE_ENDPOINTS_MAX`]. Time is always passed in, so the
+//! rules can be tested without waiting.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::StateError;
+use crate::limits::AFFILIATE_ENDPOINTS_MAX;
+
+/// An endpoint blob (one AES-ECB ciphertext) and when it stops being announced.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub blob: Bytes,
+    pub expiry: Instant,
+}
+
+/// What garbage collection did to one affiliate.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Collected {
+    /// Nothing expired.
+    Unchanged,
+    /// The affiliate lives on but some endpoints expired: watchers need an update.
+    LostEndpoints,
+    /// The affiliate itself expired and must be removed.
+    Expired,
+}
+
+/// Stored state of one affiliate. The id is the key of the cluster's map, not stored
+/// twice, which keeps 100k affiliates compact.
+#[derive(Debug, Clone)]
+pub struct Affiliate {
+    expiry: Instant,
+    /// Copied out of the request buffer on store, so a retained blob never pins a whole
+    /// decode buffer in memory.
+    data: Bytes,
+    endpoints: Vec<Endpoint>,
+}
+
+impl Affiliate {
+    /// A fresh, empty affiliate expiring at `expiry`.
+    pub fn new(expiry: Instant) -> Self {
+        Self {
+            expiry,
+            data: Bytes::new(),
+            endpoints: Vec::new(),
+        }
+    }
+
+    /// An affiliate restored from a snapshot, taken as is.
+    pub fn restored(expiry: Instant, data: Bytes, endpoints: Vec<Endpoint>) -> Self {
+        Self {
+            expiry,
+            data,
+            endpoints,
+        }
+    }
+
+    pub fn expiry(&self) -> Instant {
+        self.expiry
+    }
+
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// The endpoint blobs in insertion order, as sent to clients.
+    pub fn endpoint_blobs(&self) -> Vec<Bytes> {
+        self.endpoints.iter().map(|e| e.blob.clone()).collect()
+    }
+
+    /// Checks that merging `blobs` would not exceed the endpoint limit, without changing
+    /// anything. Upstream fails half-way through a merge (Q6); we reject the whole request
+    /// up front instead, with the same code and message.
+    pub fn check_endpoints(&self, blobs: &[Bytes]) -> Result<(), StateError> {
+        let room = AFFILIATE_ENDPOINTS_MAX.saturating_sub(self.endpoints.len());
+        // Distinct new blobs seen so far; bounded by `room + 1` because we stop there.
+        let mut fresh: Vec<&[u8]> = Vec::new();
+        for blob in blobs {
+            let blob = blob.as_ref();
+            if self.endpoints.iter().any(|e| e.blob.as_ref() == blob) || fresh.contains(&blob) {
+                continue;
+            }
+            fresh.push(blob);
+            if fresh.len() > room {
+                return Err(StateError::TooManyEndpoints);
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the data and sets the expiry to `expiry`, even if that shortens it.
+    pub fn set_data(&mut self, data: &[u8], expiry: Instant) {
+        self.data = Bytes::copy_from_slice(data);
+        self.expiry = expiry;
+    }
+
+    /// Merges endpoint blobs in order: a known blob only has its expiry raised (never
+    /// lowered), a new one is appended. Returns whether any blob was new.
+    ///
+    /// Callers must run [`Self::check_endpoints`] first; the limit is still enforced here
+    /// so the invariant holds even if they do not.
+    pub fn merge_endpoints(&mut self, blobs: &[Bytes], expiry: Instant) -> bool {
+        let mut changed = false;
+        for blob in blobs {
+            let full = self.endpoints.len() >= AFFILIATE_ENDPOINTS_MAX;
+            match self.endpoints.iter_mut().find(|e| e.blob == *blob) {
+                Some(known) => known.expiry = known.expiry.max(expiry),
+                None if !full => {
+                    self.endpoints.push(Endpoint {
+                        blob: Bytes::copy_from_slice(blob),
+                        expiry,
+                    });
+                    changed = true;
+                }
+                None => {}
+            }
+        }
+        changed
+    }
+
+    /// Raises the affiliate expiry to `expiry` if that is later.
+    pub fn extend(&mut self, expiry: Instant) {
+        self.expiry = self.expiry.max(expiry);
+    }
+
+    /// Drops what expired at `now`. The affiliate expires strictly after its expiry
+    /// (`expiry < now`), an endpoint at it (`expiry <= now`), as upstream.
+    pub fn collect(&mut self, now: Instant) -> Collected {
+        if self.expiry < now {
+            return Collected::Expired;
+        }
+        let before = self.endpoints.len();
+        self.endpoints.retain(|e| e.expiry > now);
+        if self.endpoints.len() == before {
+            return Collected::Unchanged;
+        }
+        // Give memory back after a burst of short-lived endpoints.
+        if self.endpoints.capacity() > 8 && self.endpoints.capacity() > 2 * self.endpoints.len() {
+            self.endpoints.shrink_to_fit();
+        }
+        Collected::LostEndpoints
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn blobs(a: &Affiliate) -> Vec<Bytes> {
+        a.endpoint_blobs()
+    }
+
+    #[test]
+    fn endpoints_are_deduplicated_in_insertion_order() {
+        let t0 = Instant::now();
+        let mut a = Affiliate::new(t0);
+        assert!(a.merge_endpoints(&[b("e1"), b("e2")], t0));
+        assert!(a.merge_endpoints(&[b("e3"), b("e2")], t0));
+        assert_eq!(blobs(&a), vec![b("e1"), b("e2"), b("e3")]);
+        assert!(
+            !a.merge_endpoints(&[b("e1")], t0),
+            "a re-sent endpoint is not a change"
+        );
+    }
+
+    #[test]
+    fn endpoint_expiry_is_raised_never_lowered() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(60);
+        let mut a = Affiliate::new(later);
+        a.merge_endpoints(&[b("e1")], later);
+        a.merge_endpoints(&[b("e1")], t0);
+        assert_eq!(a.endpoints()[0].expiry, later);
+        let latest = later + Duration::from_secs(1);
+        a.merge_endpoints(&[b("e1")], latest);
+        assert_eq!(a.endpoints()[0].expiry, latest);
+    }
+
+    #[test]
+    fn data_sets_expiry_even_shorter_and_extend_only_raises() {
+        let t0 = Instant::now();
+        let mut a = Affiliate::new(t0 + Duration::from_secs(100));
+        a.set_data(b"d", t0 + Duration::from_secs(10));
+        assert_eq!(a.expiry(), t0 + Duration::from_secs(10));
+        a.extend(t0 + Duration::from_secs(5));
+        assert_eq!(a.expiry(), t0 + Duration::from_secs(10));
+        a.extend(t0 + Duration::from_secs(50));
+        assert_eq!(a.expiry(), t0 + Duration::from_secs(50));
+    }
+
+    #[test]
+    fn sixty_fifth_distinct_endpoint_is_rejected_before_any_change() {
+        let t0 = Instant::now();
+        let mut a = Affiliate::new(t0);
+        let first: Vec<Bytes> = (0..64).map(|i| b(&format!("e{i}"))).collect();
+        a.check_endpoints(&first).unwrap();
+        a.merge_endpoints(&first, t0);
+        // Known endpoints and duplicates inside the request do not count.
+        a.check_endpoints(&first).unwrap();
+        assert_eq!(
+            a.check_endpoints(&[b("e1"), b("new")]),
+            Err(StateError::TooManyEndpoints)
+        );
+        let mut fresh = Affiliate::new(t0);
+        let many: Vec<Bytes> = (0..65).map(|i| b(&format!("x{i}"))).collect();
+        assert_eq!(
+            fresh.check_endpoints(&many),
+            Err(StateError::TooManyEndpoints)
+        );
+        let dup: Vec<Bytes> = (0..200).map(|i| b(&format!("x{}", i % 64))).collect();
+        fresh.check_endpoints(&dup).unwrap();
+        fresh.merge_endpoints(&dup, t0);
+        assert_eq!(fresh.endpoints().len(), 64);
+    }
+
+    #[test]
+    fn endpoint_expires_on_its_own_and_affiliate_strictly_after_expiry() {
+        let t0 = Instant::now();
+        let mut a = Affiliate::new(t0 + Duration::from_secs(60));
+        a.merge_endpoints(&[b("old")], t0 + Duration::from_secs(10));
+        a.merge_endpoints(&[b("new")], t0 + Duration::from_secs(60));
+        assert_eq!(a.collect(t0 + Duration::from_secs(9)), Collected::Unchanged);
+        assert_eq!(
+            a.collect(t0 + Duration::from_secs(10)),
+            Collected::LostEndpoints
+        );
+        assert_eq!(blobs(&a), vec![b("new")]);
+        // At exactly its expiry the affiliate stays (strict comparison), its endpoint goes.
+        assert_eq!(
+            a.collect(t0 + Duration::from_secs(60)),
+            Collected::LostEndpoints
+        );
+        assert!(a.endpoints().is_empty());
+        assert_eq!(
+            a.collect(t0 + Duration::from_secs(60) + Duration::from_nanos(1)),
+            Collected::Expired
+        );
+    }
+
+    #[test]
+    fn stored_blobs_do_not_share_the_request_buffer() {
+        let t0 = Instant::now();
+        let request = Bytes::from(vec![7u8; 4096]);
+        let mut a = Affiliate::new(t0);
+        a.merge_endpoints(&[request.slice(0..16)], t0);
+        a.set_data(&request[..100], t0);
+        // A shared slice would point into the request allocation.
+        let range = request.as_ptr_range();
+        assert!(!range.contains(&a.endpoints()[0].blob.as_ptr()));
+        assert!(!range.contains(&a.data().as_ptr()));
+    }
+}

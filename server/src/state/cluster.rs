@@ -1,0 +1,388 @@
+//! One cluster: its affiliates and its watchers behind one lock (reference §4.4–§4.8).
+//!
+//! Every mutation and its notifications happen under the cluster's lock, so watchers see
+//! changes in mutation order and a subscription taken together with the snapshot misses
+//! nothing and sees nothing twice. The lock is a `std::sync::Mutex`: critical sections
+//! are short, never await, and clusters never contend with each other.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::StateError;
+use super::affiliate::{Affiliate, Collected};
+use super::subscription::{self, AffiliateView, Notification, Subscriber, Subscription};
+use crate::limits::CLUSTER_AFFILIATES_MAX;
+
+/// An update as the state layer sees it, already validated by the RPC layer.
+#[derive(Debug, Clone, Default)]
+pub struct Update<'a> {
+    pub affiliate_id: &'a str,
+    /// Empty means "no data" (presence is ignored, as upstream).
+    pub data: &'a [u8],
+    pub endpoints: &'a [Bytes],
+}
+
+/// Counts of what one GC pass over a cluster removed and what remains.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterCounts {
+    pub affiliates: usize,
+    pub endpoints: usize,
+    pub subscriptions: usize,
+}
+
+/// The cluster was removed by GC after the caller looked it up; look it up again.
+#[derive(Debug)]
+pub(super) struct Removed;
+
+#[derive(Debug, Default)]
+struct Inner {
+    affiliates: HashMap<Box<str>, Affiliate>,
+    subscribers: Vec<Subscriber>,
+    next_subscriber: u64,
+    /// Set by GC under the lock when the cluster leaves the map, so a writer that found
+    /// it just before can retry instead of writing into a detached cluster.
+    removed: bool,
+}
+
+impl Inner {
+    fn notify(&mut self, n: Notification) {
+        if self.subscribers.is_empty() {
+            return;
+        }
+        let n = Arc::new(n);
+        self.subscribers.retain(|s| s.deliver(&n));
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Cluster {
+    inner: Mutex<Inner>,
+}
+
+fn view(id: &str, a: &Affiliate) -> AffiliateView {
+    AffiliateView {
+        id: id.to_owned(),
+        data: a.data().clone(),
+        endpoints: a.endpoint_blobs(),
+    }
+}
+
+impl Cluster {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Nothing panics while holding the lock; if something ever did, the data is
+        // still consistent per affiliate, so keep serving rather than poison the cluster.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn live(&self) -> Result<MutexGuard<'_, Inner>, Removed> {
+        let inner = self.lock();
+        if inner.removed {
+            Err(Removed)
+        } else {
+            Ok(inner)
+        }
+    }
+
+    /// Applies an update (§4.4) with expiry `exp = now + ttl`. Limits are checked before
+    /// anything changes, so a rejected request leaves no trace (Q6).
+    pub(super) fn update(
+        &self,
+        u: &Update<'_>,
+        exp: Instant,
+    ) -> Result<Result<(), StateError>, Removed> {
+        let mut inner = self.live()?;
+        let created = match inner.affiliates.get(u.affiliate_id) {
+            Some(a) => {
+                if let Err(e) = a.check_endpoints(u.endpoints) {
+                    return Ok(Err(e));
+                }
+                false
+            }
+            None => {
+                if inner.affiliates.len() >= CLUSTER_AFFILIATES_MAX {
+                    return Ok(Err(StateError::TooManyAffiliates));
+                }
+                if let Err(e) = Affiliate::new(exp).check_endpoints(u.endpoints) {
+                    return Ok(Err(e));
+                }
+                inner
+                    .affiliates
+                    .insert(u.affiliate_id.into(), Affiliate::new(exp));
+                true
+            }
+        };
+        let Some(a) = inner.affiliates.get_mut(u.affiliate_id) else {
+            return Ok(Ok(()));
+        };
+        let mut changed = created;
+        if !u.data.is_empty() {
+            a.set_data(u.data, exp);
+            changed = true;
+        }
+        changed |= a.merge_endpoints(u.endpoints, exp);
+        a.extend(exp);
+        if changed {
+            let n = Notification::Update(view(u.affiliate_id, a));
+            inner.notify(n);
+        }
+        Ok(Ok(()))
+    }
+
+    /// Removes an affiliate; a missing one is a silent success.
+    pub fn delete(&self, affiliate_id: &str) {
+        let mut inner = self.lock();
+        if inner.affiliates.remove(affiliate_id).is_some() {
+            inner.notify(Notification::Deleted(affiliate_id.to_owned()));
+        }
+    }
+
+    /// Every affiliate, data-less ones included, in unspecified order.
+    pub fn list(&self) -> Vec<AffiliateView> {
+        let inner = self.lock();
+        inner.affiliates.iter().map(|(id, a)| view(id, a)).collect()
+    }
+
+    /// Snapshot and subscription in one step under the lock: no gap, no duplicate.
+    pub(super) fn subscribe(
+        self: &Arc<Self>,
+        capacity: usize,
+    ) -> Result<(Vec<AffiliateView>, Subscription), Removed> {
+        let mut inner = self.live()?;
+        let snapshot = inner.affiliates.iter().map(|(id, a)| view(id, a)).collect();
+        let id = inner.next_subscriber;
+        inner.next_subscriber += 1;
+        let (subscriber, subscription) = subscription::channel(id, capacity, self.clone());
+        inner.subscribers.push(subscriber);
+        Ok((snapshot, subscription))
+    }
+
+    pub(super) fn unsubscribe(&self, id: u64) {
+        self.lock().subscribers.retain(|s| s.id != id);
+    }
+
+    /// Drops expired affiliates and endpoints at `now`; returns how many affiliates went.
+    ///
+    /// Upstream announces an affiliate that only lost endpoints as deleted (Q1), which
+    /// makes clients drop a live peer; we send an update with what remains instead.
+    pub fn collect(&self, now: Instant) -> usize {
+        let mut inner = self.lock();
+        let mut expired = Vec::new();
+        let mut shrunk = Vec::new();
+        for (id, a) in inner.affiliates.iter_mut() {
+            match a.collect(now) {
+                Collected::Unchanged => {}
+                Collected::LostEndpoints => shrunk.push(view(id, a)),
+                Collected::Expired => expired.push(id.clone()),
+            }
+        }
+        for id in &expired {
+            inner.affiliates.remove(id);
+        }
+        for v in shrunk {
+            inner.notify(Notification::Update(v));
+        }
+        for id in &expired {
+            inner.notify(Notification::Deleted(id.to_string()));
+        }
+        expired.len()
+    }
+
+    /// Marks the cluster removed if it has neither affiliates nor watchers; the caller
+    /// takes it out of the map in the same step.
+    pub(super) fn try_retire(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.removed || (inner.affiliates.is_empty() && inner.subscribers.is_empty()) {
+            inner.removed = true;
+            return true;
+        }
+        false
+    }
+
+    pub fn counts(&self) -> ClusterCounts {
+        let inner = self.lock();
+        ClusterCounts {
+            affiliates: inner.affiliates.len(),
+            endpoints: inner.affiliates.values().map(|a| a.endpoints().len()).sum(),
+            subscriptions: inner.subscribers.len(),
+        }
+    }
+
+    /// Runs `f` over every affiliate under the lock (snapshot export, `/inspect`).
+    pub fn for_each(&self, mut f: impl FnMut(&str, &Affiliate)) {
+        let inner = self.lock();
+        for (id, a) in &inner.affiliates {
+            f(id, a);
+        }
+    }
+
+    /// Inserts a restored affiliate, replacing any with the same id (snapshot load).
+    pub(super) fn restore(&self, id: &str, a: Affiliate) {
+        self.lock().affiliates.insert(id.into(), a);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn update(
+        c: &Cluster,
+        id: &str,
+        data: &str,
+        eps: &[&str],
+        exp: Instant,
+    ) -> Result<(), StateError> {
+        let eps: Vec<Bytes> = eps.iter().map(|e| b(e)).collect();
+        c.update(
+            &Update {
+                affiliate_id: id,
+                data: data.as_bytes(),
+                endpoints: &eps,
+            },
+            exp,
+        )
+        .unwrap()
+    }
+
+    fn upd(id: &str, data: &str, eps: &[&str]) -> Notification {
+        Notification::Update(AffiliateView {
+            id: id.into(),
+            data: b(data),
+            endpoints: eps.iter().map(|e| b(e)).collect(),
+        })
+    }
+
+    fn drain(s: &mut Subscription) -> Vec<Notification> {
+        let mut out = Vec::new();
+        while let Ok(Some(n)) = s.try_recv() {
+            out.push((*n).clone());
+        }
+        out
+    }
+
+    #[test]
+    fn healthy_subscribers_get_every_notification_in_order_and_full_ones_are_cut() {
+        let t0 = Instant::now();
+        let exp = t0 + Duration::from_secs(60);
+        let c = Arc::new(Cluster::default());
+        let (snap, mut healthy) = c.subscribe(32).unwrap();
+        assert!(snap.is_empty());
+        let (_, mut tiny) = c.subscribe(1).unwrap();
+
+        update(&c, "af1", "data1", &[], exp).unwrap();
+        update(&c, "af2", "data2", &["e1"], exp).unwrap();
+        update(&c, "af2", "", &["e2"], exp).unwrap();
+        c.delete("af1");
+
+        assert_eq!(
+            drain(&mut healthy),
+            vec![
+                upd("af1", "data1", &[]),
+                upd("af2", "data2", &["e1"]),
+                upd("af2", "data2", &["e1", "e2"]),
+                Notification::Deleted("af1".into()),
+            ]
+        );
+        assert_eq!(tiny.try_recv().unwrap_err(), subscription::Lost);
+        assert_eq!(
+            c.counts().subscriptions,
+            1,
+            "the lost subscriber was removed"
+        );
+    }
+
+    #[test]
+    fn silent_refreshes_and_echoed_data_updates() {
+        let t0 = Instant::now();
+        let c = Arc::new(Cluster::default());
+        update(&c, "af", "d", &["e1"], t0).unwrap();
+        let (_, mut s) = c.subscribe(32).unwrap();
+        // TTL-only refresh and re-sent endpoints are silent.
+        update(&c, "af", "", &[], t0 + Duration::from_secs(5)).unwrap();
+        update(&c, "af", "", &["e1"], t0 + Duration::from_secs(5)).unwrap();
+        assert!(drain(&mut s).is_empty());
+        // Identical data still notifies (Q10).
+        update(&c, "af", "d", &[], t0).unwrap();
+        assert_eq!(drain(&mut s), vec![upd("af", "d", &["e1"])]);
+    }
+
+    #[test]
+    fn full_cluster_rejects_new_affiliates_but_updates_existing() {
+        let t0 = Instant::now();
+        let c = Arc::new(Cluster::default());
+        for i in 0..CLUSTER_AFFILIATES_MAX {
+            update(&c, &format!("af{i}"), "", &[], t0).unwrap();
+        }
+        assert_eq!(
+            update(&c, "one-more", "d", &[], t0),
+            Err(StateError::TooManyAffiliates)
+        );
+        update(&c, "af0", "d", &[], t0).unwrap();
+        assert_eq!(c.counts().affiliates, CLUSTER_AFFILIATES_MAX);
+    }
+
+    #[test]
+    fn too_many_endpoints_changes_nothing() {
+        let t0 = Instant::now();
+        let c = Arc::new(Cluster::default());
+        let (_, mut s) = c.subscribe(32).unwrap();
+        let many: Vec<String> = (0..65).map(|i| format!("e{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(
+            update(&c, "af", "d", &many, t0),
+            Err(StateError::TooManyEndpoints)
+        );
+        assert_eq!(
+            c.counts().affiliates,
+            0,
+            "a rejected request creates nothing"
+        );
+        assert!(drain(&mut s).is_empty());
+        update(&c, "af", "d", &many[..64], t0).unwrap();
+        assert_eq!(
+            update(&c, "af", "", &["e0", "x"], t0 + Duration::from_secs(9)),
+            Err(StateError::TooManyEndpoints)
+        );
+        let listed = c.list();
+        assert_eq!(listed[0].endpoints.len(), 64);
+    }
+
+    #[test]
+    fn gc_sends_update_for_lost_endpoints_and_delete_for_expired_affiliates() {
+        let t0 = Instant::now();
+        let c = Arc::new(Cluster::default());
+        update(&c, "af", "d", &["e1"], t0 + Duration::from_secs(10)).unwrap();
+        update(&c, "af", "", &["e2"], t0 + Duration::from_secs(60)).unwrap();
+        let (_, mut s) = c.subscribe(32).unwrap();
+        assert_eq!(c.collect(t0 + Duration::from_secs(30)), 0);
+        assert_eq!(drain(&mut s), vec![upd("af", "d", &["e2"])]);
+        assert_eq!(c.collect(t0 + Duration::from_secs(61)), 1);
+        assert_eq!(drain(&mut s), vec![Notification::Deleted("af".into())]);
+    }
+
+    #[test]
+    fn retire_only_when_empty_and_unwatched() {
+        let t0 = Instant::now();
+        let c = Arc::new(Cluster::default());
+        let (_, s) = c.subscribe(32).unwrap();
+        assert!(!c.try_retire());
+        drop(s);
+        update(&c, "af", "", &[], t0).unwrap();
+        assert!(!c.try_retire());
+        c.delete("af");
+        assert!(c.try_retire());
+        assert!(
+            c.subscribe(32).is_err(),
+            "a retired cluster refuses new work"
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! In-memory state: cluster ID → [`Cluster`] (reference §4.7).
+//!
+//! The map is sharded ([`DashMap`]) and each cluster has its own lock, so the update path
+//! takes no global lock: a shard lock is held only to find or insert the cluster's `Arc`,
+//! never while a cluster is locked. GC removes a cluster only when it is empty and
+//! unwatched, marking it removed under its own lock so a writer that raced with the
+//! removal retries on a fresh cluster instead of writing into a detached one.
+
+pub mod affiliate;
+pub mod cluster;
+pub mod gc;
+pub mod subscription;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+pub use affiliate::{Affiliate, Endpoint};
+pub use cluster::{Cluster, ClusterCounts, Update};
+pub use gc::GcReport;
+pub use subscription::{AffiliateView, Lost, Notification, Subscription};
+
+/// Errors of the state layer; the messages are part of the wire contract (§4.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("too many affiliates in the cluster")]
+    TooManyAffiliates,
+    #[error("too many endpoints in the affiliate")]
+    TooManyEndpoints,
+}
+
+/// A snapshot import found the same cluster twice.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cluster {0:?} already exists")]
+pub struct DuplicateCluster(pub String);
+
+/// Cheap-to-clone handle to the shared state.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    clusters: Arc<DashMap<Box<str>, Arc<Cluster>>>,
+}
+
+impl State {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Cluster>> {
+        self.clusters.get(id).map(|c| c.value().clone())
+    }
+
+    fn get_or_create(&self, id: &str) -> Arc<Cluster> {
+        if let Some(c) = self.get(id) {
+            return c;
+        }
+        self.clusters.entry(id.into()).or_default().value().clone()
+    }
+
+    /// Applies an update whose new entries expire at `exp` (request time + TTL);
+    /// creates the cluster if needed.
+    pub fn update(&self, cluster_id: &str, u: &Update<'_>, exp: Instant) -> Result<(), StateError> {
+        loop {
+            if let Ok(result) = self.get_or_create(cluster_id).update(u, exp) {
+                return result;
+            }
+        }
+    }
+
+    /// Deletes an affiliate. Unlike upstream, a missing cluster is not created (Q5).
+    pub fn delete(&self, cluster_id: &str, affiliate_id: &str) {
+        if let Some(c) = self.get(cluster_id) {
+            c.delete(affiliate_id);
+        }
+    }
+
+    /// Lists a cluster's affiliates; a missing cluster is empty and is not created (Q5).
+    pub fn list(&self, cluster_id: &str) -> Vec<AffiliateView> {
+        self.get(cluster_id).map(|c| c.list()).unwrap_or_default()
+    }
+
+    /// Snapshot plus subscription, atomically; creates the cluster so the subscription
+    /// keeps it alive.
+    pub fn watch(&self, cluster_id: &str, capacity: usize) -> (Vec<AffiliateView>, Subscription) {
+        loop {
+            if let Ok(pair) = self.get_or_create(cluster_id).subscribe(capacity) {
+                return pair;
+            }
+        }
+    }
+
+    /// Read-only access to one cluster, for `/inspect`; never creates state (Q26).
+    pub fn cluster(&self, cluster_id: &str) -> Option<Arc<Cluster>> {
+        self.get(cluster_id)
+    }
+
+    /// A point-in-time list of the clusters, so callers can lock them one at a time
+    /// without holding any shard lock.
+    pub fn clusters(&self) -> Vec<(String, Arc<Cluster>)> {
+        self.clusters
+            .iter()
+            .map(|e| (e.key().to_string(), e.value().clone()))
+            .collect()
+    }
+
+    pub fn cluster_count(&self) -> usize {
+        self.clusters.len()
+    }
+
+    /// Totals over every cluster, computed on demand (metrics are scraped, not pushed).
+    pub fn counts(&self) -> ClusterCounts {
+        let mut total = ClusterCounts::default();
+        for (_, c) in self.clusters() {
+            let n = c.counts();
+            total.affiliates += n.affiliates;
+            total.endpoints += n.endpoints;
+            total.subscriptions += n.subscriptions;
+        }
+        total
+    }
+
+    /// Inserts a cluster decoded from a snapshot. The cluster is visible as soon as it
+    /// is inserted, so a later decode error keeps what was loaded before it (Q4).
+    pub fn import_cluster(
+        &self,
+        cluster_id: &str,
+        affiliates: impl IntoIterator<Item = (String, Affiliate)>,
+    ) -> Result<(), DuplicateCluster> {
+        use dashmap::mapref::entry::Entry;
+        let cluster = match self.clusters.entry(cluster_id.into()) {
+            Entry::Occupied(_) => return Err(DuplicateCluster(cluster_id.to_owned())),
+            Entry::Vacant(v) => v.insert(Arc::default()).value().clone(),
+        };
+        for (id, a) in affiliates {
+            cluster.restore(&id, a);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn up<'a>(id: &'a str, data: &'a [u8], eps: &'a [Bytes]) -> Update<'a> {
+        Update {
+            affiliate_id: id,
+            data,
+            endpoints: eps,
+        }
+    }
+
+    #[test]
+    fn reads_and_deletes_do_not_create_clusters() {
+        let s = State::new();
+        assert!(s.list("c").is_empty());
+        s.delete("c", "af");
+        assert!(s.cluster("c").is_none());
+        assert_eq!(s.cluster_count(), 0);
+    }
+
+    #[test]
+    fn update_then_endpoint_only_update_merges() {
+        let s = State::new();
+        let now = Instant::now();
+        let e = |x: &str| Bytes::copy_from_slice(x.as_bytes());
+        s.update(
+            "c",
+            &up("af1", b"data1", &[e("e1"), e("e2")]),
+            now + Duration::from_secs(60),
+        )
+        .unwrap();
+        s.update(
+            "c",
+            &up("af1", b"", &[e("e3"), e("e2")]),
+            now + Duration::from_secs(60),
+        )
+        .unwrap();
+        let l = s.list("c");
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].data, e("data1"));
+        assert_eq!(l[0].endpoints, vec![e("e1"), e("e2"), e("e3")]);
+    }
+
+    #[test]
+    fn import_rejects_duplicate_cluster_and_keeps_the_first() {
+        let s = State::new();
+        let now = Instant::now();
+        s.import_cluster("c", [("a".to_string(), Affiliate::new(now))])
+            .unwrap();
+        assert_eq!(
+            s.import_cluster("c", []).unwrap_err().to_string(),
+            "cluster \"c\" already exists"
+        );
+        assert_eq!(s.list("c").len(), 1);
+    }
+}
