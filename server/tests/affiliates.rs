@@ -1,0 +1,493 @@
+//! Update, Delete, List, Watch through a real client (§4.4–§4.8, §4.14).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use discovery_service::proto::server::{
+    Affiliate, AffiliateDeleteRequest, AffiliateUpdateRequest, ListRequest, WatchRequest,
+    WatchResponse,
+};
+use tonic::Code;
+
+fn list_req(c: &str) -> ListRequest {
+    ListRequest {
+        cluster_id: c.into(),
+    }
+}
+
+fn watch_req(c: &str) -> WatchRequest {
+    WatchRequest {
+        cluster_id: c.into(),
+    }
+}
+
+fn aff(id: &str, data: &str, eps: &[&str]) -> Affiliate {
+    Affiliate {
+        id: id.into(),
+        data: b(data),
+        endpoints: eps.iter().map(|e| b(e)).collect(),
+    }
+}
+
+#[tokio::test]
+async fn update_merge_delete_and_watch_sequence() {
+    let server = start(config()).await;
+    let mut c = client(&server).await;
+
+    c.affiliate_update(update("c", "af1", "data1", &["e1", "e2"], 60))
+        .await
+        .unwrap();
+    c.affiliate_update(update("c", "af1", "", &["e3", "e2"], 60))
+        .await
+        .unwrap();
+    let l = c.list(list_req("c")).await.unwrap().into_inner().affiliates;
+    assert_eq!(l, vec![aff("af1", "data1", &["e1", "e2", "e3"])]);
+
+    c.affiliate_delete(AffiliateDeleteRequest {
+        cluster_id: "c".into(),
+        affiliate_id: "missing".into(),
+    })
+    .await
+    .expect("deleting a missing affiliate is OK");
+
+    let mut w = c.watch(watch_req("w")).await.unwrap().into_inner();
+    c.affiliate_update(update("w", "af1", "data1", &[], 60))
+        .await
+        .unwrap();
+    // The watch was opened before af1 existed: snapshot is empty, then af1 arrives.
+    assert_eq!(
+        next(&mut w).await.unwrap().unwrap(),
+        WatchResponse {
+            affiliates: vec![],
+            deleted: false
+        }
+    );
+    assert_eq!(
+        next(&mut w).await.unwrap().unwrap().affiliates,
+        vec![aff("af1", "data1", &[])]
+    );
+
+    let mut w2 = c.watch(watch_req("w")).await.unwrap().into_inner();
+    assert_eq!(
+        next(&mut w2).await.unwrap().unwrap(),
+        WatchResponse {
+            affiliates: vec![aff("af1", "data1", &[])],
+            deleted: false
+        }
+    );
+    c.affiliate_update(update("w", "af2", "data2", &["x"], 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut w2).await.unwrap().unwrap(),
+        WatchResponse {
+            affiliates: vec![aff("af2", "data2", &["x"])],
+            deleted: false
+        }
+    );
+    c.affiliate_delete(AffiliateDeleteRequest {
+        cluster_id: "w".into(),
+        affiliate_id: "af1".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut w2).await.unwrap().unwrap(),
+        WatchResponse {
+            affiliates: vec![Affiliate {
+                id: "af1".into(),
+                ..Default::default()
+            }],
+            deleted: true
+        }
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn list_and_delete_do_not_create_clusters() {
+    let server = start(config()).await;
+    let mut c = client(&server).await;
+    assert!(
+        c.list(list_req("ghost"))
+            .await
+            .unwrap()
+            .into_inner()
+            .affiliates
+            .is_empty()
+    );
+    c.affiliate_delete(AffiliateDeleteRequest {
+        cluster_id: "ghost".into(),
+        affiliate_id: "a".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(server.state.cluster_count(), 0);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn validation_table() {
+    let server = start(config()).await;
+    let mut c = client(&server).await;
+    let long = "x".repeat(257);
+    let max = "x".repeat(256);
+    let cases: Vec<(AffiliateUpdateRequest, &str)> = vec![
+        (update("", "a", "d", &[], 60), "cluster ID can't be empty"),
+        (update(&long, "a", "d", &[], 60), "cluster ID is too long"),
+        (update("c", "", "d", &[], 60), "affiliate ID can't be empty"),
+        (update("c", &long, "d", &[], 60), "affiliate ID is too long"),
+        (
+            update("c", "a", &"d".repeat(2049), &[], 60),
+            "affiliate data is too big",
+        ),
+        (
+            update("c", "a", "d", &[&"e".repeat(33)], 60),
+            "affiliate endpoint is too big",
+        ),
+        (update("c", "a", "d", &[], 1801), "ttl is too large"),
+    ];
+    for (req, msg) in cases {
+        let err = c.affiliate_update(req).await.unwrap_err();
+        assert_eq!((err.code(), err.message()), (Code::InvalidArgument, msg));
+    }
+    // Limits themselves pass; TTL 0, negative and missing are accepted (Q24).
+    c.affiliate_update(update(
+        &max,
+        &max,
+        &"d".repeat(2048),
+        &[&"e".repeat(32)],
+        1800,
+    ))
+    .await
+    .unwrap();
+    c.affiliate_update(update("c", "zero", "d", &[], 0))
+        .await
+        .unwrap();
+    c.affiliate_update(update("c", "neg", "d", &[], -5))
+        .await
+        .unwrap();
+    let mut no_ttl = update("c", "none", "d", &[], 0);
+    no_ttl.ttl = None;
+    c.affiliate_update(no_ttl).await.unwrap();
+
+    for (cid, msg) in [
+        ("", "cluster ID can't be empty"),
+        (long.as_str(), "cluster ID is too long"),
+    ] {
+        let err = c.list(list_req(cid)).await.unwrap_err();
+        assert_eq!((err.code(), err.message()), (Code::InvalidArgument, msg));
+        let err = c
+            .affiliate_delete(AffiliateDeleteRequest {
+                cluster_id: cid.into(),
+                affiliate_id: "a".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!((err.code(), err.message()), (Code::InvalidArgument, msg));
+        // A bad Watch ID is the stream's status, seen no later than the first receive.
+        let err = match c.watch(watch_req(cid)).await {
+            Err(e) => e,
+            Ok(s) => next(&mut s.into_inner()).await.unwrap_err(),
+        };
+        assert_eq!((err.code(), err.message()), (Code::InvalidArgument, msg));
+    }
+    let err = c
+        .affiliate_delete(AffiliateDeleteRequest {
+            cluster_id: "c".into(),
+            affiliate_id: long.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "affiliate ID is too long")
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn cluster_and_endpoint_limits() {
+    let server = start(config()).await;
+    let mut c = client(&server).await;
+    for i in 0..1024 {
+        c.affiliate_update(update("full", &format!("af{i}"), "", &[], 60))
+            .await
+            .unwrap();
+    }
+    let err = c
+        .affiliate_update(update("full", "af1024", "d", &[], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::ResourceExhausted,
+            "too many affiliates in the cluster"
+        )
+    );
+    // Existing affiliates still update.
+    c.affiliate_update(update("full", "af0", "d", &[], 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.list(list_req("full"))
+            .await
+            .unwrap()
+            .into_inner()
+            .affiliates
+            .len(),
+        1024
+    );
+
+    let eps: Vec<String> = (0..64).map(|i| format!("ep{i}")).collect();
+    let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+    c.affiliate_update(update("e", "af", "d", &eps, 60))
+        .await
+        .unwrap();
+    let err = c
+        .affiliate_update(update("e", "af", "", &["ep0", "ep64"], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::ResourceExhausted,
+            "too many endpoints in the affiliate"
+        )
+    );
+    let l = c.list(list_req("e")).await.unwrap().into_inner().affiliates;
+    assert_eq!(l[0].endpoints.len(), 64);
+    assert_eq!(
+        l[0].endpoints,
+        eps.iter().map(|e| b(e)).collect::<Vec<_>>(),
+        "insertion order kept"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn ttl_expiry_of_endpoint_then_affiliate_is_announced() {
+    let mut cfg = config();
+    cfg.gc_interval = Duration::from_millis(50);
+    let server = start(cfg).await;
+    let mut c = client(&server).await;
+    c.affiliate_update(update("c", "af", "d", &["long"], 3))
+        .await
+        .unwrap();
+    c.affiliate_update(update("c", "af", "", &["short"], 1))
+        .await
+        .unwrap();
+    let mut w = c.watch(watch_req("c")).await.unwrap().into_inner();
+    assert_eq!(
+        next(&mut w).await.unwrap().unwrap().affiliates,
+        vec![aff("af", "d", &["long", "short"])]
+    );
+    // Q1: losing an endpoint is an update with what remains, not a deletion.
+    assert_eq!(
+        next(&mut w).await.unwrap().unwrap(),
+        WatchResponse {
+            affiliates: vec![aff("af", "d", &["long"])],
+            deleted: false
+        }
+    );
+    assert_eq!(
+        next(&mut w).await.unwrap().unwrap(),
+        WatchResponse {
+            affiliates: vec![Affiliate {
+                id: "af".into(),
+                ..Default::default()
+            }],
+            deleted: true
+        }
+    );
+    assert!(
+        c.list(list_req("c"))
+            .await
+            .unwrap()
+            .into_inner()
+            .affiliates
+            .is_empty()
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn slow_watcher_is_aborted_and_healthy_one_keeps_going() {
+    let server = start(config()).await;
+    let mut c = client(&server).await;
+    // A watcher on its own connection that stops reading: HTTP/2 flow control fills,
+    // then the 32-slot buffer, then the server cuts it.
+    let mut slow_client = client(&server).await;
+    let mut slow = slow_client
+        .watch(watch_req("c"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut healthy = c.watch(watch_req("c")).await.unwrap().into_inner();
+    assert!(
+        next(&mut healthy)
+            .await
+            .unwrap()
+            .unwrap()
+            .affiliates
+            .is_empty()
+    );
+    let data = "d".repeat(2048);
+    let mut seen = 0;
+    for i in 0..3000 {
+        c.affiliate_update(update("c", "af", &data, &[], 60))
+            .await
+            .unwrap();
+        // The healthy watcher keeps up.
+        let m = next(&mut healthy).await.unwrap().unwrap();
+        assert_eq!(m.affiliates[0].id, "af");
+        seen += 1;
+        if i % 100 == 99 && server.state.counts().subscriptions == 1 {
+            break;
+        }
+    }
+    assert_eq!(
+        server.state.counts().subscriptions,
+        1,
+        "the slow watcher was dropped"
+    );
+    let status = within("slow watcher end", async {
+        loop {
+            match slow.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("slow watcher ended without an error"),
+                Err(s) => return s,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::Aborted, "subscription canceled: lost update")
+    );
+    assert!(seen > 32);
+    // The connection is still usable.
+    slow_client.list(list_req("c")).await.unwrap();
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn watched_empty_cluster_survives_gc_and_shutdown_ends_streams_ok() {
+    let mut cfg = config();
+    cfg.gc_interval = Duration::from_millis(20);
+    let server = start(cfg).await;
+    let mut c = client(&server).await;
+    let mut w = c.watch(watch_req("quiet")).await.unwrap().into_inner();
+    assert!(next(&mut w).await.unwrap().unwrap().affiliates.is_empty());
+    // Let several GC passes run, observed through the metric rather than a sleep.
+    let runs = server.metrics.gc_runs.clone();
+    let start_runs = runs.get();
+    within("gc passes", async {
+        while runs.get() < start_runs + 3 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        server.state.cluster("quiet").is_some(),
+        "a watched cluster is not collected"
+    );
+    c.affiliate_update(update("quiet", "late", "d", &[], 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut w).await.unwrap().unwrap().affiliates[0].id,
+        "late"
+    );
+
+    let shutdown = tokio::spawn(server.shutdown());
+    assert_eq!(
+        next(&mut w).await.unwrap(),
+        None,
+        "stream ends with OK on shutdown"
+    );
+    within("shutdown", shutdown).await.unwrap().unwrap();
+}
+
+/// A small version of upstream's node simulations: every node publishes itself and the
+/// endpoints it sees for its peers, watches, and must converge within 5 s with exactly
+/// two deduplicated endpoints per peer.
+#[tokio::test]
+async fn simulated_nodes_converge() {
+    let server = start(config()).await;
+    for n in [5usize, 15] {
+        let cluster = format!("sim{n}");
+        let mut watches = Vec::new();
+        for i in 0..n {
+            let mut c = client(&server).await;
+            let w = c.watch(watch_req(&cluster)).await.unwrap().into_inner();
+            watches.push((c, w));
+            let _ = i;
+        }
+        let mut publishers = Vec::new();
+        for i in 0..n {
+            let mut c = watches[i].0.clone();
+            let cluster = cluster.clone();
+            publishers.push(tokio::spawn(async move {
+                let own = format!("10.0.0.{i}:51820");
+                c.affiliate_update(update(
+                    &cluster,
+                    &format!("node{i}"),
+                    &format!("data{i}"),
+                    &[&own],
+                    10,
+                ))
+                .await
+                .unwrap();
+                // What this node observed for every peer: the same endpoint again.
+                for j in 0..n {
+                    if j != i {
+                        let seen = format!("10.0.0.{j}:51820");
+                        let public = format!("1.2.3.{j}:51820");
+                        c.affiliate_update(update(
+                            &cluster,
+                            &format!("node{j}"),
+                            "",
+                            &[&seen, &public],
+                            10,
+                        ))
+                        .await
+                        .unwrap();
+                    }
+                }
+            }));
+        }
+        for p in publishers {
+            within("publish", p).await.unwrap();
+        }
+        for (_, w) in &mut watches {
+            let mut view = std::collections::HashMap::new();
+            tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    let m = w.message().await.unwrap().unwrap();
+                    for a in m.affiliates {
+                        if m.deleted {
+                            view.remove(&a.id);
+                        } else {
+                            view.insert(a.id.clone(), a);
+                        }
+                    }
+                    if view.len() == n
+                        && view
+                            .values()
+                            .all(|a| a.endpoints.len() == 2 && !a.data.is_empty())
+                    {
+                        return;
+                    }
+                }
+            })
+            .await
+            .expect("converges within 5 s");
+        }
+    }
+    server.shutdown().await.unwrap();
+}

@@ -1,0 +1,150 @@
+//! Hello (§4.3, §4.14): client IP, proxy headers, reporting switch, redirect, metric.
+
+mod common;
+
+use common::*;
+use discovery_service::proto::server::HelloRequest;
+use tonic::{Code, Request};
+
+fn hello(cluster: &str, version: &str) -> HelloRequest {
+    HelloRequest {
+        cluster_id: cluster.into(),
+        client_version: version.into(),
+    }
+}
+
+fn with_header(req: HelloRequest, key: &'static str, value: &str) -> Request<HelloRequest> {
+    let mut r = Request::new(req);
+    r.metadata_mut().insert(key, value.parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn loopback_client_ip_and_no_redirect() {
+    let server = start(config()).await;
+    let mut c = client(&server).await;
+    let r = c
+        .hello(hello("cluster", "v1.12.0"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hex::encode(&r.client_ip), "7f000001");
+    assert!(r.redirect.is_none());
+    assert_eq!(
+        server.state.cluster_count(),
+        0,
+        "Hello never creates cluster state"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn ipv6_loopback_client_ip_is_16_bytes() {
+    let mut cfg = config();
+    cfg.addr = "[::1]:0".into();
+    let Ok(server) = discovery_service::Server::start(cfg).await else {
+        eprintln!("no IPv6 loopback on this host; skipping");
+        return;
+    };
+    let mut c = client(&server).await;
+    let r = c
+        .hello(hello("cluster", "v1.12.0"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.client_ip.as_ref(), std::net::Ipv6Addr::LOCALHOST.octets());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn trusted_proxy_headers() {
+    let mut cfg = config();
+    cfg.trust_x_real_ip = true;
+    cfg.trust_first_x_forwarded_for = true;
+    let server = start(cfg).await;
+    let mut c = client(&server).await;
+    let r = c
+        .hello(with_header(hello("c", "v1.0.0"), "x-real-ip", "1.2.3.4"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hex::encode(&r.client_ip), "01020304");
+    let r = c
+        .hello(with_header(
+            hello("c", "v1.0.0"),
+            "x-forwarded-for",
+            "5.6.7.8,192.168.0.0.1",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hex::encode(&r.client_ip), "05060708");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn proxy_headers_are_ignored_by_default() {
+    let server = start(config()).await;
+    let mut c = client(&server).await;
+    let r = c
+        .hello(with_header(hello("c", "v1.0.0"), "x-real-ip", "1.2.3.4"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        hex::encode(&r.client_ip),
+        "7f000001",
+        "Q7: spoofing needs an explicit opt-in"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn reporting_disabled_and_redirect() {
+    let mut cfg = config();
+    cfg.disable_client_ip_reporting = true;
+    cfg.redirect_endpoint = "new.example.com:443".into();
+    let server = start(cfg).await;
+    let mut c = client(&server).await;
+    let r = c.hello(hello("c", "v1.0.0")).await.unwrap().into_inner();
+    assert!(r.client_ip.is_empty());
+    assert_eq!(r.redirect.unwrap().endpoint, "new.example.com:443");
+    // The redirect is advisory: other RPCs keep working.
+    c.affiliate_update(update("c", "af", "d", &[], 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.list(discovery_service::proto::server::ListRequest {
+            cluster_id: "c".into()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .affiliates
+        .len(),
+        1
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_hello_is_counted_then_rejected() {
+    let server = start(config()).await;
+    let mut c = client(&server).await;
+    let err = c.hello(hello("", "v1.8.3-7-gf7d9f211")).await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "cluster ID can't be empty")
+    );
+    let err = c.hello(hello(&"x".repeat(257), "v1.2")).await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "cluster ID is too long")
+    );
+    c.hello(hello("c", "v1.8.0")).await.unwrap();
+    let m = server.metrics.hello_requests.clone();
+    assert_eq!(m.with_label_values(&["v1.8-pre"]).get(), 1);
+    assert_eq!(m.with_label_values(&["unknown"]).get(), 1);
+    assert_eq!(m.with_label_values(&["v1.8"]).get(), 1);
+    server.shutdown().await.unwrap();
+}
