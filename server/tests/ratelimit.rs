@@ -1,0 +1,118 @@
+//! Per-IP throttling through the real stack (§4.9).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use discovery_service::proto::server::HelloRequest;
+use discovery_service::proto::server::cluster_client::ClusterClient;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+fn hello_with_deadline(deadline: Option<Duration>) -> Request<HelloRequest> {
+    let mut r = Request::new(HelloRequest {
+        cluster_id: "c".into(),
+        client_version: "v1.0.0".into(),
+    });
+    if let Some(d) = deadline {
+        r.set_timeout(d);
+    }
+    r
+}
+
+/// `n` Hellos sharing one deadline, like upstream's test (one context for the loop).
+/// The deadline is a little under a second so the verdict does not hinge on transport
+/// latency: the 61st needs nearly a full second of refill at 1 rps.
+async fn burst(c: &mut ClusterClient<Channel>, n: usize) -> Vec<Result<(), tonic::Status>> {
+    let deadline = std::time::Instant::now() + Duration::from_millis(950);
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        out.push(c.hello(hello_with_deadline(Some(left))).await.map(|_| ()));
+    }
+    out
+}
+
+#[tokio::test]
+async fn sixty_pass_then_the_deadline_bounded_wait_fails() {
+    // Upstream's test: 1 rps, burst 60, 1 s deadline.
+    let mut cfg = config();
+    cfg.rate_limit_per_second = 1.0;
+    cfg.rate_limit_burst = 60;
+    let server = start(cfg).await;
+    let mut c = client(&server).await;
+    let results = burst(&mut c, 61).await;
+    assert!(results[..60].iter().all(Result::is_ok));
+    let err = results[60].clone().unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::ResourceExhausted,
+            "rate limit exceeds request timeout"
+        )
+    );
+
+    // Throttled requests are logged but not counted in grpc_server_* metrics.
+    let started = server
+        .metrics
+        .grpc_started
+        .with_label_values(&["unary", "sidero.discovery.server.Cluster", "Hello"])
+        .get();
+    assert_eq!(started, 60);
+
+    // Without a deadline the request waits for its token instead of failing.
+    let t = std::time::Instant::now();
+    within("throttled hello", c.hello(hello_with_deadline(None)))
+        .await
+        .unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "it was throttled, not rejected"
+    );
+
+    // Another client IP has its own bucket.
+    let mut v6 = config();
+    v6.addr = "[::1]:0".into();
+    v6.rate_limit_per_second = 1.0;
+    v6.rate_limit_burst = 1;
+    if let Ok(s6) = discovery_service::Server::start(v6).await {
+        let mut c6 = client(&s6).await;
+        c6.hello(hello_with_deadline(Some(Duration::from_millis(100))))
+            .await
+            .unwrap();
+        s6.shutdown().await.unwrap();
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn default_rate_allows_fifteen_per_second_after_the_burst() {
+    let mut cfg = config();
+    cfg.rate_limit_per_second = 15.0;
+    cfg.rate_limit_burst = 60;
+    let server = start(cfg).await;
+    let mut c = client(&server).await;
+    let results = burst(&mut c, 60).await;
+    assert!(results.iter().all(Result::is_ok));
+    // The 61st waits about 1/15 s, well within its 1 s deadline.
+    let t = std::time::Instant::now();
+    c.hello(hello_with_deadline(Some(Duration::from_secs(1))))
+        .await
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_millis(900));
+    // The bucket is empty again: a token is 1/15 s away, so a 20 ms deadline fails at
+    // once on the server, before the client's own deadline.
+    let err = c
+        .hello(hello_with_deadline(Some(Duration::from_millis(20))))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::ResourceExhausted,
+            "rate limit exceeds request timeout"
+        )
+    );
+    server.shutdown().await.unwrap();
+}
