@@ -152,6 +152,10 @@ fn gauge_vec(r: &Registry, name: &str, help: &str) -> IntGaugeVec {
     let g =
         IntGaugeVec::new(Opts::new(name, help), &["operation"]).expect("static metric definition");
     r.register(Box::new(g.clone())).expect("unique metric name");
+    // Exposed from the start, like the other series, so dashboards see zeros.
+    for op in ["save", "load"] {
+        g.with_label_values(&[op]);
+    }
     g
 }
 
@@ -271,6 +275,9 @@ impl Metrics {
             registry
                 .register(Box::new(duration.clone()))
                 .expect("unique metric name");
+            for op in ["save", "load"] {
+                duration.with_label_values(&[op]);
+            }
             StorageMetrics {
                 operations,
                 size: gauge_vec(

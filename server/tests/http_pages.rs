@@ -1,0 +1,111 @@
+//! Site pages and metrics (§4.13).
+
+mod common;
+
+use common::*;
+
+#[tokio::test]
+async fn landing_inspect_and_stats() {
+    let server = start(config()).await;
+    let landing = server.landing_addr.unwrap();
+    let mut c = client(&server).await;
+    c.affiliate_update(update("c/1", "af<1>", "\u{1}\u{2}", &["\u{ab}"], 60))
+        .await
+        .unwrap();
+
+    let (status, ct, body) = http_get(landing, "/").await;
+    assert_eq!((status, ct.as_str()), (200, "text/html; charset=utf-8"));
+    assert!(body.contains("Discovery Service"));
+
+    let (status, _, body) = http_get(landing, "/inspect?clusterID=c%2F1").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("0102"), "data as lowercase hex: {body}");
+    assert!(body.contains("c2ab"), "endpoint as lowercase hex: {body}");
+    assert!(body.contains("af&lt;1&gt;"), "ids are escaped: {body}");
+
+    let (status, _, body) = http_get(landing, "/inspect?clusterID=nobody").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("No Affiliate data found"));
+    assert!(
+        server.state.cluster("nobody").is_none(),
+        "Q26: inspecting creates nothing"
+    );
+
+    let (status, _, body) = http_get(landing, "/inspect?clusterID=%zz").await;
+    assert_eq!((status, body.as_str()), (500, "Oops, try again"));
+
+    let (status, ct, body) = http_get(landing, "/stats").await;
+    assert_eq!(
+        (status, ct.as_str(), body.as_str()),
+        (200, "application/json", r#"{"affiliates":1}"#)
+    );
+
+    let (status, _, _) = http_get(landing, "/nope").await;
+    assert_eq!(status, 404);
+
+    // The main port also serves the pages to non-gRPC requests.
+    let (status, _, body) = http_get(server.grpc_addr, "/stats").await;
+    assert_eq!((status, body.as_str()), (200, r#"{"affiliates":1}"#));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn inspect_can_be_disabled() {
+    let mut cfg = config();
+    cfg.disable_inspect = true;
+    let server = start(cfg).await;
+    let (status, _, _) = http_get(server.landing_addr.unwrap(), "/inspect?clusterID=c").await;
+    assert_eq!(status, 404);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_have_the_reference_names() {
+    let mut cfg = config();
+    cfg.snapshots_enabled = true;
+    let dir = tempfile::tempdir().unwrap();
+    cfg.snapshot_path = dir.path().join("s.binpb");
+    let server = start(cfg).await;
+    let mut c = client(&server).await;
+    c.hello(discovery_service::proto::server::HelloRequest {
+        cluster_id: "c".into(),
+        client_version: "v1.12.3".into(),
+    })
+    .await
+    .unwrap();
+    c.affiliate_update(update("c", "af", "d", &["e"], 60))
+        .await
+        .unwrap();
+    let (status, ct, body) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(ct.starts_with("text/plain"));
+    for needle in [
+        "discovery_server_hello_requests_total{client_version=\"v1.12\"} 1",
+        "discovery_server_hello_requests_total{client_version=\"unknown\"} 0",
+        "discovery_state_clusters 1",
+        "discovery_state_affiliates 1",
+        "discovery_state_endpoints 1",
+        "discovery_state_subscriptions 0",
+        "discovery_state_gc_runs_total",
+        "discovery_state_gc_clusters_total",
+        "discovery_state_gc_affiliates_total",
+        "discovery_storage_operations_total{operation=\"load\",status=\"error\"} 1",
+        "discovery_storage_last_snapshot_size_bytes",
+        "grpc_server_started_total{grpc_method=\"Hello\",grpc_service=\"sidero.discovery.server.Cluster\",grpc_type=\"unary\"} 1",
+        "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"AffiliateUpdate\",grpc_service=\"sidero.discovery.server.Cluster\",grpc_type=\"unary\"} 1",
+        "grpc_server_handled_total{grpc_code=\"Aborted\",grpc_method=\"Watch\",grpc_service=\"sidero.discovery.server.Cluster\",grpc_type=\"server_stream\"} 0",
+        "grpc_server_msg_received_total",
+        "grpc_server_msg_sent_total",
+        "grpc_server_handling_seconds_bucket{grpc_method=\"List\",grpc_service=\"sidero.discovery.server.Cluster\",grpc_type=\"unary\",le=\"2.5\"} 0",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(body.contains(needle), "missing {needle} in\n{body}");
+    }
+    server.shutdown().await.unwrap();
+
+    // Without snapshots there are no storage metrics.
+    let server = start(config()).await;
+    let (_, _, body) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
+    assert!(!body.contains("discovery_storage_"));
+    server.shutdown().await.unwrap();
+}
