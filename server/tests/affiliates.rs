@@ -422,15 +422,14 @@ async fn simulated_nodes_converge() {
     for n in [5usize, 15] {
         let cluster = format!("sim{n}");
         let mut watches = Vec::new();
-        for i in 0..n {
+        for _ in 0..n {
             let mut c = client(&server).await;
             let w = c.watch(watch_req(&cluster)).await.unwrap().into_inner();
             watches.push((c, w));
-            let _ = i;
         }
         let mut publishers = Vec::new();
-        for i in 0..n {
-            let mut c = watches[i].0.clone();
+        for (i, (c, _)) in watches.iter().enumerate() {
+            let mut c = c.clone();
             let cluster = cluster.clone();
             publishers.push(tokio::spawn(async move {
                 let own = format!("10.0.0.{i}:51820");

@@ -32,7 +32,12 @@ impl Proc {
             .arg("-snapshot-path")
             .arg(snapshot)
             .args(["-snapshot-interval", interval, "-gc-interval", "1h"])
-            .args(["--rate-limit-per-second", "1000000", "--rate-limit-burst", "1000000"])
+            .args([
+                "--rate-limit-per-second",
+                "1000000",
+                "--rate-limit-burst",
+                "1000000",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -53,7 +58,9 @@ impl Proc {
             logs,
             addr: "127.0.0.1:1".parse().unwrap(),
         };
-        let listening = p.wait_log(|v| v["message"] == "listening" && v["server"] == "grpc").await;
+        let listening = p
+            .wait_log(|v| v["message"] == "listening" && v["server"] == "grpc")
+            .await;
         p.addr = listening["address"].as_str().unwrap().parse().unwrap();
         p
     }
@@ -64,8 +71,13 @@ impl Proc {
             loop {
                 let v = self.logs.recv().await.expect("process still logging");
                 // A first start has no file yet; anything else failing to load is a bug.
-                let missing = v["error"].as_str().is_some_and(|e| e.contains("No such file"));
-                assert!(v["message"] != "failed to load state from storage" || missing, "{v}");
+                let missing = v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("No such file"));
+                assert!(
+                    v["message"] != "failed to load state from storage" || missing,
+                    "{v}"
+                );
                 if pred(&v) {
                     return v;
                 }
@@ -81,17 +93,23 @@ impl Proc {
 
 async fn ids(addr: SocketAddr, cluster: &str) -> BTreeSet<String> {
     let mut c = client_at(addr).await;
-    c.list(ListRequest { cluster_id: cluster.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .affiliates
-        .into_iter()
-        .map(|a| {
-            assert_eq!(a.data, b(&format!("data-{}", a.id)), "restored data is intact");
-            a.id
-        })
-        .collect()
+    c.list(ListRequest {
+        cluster_id: cluster.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .affiliates
+    .into_iter()
+    .map(|a| {
+        assert_eq!(
+            a.data,
+            b(&format!("data-{}", a.id)),
+            "restored data is intact"
+        );
+        a.id
+    })
+    .collect()
 }
 
 #[tokio::test]
@@ -105,7 +123,9 @@ async fn sigterm_then_restart_restores_every_affiliate() {
         let mut set = BTreeSet::new();
         for i in 0..10 {
             let id = format!("{cl}-af{i}");
-            c.affiliate_update(update(cl, &id, &format!("data-{id}"), &["e1", "e2"], 1800)).await.unwrap();
+            c.affiliate_update(update(cl, &id, &format!("data-{id}"), &["e1", "e2"], 1800))
+                .await
+                .unwrap();
             set.insert(id);
         }
         want.push((cl, set));
@@ -121,7 +141,14 @@ async fn sigterm_then_restart_restores_every_affiliate() {
         assert_eq!(&ids(p.addr, cl).await, set);
     }
     let mut c = client_at(p.addr).await;
-    let l = c.list(ListRequest { cluster_id: "c1".into() }).await.unwrap().into_inner().affiliates;
+    let l = c
+        .list(ListRequest {
+            cluster_id: "c1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .affiliates;
     assert!(l.iter().all(|a| a.endpoints == vec![b("e1"), b("e2")]));
     p.signal(Signal::SIGTERM);
     assert!(within("exit", p.child.wait()).await.unwrap().success());

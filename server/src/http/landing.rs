@@ -44,15 +44,20 @@ fn unhex(b: u8) -> Option<u8> {
     }
 }
 
-fn unescape(s: &str) -> Result<String, ()> {
+/// A malformed query string (bad escape, semicolon, invalid UTF-8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid query")]
+pub struct BadQuery;
+
+fn unescape(s: &str) -> Result<String, BadQuery> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hi = bytes.get(i + 1).copied().and_then(unhex).ok_or(())?;
-                let lo = bytes.get(i + 2).copied().and_then(unhex).ok_or(())?;
+                let hi = bytes.get(i + 1).copied().and_then(unhex).ok_or(BadQuery)?;
+                let lo = bytes.get(i + 2).copied().and_then(unhex).ok_or(BadQuery)?;
                 out.push(hi << 4 | lo);
                 i += 3;
             }
@@ -66,16 +71,16 @@ fn unescape(s: &str) -> Result<String, ()> {
             }
         }
     }
-    String::from_utf8(out).map_err(|_| ())
+    String::from_utf8(out).map_err(|_| BadQuery)
 }
 
 /// Parses a query string like Go's `url.ParseQuery`: bad escapes and semicolons are
 /// errors.
-pub fn parse_query(q: &str) -> Result<Vec<(String, String)>, ()> {
+pub fn parse_query(q: &str) -> Result<Vec<(String, String)>, BadQuery> {
     let mut out = Vec::new();
     for part in q.split('&').filter(|p| !p.is_empty()) {
         if part.contains(';') {
-            return Err(());
+            return Err(BadQuery);
         }
         let (k, v) = part.split_once('=').unwrap_or((part, ""));
         out.push((unescape(k)?, unescape(v)?));
