@@ -260,13 +260,93 @@ impl Cluster for ClusterService {
         let stream = futures::stream::once(async move { Ok(first) })
             .chain(futures::stream::unfold(live, Watching::next))
             .boxed();
-        // A panic while streaming ends the stream with Internal, never the process.
-        let guarded = AssertUnwindSafe(stream)
+        Ok(Response::new(guard_stream(stream)))
+    }
+}
+
+/// A panic while producing a stream item ends the stream with Internal (and the panic
+/// message), never the connection or the process.
+fn guard_stream(
+    stream: impl Stream<Item = Result<WatchResponse, Status>> + Send + 'static,
+) -> WatchStream {
+    Box::pin(
+        AssertUnwindSafe(stream)
             .catch_unwind()
             .map(|item| match item {
                 Ok(item) => item,
                 Err(p) => Err(Status::internal(panic_message(&*p))),
-            });
-        Ok(Response::new(Box::pin(guarded)))
+            }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpc::peer::Trust;
+    use crate::metrics::Metrics;
+    use crate::ratelimit::{IpRateLimiter, Rate};
+
+    fn service() -> ClusterService {
+        let state = State::new();
+        let observer = Arc::new(Observer {
+            metrics: Arc::new(Metrics::new(state.clone(), false)),
+            limiter: Arc::new(IpRateLimiter::new(Rate::default())),
+            trust: Trust::default(),
+        });
+        ClusterService::new(
+            state,
+            observer,
+            Options::default(),
+            CancellationToken::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn handler_panic_is_internal_with_the_message() {
+        let svc = service();
+        let req = Request::new(HelloRequest::default());
+        let r: Result<Response<HelloResponse>, Status> = svc
+            .unary("Hello", req, |_, _| async {
+                panic!("handler exploded: {}", 42)
+            })
+            .await;
+        let err = r.unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (Code::Internal, "handler exploded: 42")
+        );
+        let handled = svc
+            .observer
+            .metrics
+            .grpc_handled
+            .with_label_values(&["unary", crate::metrics::GRPC_SERVICE, "Hello", "Internal"])
+            .get();
+        assert_eq!(handled, 1);
+        // The service keeps working afterwards.
+        let ok = svc
+            .hello(Request::new(HelloRequest {
+                cluster_id: "c".into(),
+                client_version: String::new(),
+            }))
+            .await;
+        assert!(ok.is_ok());
+    }
+
+    #[tokio::test]
+    async fn stream_panic_ends_the_stream_with_internal() {
+        let items = futures::stream::iter([0, 1]).map(|i| {
+            if i == 1 {
+                panic!("stream exploded");
+            }
+            Ok(WatchResponse::default())
+        });
+        let mut s = guard_stream(items);
+        assert!(s.next().await.unwrap().is_ok());
+        let err = s.next().await.unwrap().unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (Code::Internal, "stream exploded")
+        );
+        assert!(s.next().await.is_none());
     }
 }
