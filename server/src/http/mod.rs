@@ -3,6 +3,7 @@
 //! The main listener routes by content type like upstream: `application/grpc` goes to
 //! the gRPC service, everything else to the site pages.
 
+pub mod keepalive;
 pub mod landing;
 pub mod metrics;
 pub mod serve;

@@ -21,8 +21,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 
+use super::keepalive::Enforced;
 use crate::grpc::peer::ConnInfo;
-use crate::limits::{HTTP_SHUTDOWN_TIMEOUT, READ_HEADER_TIMEOUT};
+use crate::limits::{HTTP_SHUTDOWN_TIMEOUT, KEEPALIVE_MIN_TIME, READ_HEADER_TIMEOUT};
 
 /// A request handler shared by every connection of a listener.
 pub type Handler =
@@ -72,6 +73,7 @@ async fn run_connection<I>(
         let fut = handler(req);
         async move { Ok::<_, Infallible>(fut.await) }
     });
+    let io = Enforced::new(io, KEEPALIVE_MIN_TIME);
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     if let Err(e) = watcher.watch(conn).await {
         tracing::debug!(error = %e, peer = %remote, "connection ended with an error");

@@ -115,6 +115,9 @@ impl Affiliate {
             match self.endpoints.iter_mut().find(|e| e.blob == *blob) {
                 Some(known) => known.expiry = known.expiry.max(expiry),
                 None if !full => {
+                    // Exact growth: most affiliates hold 1–4 endpoints for hours, and
+                    // doubling slack would cost more than the rare reallocation.
+                    self.endpoints.reserve_exact(1);
                     self.endpoints.push(Endpoint {
                         blob: Bytes::copy_from_slice(blob),
                         expiry,

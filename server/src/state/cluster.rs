@@ -218,6 +218,16 @@ impl Cluster {
         }
     }
 
+    /// Runs `f` with every affiliate under one lock; the iterator can be walked twice
+    /// (snapshot encoding sizes, then writes).
+    pub fn with_affiliates<R>(
+        &self,
+        f: impl FnOnce(std::collections::hash_map::Iter<'_, Box<str>, Affiliate>) -> R,
+    ) -> R {
+        let inner = self.lock();
+        f(inner.affiliates.iter())
+    }
+
     /// Inserts a restored affiliate, replacing any with the same id (snapshot load).
     pub(super) fn restore(&self, id: &str, a: Affiliate) {
         self.lock().affiliates.insert(id.into(), a);
