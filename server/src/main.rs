@@ -38,6 +38,13 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let mut signals = match shutdown::Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "failed to install signal handlers");
+                return ExitCode::FAILURE;
+            }
+        };
         let server = match Server::start(config).await {
             Ok(s) => s,
             Err(e) => {
@@ -46,7 +53,7 @@ fn main() -> ExitCode {
             }
         };
         tokio::select! {
-            _ = shutdown::signal() => {}
+            _ = signals.recv() => {}
             _ = server.stopped() => {}
         }
         match server.shutdown().await {

@@ -50,6 +50,7 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
+/// Every code, in numeric order (index = code).
 const ALL_CODES: [tonic::Code; 17] = [
     tonic::Code::Ok,
     tonic::Code::Cancelled,
@@ -121,6 +122,24 @@ struct StorageMetrics {
     duration: GaugeVec,
 }
 
+/// One method's `grpc_server_*` series, resolved once at start so the request path
+/// increments atomics instead of hashing label values under the vectors' locks.
+#[derive(Debug)]
+pub struct MethodMetrics {
+    pub started: IntCounter,
+    pub msg_received: IntCounter,
+    pub msg_sent: IntCounter,
+    pub handling_seconds: prometheus::Histogram,
+    handled: Vec<IntCounter>,
+}
+
+impl MethodMetrics {
+    pub fn handled(&self, code: tonic::Code) -> &IntCounter {
+        // `ALL_CODES` lists the codes in numeric order, so the code is the index.
+        &self.handled[(code as usize).min(self.handled.len() - 1)]
+    }
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -134,6 +153,7 @@ pub struct Metrics {
     pub grpc_msg_sent: IntCounterVec,
     pub grpc_handling_seconds: HistogramVec,
     storage: Option<StorageMetrics>,
+    methods: Vec<MethodMetrics>,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -241,16 +261,23 @@ impl Metrics {
         registry
             .register(Box::new(grpc_handling_seconds.clone()))
             .expect("unique metric name");
-        for (method, kind) in GRPC_METHODS {
-            let l = [kind, GRPC_SERVICE, method];
-            grpc_started.with_label_values(&l);
-            grpc_msg_received.with_label_values(&l);
-            grpc_msg_sent.with_label_values(&l);
-            grpc_handling_seconds.with_label_values(&l);
-            for code in ALL_CODES {
-                grpc_handled.with_label_values(&[kind, GRPC_SERVICE, method, code_name(code)]);
-            }
-        }
+        // Pre-initialized for every method (and code), as upstream's interceptors do.
+        let methods = GRPC_METHODS
+            .iter()
+            .map(|&(method, kind)| {
+                let l = [kind, GRPC_SERVICE, method];
+                MethodMetrics {
+                    started: grpc_started.with_label_values(&l),
+                    msg_received: grpc_msg_received.with_label_values(&l),
+                    msg_sent: grpc_msg_sent.with_label_values(&l),
+                    handling_seconds: grpc_handling_seconds.with_label_values(&l),
+                    handled: ALL_CODES
+                        .iter()
+                        .map(|&code| grpc_handled.with_label_values(&[kind, GRPC_SERVICE, method, code_name(code)]))
+                        .collect(),
+                }
+            })
+            .collect();
 
         let storage = snapshots.then(|| {
             let operations = counter_vec(
@@ -331,7 +358,18 @@ impl Metrics {
             grpc_msg_sent,
             grpc_handling_seconds,
             storage,
+            methods,
         }
+    }
+
+    /// The series of a method in [`GRPC_METHODS`] (by position).
+    pub fn method(&self, index: usize) -> &MethodMetrics {
+        &self.methods[index.min(self.methods.len() - 1)]
+    }
+
+    /// Position of a method in [`GRPC_METHODS`].
+    pub fn method_index(name: &str) -> usize {
+        GRPC_METHODS.iter().position(|(m, _)| *m == name).unwrap_or(0)
     }
 
     /// Records a snapshot save or load; `stats` is `None` on failure.

@@ -70,10 +70,11 @@ impl Proc {
         within("log line", async {
             loop {
                 let v = self.logs.recv().await.expect("process still logging");
-                // A first start has no file yet; anything else failing to load is a bug.
+                // A file that cannot be opened (first start, or a test's unusable path)
+                // is expected; a file that fails to decode never is.
                 let missing = v["error"]
                     .as_str()
-                    .is_some_and(|e| e.contains("No such file"));
+                    .is_some_and(|e| e.starts_with("failed to open snapshot"));
                 assert!(
                     v["message"] != "failed to load state from storage" || missing,
                     "{v}"
@@ -209,4 +210,16 @@ async fn sigkill_restores_the_last_snapshot_and_never_tears_the_file() {
         assert!(within("exit", p.child.wait()).await.unwrap().success());
         let _ = p.logs.try_recv();
     }
+}
+
+#[tokio::test]
+async fn a_failed_final_save_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, b"x").unwrap();
+    let mut p = Proc::spawn(&blocker.join("state.binpb"), "1h").await;
+    p.signal(Signal::SIGTERM);
+    p.wait_log(|v| v["message"] == "failed to save state").await;
+    let status = within("exit", p.child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(1));
 }

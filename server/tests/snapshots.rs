@@ -342,3 +342,20 @@ async fn an_emptied_state_saves_an_empty_snapshot() {
     assert!(view(&restarted, &["c"]).await.is_empty());
     restarted.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_failed_final_save_fails_the_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    // The snapshot's directory is a regular file: every save fails.
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, b"x").unwrap();
+    let server = start(snap_config(&blocker.join("state.binpb"))).await;
+    let metrics = server.metrics.clone();
+    let err = server.shutdown().await.unwrap_err();
+    assert!(format!("{err:#}").contains("final snapshot failed"), "{err:#}");
+    assert!(
+        metrics
+            .render()
+            .contains("discovery_storage_operations_total{operation=\"save\",status=\"error\"} 1")
+    );
+}

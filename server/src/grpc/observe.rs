@@ -136,6 +136,7 @@ pub struct Observer {
 pub struct Call {
     obs: Arc<Observer>,
     method: &'static str,
+    method_index: usize,
     kind: &'static str,
     pub peer: Option<IpAddr>,
     start: Instant,
@@ -158,6 +159,7 @@ impl Observer {
         let mut call = Call {
             obs: self.clone(),
             method,
+            method_index: Metrics::method_index(method),
             kind,
             peer,
             start,
@@ -174,9 +176,9 @@ impl Observer {
             call.finish(status.code(), Some(status.message()));
             return Err(status);
         }
-        let l = [kind, GRPC_SERVICE, method];
-        self.metrics.grpc_started.with_label_values(&l).inc();
-        self.metrics.grpc_msg_received.with_label_values(&l).inc();
+        let m = self.metrics.method(call.method_index);
+        m.started.inc();
+        m.msg_received.inc();
         call.counted = true;
         Ok(call)
     }
@@ -185,11 +187,7 @@ impl Observer {
 impl Call {
     /// Counts one message sent to the client.
     pub fn sent(&self) {
-        self.obs
-            .metrics
-            .grpc_msg_sent
-            .with_label_values(&[self.kind, GRPC_SERVICE, self.method])
-            .inc();
+        self.obs.metrics.method(self.method_index).msg_sent.inc();
     }
 
     /// Records the outcome once: metrics (if admitted) and one log line.
@@ -199,14 +197,9 @@ impl Call {
         }
         let elapsed = self.start.elapsed();
         if self.counted {
-            let m = &self.obs.metrics;
-            let l = [self.kind, GRPC_SERVICE, self.method];
-            m.grpc_handled
-                .with_label_values(&[self.kind, GRPC_SERVICE, self.method, code_name(code)])
-                .inc();
-            m.grpc_handling_seconds
-                .with_label_values(&l)
-                .observe(elapsed.as_secs_f64());
+            let m = self.obs.metrics.method(self.method_index);
+            m.handled(code).inc();
+            m.handling_seconds.observe(elapsed.as_secs_f64());
         }
         let method = format!("/{GRPC_SERVICE}/{}", self.method);
         let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
