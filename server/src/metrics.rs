@@ -273,7 +273,14 @@ impl Metrics {
                     handling_seconds: grpc_handling_seconds.with_label_values(&l),
                     handled: ALL_CODES
                         .iter()
-                        .map(|&code| grpc_handled.with_label_values(&[kind, GRPC_SERVICE, method, code_name(code)]))
+                        .map(|&code| {
+                            grpc_handled.with_label_values(&[
+                                kind,
+                                GRPC_SERVICE,
+                                method,
+                                code_name(code),
+                            ])
+                        })
                         .collect(),
                 }
             })
@@ -369,7 +376,10 @@ impl Metrics {
 
     /// Position of a method in [`GRPC_METHODS`].
     pub fn method_index(name: &str) -> usize {
-        GRPC_METHODS.iter().position(|(m, _)| *m == name).unwrap_or(0)
+        GRPC_METHODS
+            .iter()
+            .position(|(m, _)| *m == name)
+            .unwrap_or(0)
     }
 
     /// Records a snapshot save or load; `stats` is `None` on failure.

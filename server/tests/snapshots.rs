@@ -352,7 +352,10 @@ async fn a_failed_final_save_fails_the_shutdown() {
     let server = start(snap_config(&blocker.join("state.binpb"))).await;
     let metrics = server.metrics.clone();
     let err = server.shutdown().await.unwrap_err();
-    assert!(format!("{err:#}").contains("final snapshot failed"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("final snapshot failed"),
+        "{err:#}"
+    );
     assert!(
         metrics
             .render()

@@ -14,6 +14,7 @@ use prost::Message;
 use super::Stats;
 use crate::limits::{MAX_CLUSTER_SNAPSHOT_SIZE, TTL_MAX};
 use crate::proto::storage::{AffiliateSnapshot, ClusterSnapshot, EndpointSnapshot};
+use crate::state::affiliate::Blob;
 use crate::state::{Affiliate, DuplicateCluster, Endpoint, State};
 
 #[derive(Debug, thiserror::Error)]
@@ -118,10 +119,12 @@ fn remaining(
     Some(Duration::from_nanos(capped as u64))
 }
 
+/// A stored endpoint; `None` if expired, or longer than any request could have made it
+/// (such a file was not written by a discovery service).
 fn endpoint(e: &EndpointSnapshot, now: Instant, wall: SystemTime) -> Option<Endpoint> {
     let left = remaining(e.ttl.as_ref(), e.expiration.as_ref(), wall)?;
     Some(Endpoint {
-        blob: Bytes::copy_from_slice(&e.data),
+        blob: Blob::new(&e.data)?,
         expiry: now + left,
     })
 }

@@ -35,7 +35,7 @@ pub fn cluster_snapshot(id: &str, cluster: &Cluster, now: Instant) -> ClusterSna
                 .iter()
                 .map(|e| EndpointSnapshot {
                     expiration: None,
-                    data: e.blob.clone(),
+                    data: e.blob.to_bytes(),
                     ttl: Some(ttl(e.expiry, now)),
                 })
                 .collect(),
