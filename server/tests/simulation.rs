@@ -1,0 +1,206 @@
+//! Client simulations like upstream's (§4.14 "Real client"): nodes that behave like the
+//! discovery client (Hello, publish themselves, push the endpoints they see for their
+//! peers, watch and resync on Aborted) converge; a redirect moves them to another server.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use discovery_service::proto::server::{Affiliate, HelloRequest, WatchRequest};
+use tonic::Code;
+
+/// A node's view of its cluster, maintained from a watch stream the way the real
+/// client does: the first message replaces everything, later ones patch it.
+async fn watch_until(
+    addr: SocketAddr,
+    cluster: &str,
+    mut done: impl FnMut(&HashMap<String, Affiliate>) -> bool,
+) -> HashMap<String, Affiliate> {
+    let mut c = client_at(addr).await;
+    loop {
+        let mut stream = c
+            .watch(WatchRequest {
+                cluster_id: cluster.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut view = HashMap::new();
+        let mut first = true;
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => {
+                    if first {
+                        view.clear();
+                        first = false;
+                    }
+                    for a in m.affiliates {
+                        if m.deleted {
+                            view.remove(&a.id);
+                        } else {
+                            view.insert(a.id.clone(), a);
+                        }
+                    }
+                    if done(&view) {
+                        return view;
+                    }
+                }
+                // Too slow: reconnect for a fresh snapshot, as the real client does.
+                Err(s) if s.code() == Code::Aborted => break,
+                other => panic!("watch ended: {other:?}"),
+            }
+        }
+    }
+}
+
+/// One node: publish own data and endpoint, then push what it "sees" of every peer (the
+/// same internal endpoint again plus a public one), like KubeSpan's harvested endpoints.
+async fn publish(addr: SocketAddr, cluster: String, i: usize, n: usize) {
+    let mut c = client_at(addr).await;
+    c.hello(HelloRequest {
+        cluster_id: cluster.clone(),
+        client_version: "v1.12.0".into(),
+    })
+    .await
+    .unwrap();
+    let own = format!("10.0.0.{i}:51820");
+    c.affiliate_update(update(
+        &cluster,
+        &format!("node{i}"),
+        &format!("data{i}"),
+        &[&own],
+        10,
+    ))
+    .await
+    .unwrap();
+    for j in (0..n).filter(|&j| j != i) {
+        let seen = format!("10.0.0.{j}:51820");
+        let public = format!("1.2.3.{j}:51820");
+        c.affiliate_update(update(
+            &cluster,
+            &format!("node{j}"),
+            "",
+            &[&seen, &public],
+            10,
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+fn converged(n: usize) -> impl FnMut(&HashMap<String, Affiliate>) -> bool {
+    move |view| {
+        view.len() == n
+            && view
+                .values()
+                .all(|a| a.endpoints.len() == 2 && !a.data.is_empty())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_fifteen_and_fifty_nodes_converge_within_five_seconds() {
+    let server = start(config()).await;
+    let addr = server.grpc_addr;
+    for n in [5usize, 15, 50] {
+        let cluster = format!("sim{n}");
+        let watchers: Vec<_> = (0..n)
+            .map(|_| {
+                let cluster = cluster.clone();
+                tokio::spawn(async move { watch_until(addr, &cluster, converged(n)).await })
+            })
+            .collect();
+        let publishers: Vec<_> = (0..n)
+            .map(|i| tokio::spawn(publish(addr, cluster.clone(), i, n)))
+            .collect();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            for p in publishers {
+                p.await.unwrap();
+            }
+            for w in watchers {
+                let view = w.await.unwrap();
+                // Exactly two deduplicated endpoints per peer, in insertion order.
+                for (id, a) in view {
+                    let j: usize = id.trim_start_matches("node").parse().unwrap();
+                    assert_eq!(
+                        a.endpoints,
+                        vec![
+                            b(&format!("10.0.0.{j}:51820")),
+                            b(&format!("1.2.3.{j}:51820"))
+                        ]
+                    );
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{n} nodes did not converge within 5 s"));
+    }
+    server.shutdown().await.unwrap();
+}
+
+/// Server 1 is restarted with a redirect to server 2; clients follow the redirect from
+/// their next Hello and find each other there.
+#[tokio::test]
+async fn redirect_moves_clients_to_another_server() {
+    let second = start(config()).await;
+    let mut cfg = config();
+    cfg.redirect_endpoint = second.grpc_addr.to_string();
+    let first = start(cfg).await;
+
+    let mut homes = Vec::new();
+    for i in 0..2 {
+        let mut c = client(&first).await;
+        let hello = c
+            .hello(HelloRequest {
+                cluster_id: "moving".into(),
+                client_version: "v1.12.0".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // The client switches to the redirect for the rest of its lifetime.
+        let home: SocketAddr = hello
+            .redirect
+            .expect("redirected")
+            .endpoint
+            .parse()
+            .unwrap();
+        assert_eq!(home, second.grpc_addr);
+        publish(home, "moving".into(), i, 2).await;
+        homes.push(home);
+    }
+    for home in homes {
+        watch_until(home, "moving", converged(2)).await;
+    }
+    assert!(
+        first.state.cluster("moving").is_none(),
+        "nothing was published on server 1"
+    );
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+}
+
+/// A client with a 1 s TTL that stops refreshing vanishes from its peer's view.
+#[tokio::test]
+async fn a_stopped_short_ttl_client_vanishes() {
+    let mut cfg = config();
+    cfg.gc_interval = Duration::from_millis(50);
+    let server = start(cfg).await;
+    let mut c = client(&server).await;
+    c.affiliate_update(update("ttl", "short", "d", &["e"], 1))
+        .await
+        .unwrap();
+    c.affiliate_update(update("ttl", "long", "d", &["e"], 60))
+        .await
+        .unwrap();
+    let mut seen_both = false;
+    let view = watch_until(server.grpc_addr, "ttl", |v| {
+        seen_both |= v.len() == 2;
+        seen_both && v.len() == 1
+    })
+    .await;
+    assert!(view.contains_key("long"));
+    server.shutdown().await.unwrap();
+}
