@@ -79,7 +79,8 @@ impl IpRateLimiter {
         } else if rate.per_second <= 0.0 {
             return Err(Exceeded);
         } else {
-            Duration::from_secs_f64(-tokens / rate.per_second)
+            // Saturates for absurd rates instead of panicking.
+            Duration::try_from_secs_f64(-tokens / rate.per_second).unwrap_or(Duration::MAX)
         };
         if max_wait.is_some_and(|m| wait > m) {
             return Err(Exceeded);

@@ -94,7 +94,7 @@ impl ReloadingCert {
 
     /// Polls the files until shutdown.
     pub async fn watch(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
-        let mut ticker = tokio::time::interval(every);
+        let mut ticker = tokio::time::interval(every.max(Duration::from_millis(1)));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,

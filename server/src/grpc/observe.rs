@@ -170,7 +170,7 @@ impl Observer {
         if peer.is_none() {
             tracing::warn!(method, "failed to determine the client address");
         }
-        let deadline = grpc_timeout(req.metadata()).map(|d| start + d);
+        let deadline = grpc_timeout(req.metadata()).and_then(|d| start.checked_add(d));
         if let Err(e) = self.limiter.wait(peer, deadline).await {
             let status = Status::resource_exhausted(e.to_string());
             call.finish(status.code(), Some(status.message()));

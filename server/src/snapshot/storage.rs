@@ -177,6 +177,8 @@ impl Storage {
     /// Saves every `interval` until `shutdown`; the first save comes one interval after
     /// start, and errors are logged and retried at the next tick.
     pub async fn run(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        // A zero period would make the timer panic; treat it as "as often as possible".
+        let interval = interval.max(Duration::from_millis(1));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
