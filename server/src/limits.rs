@@ -29,8 +29,10 @@ pub const IP_RATE_GARBAGE_COLLECTION_PERIOD: Duration = Duration::from_secs(60);
 /// Notifications a watcher may fall behind before its stream is aborted.
 pub const WATCH_BUFFER: usize = 32;
 
-/// Largest `ClusterSnapshot` record accepted on load: a maximal cluster (1024 affiliates
-/// with 64 endpoints each, every field at its limit) encodes to exactly this many bytes.
+/// Largest `ClusterSnapshot` record accepted on load (upstream's `MaxClusterSize`). It is
+/// generous: the exact encoded size of 1024 affiliates with 256-byte IDs, 2048-byte data,
+/// 64 endpoints each sized like data (2048 bytes) and 12-byte TTLs, under a 256-byte
+/// cluster ID.
 pub const MAX_CLUSTER_SNAPSHOT_SIZE: u64 = 137_912_579;
 
 /// Deadline of the final snapshot on shutdown.
@@ -41,6 +43,10 @@ pub const HTTP_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const READ_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Minimum interval between client keepalive pings (gRPC enforcement policy `MinTime`).
 pub const KEEPALIVE_MIN_TIME: Duration = Duration::from_secs(10);
+/// Too-frequent pings tolerated before GOAWAY (grpc-go's `maxPingStrikes`).
+pub const MAX_PING_STRIKES: u32 = 2;
+/// TLS handshakes that take longer are dropped, so a stalled client cannot hold a task.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `/stats` answers from its cache.
 pub const STATS_CACHE_TTL: Duration = Duration::from_secs(3600);
 /// How often certificate files are checked for changes.

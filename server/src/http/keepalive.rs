@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Strikes tolerated before the connection is closed (grpc-go's `maxPingStrikes`).
-pub const MAX_PING_STRIKES: u32 = 2;
+use crate::limits::MAX_PING_STRIKES;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;

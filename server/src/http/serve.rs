@@ -23,14 +23,13 @@ use tonic::body::Body;
 
 use super::keepalive::Enforced;
 use crate::grpc::peer::ConnInfo;
-use crate::limits::{HTTP_SHUTDOWN_TIMEOUT, KEEPALIVE_MIN_TIME, READ_HEADER_TIMEOUT};
+use crate::limits::{
+    HTTP_SHUTDOWN_TIMEOUT, KEEPALIVE_MIN_TIME, READ_HEADER_TIMEOUT, TLS_HANDSHAKE_TIMEOUT,
+};
 
 /// A request handler shared by every connection of a listener.
 pub type Handler =
     Arc<dyn Fn(Request<Incoming>) -> BoxFuture<'static, Response<Body>> + Send + Sync>;
-
-/// TLS handshakes that take longer are dropped (a stalled client must not hold a task).
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds a Go-style address: `:3000` means every address, IPv6 and IPv4 when possible.
 pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
