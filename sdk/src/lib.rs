@@ -74,8 +74,8 @@ pub mod bindings {
     pub use wit_bindgen::rt as __rt;
 }
 
-use bindings::discovery::registry::host::{self, Event};
 pub use bindings::discovery::registry::host::Rejection;
+use bindings::discovery::registry::host::{self, Event};
 pub use bindings::discovery::registry::types::{
     Affiliate, ControlPlane, Endpoint, IpAddress, IpPrefix, Kubespan, LogLevel, MachineType,
 };

@@ -1,6 +1,8 @@
 //! One affiliate as written in the file, with Talos's spec keys, and its checks.
 
-use discovery_sdk::{Affiliate, ControlPlane, Endpoint, IpAddress, IpPrefix, Kubespan, MachineType};
+use discovery_sdk::{
+    Affiliate, ControlPlane, Endpoint, IpAddress, IpPrefix, Kubespan, MachineType,
+};
 use serde::Deserialize;
 
 /// An affiliate in the file. Keys are Talos's (`talosctl get affiliates -o yaml`).

@@ -109,11 +109,28 @@ mod tests {
         let parsed = parse(yaml).unwrap();
         assert_eq!(parsed.affiliates.len(), 1);
         let skipped = parsed.skipped.join("\n");
-        assert!(skipped.contains(r#"entry 1 (nodeId "badip"): addresses: invalid IP address "10.0.0.300""#), "{skipped}");
-        assert!(skipped.contains(r#"entry 2 (nodeId "typo"): unknown field `adresses`"#), "{skipped}");
-        assert!(skipped.contains("entry 3: missing field `nodeId`"), "{skipped}");
-        assert!(skipped.contains(r#"entry 4 (nodeId "good"): duplicate nodeId"#), "{skipped}");
-        assert!(skipped.contains(r#"machineType "boss" is not one of"#), "{skipped}");
+        assert!(
+            skipped.contains(
+                r#"entry 1 (nodeId "badip"): addresses: invalid IP address "10.0.0.300""#
+            ),
+            "{skipped}"
+        );
+        assert!(
+            skipped.contains(r#"entry 2 (nodeId "typo"): unknown field `adresses`"#),
+            "{skipped}"
+        );
+        assert!(
+            skipped.contains("entry 3: missing field `nodeId`"),
+            "{skipped}"
+        );
+        assert!(
+            skipped.contains(r#"entry 4 (nodeId "good"): duplicate nodeId"#),
+            "{skipped}"
+        );
+        assert!(
+            skipped.contains(r#"machineType "boss" is not one of"#),
+            "{skipped}"
+        );
     }
 
     #[test]

@@ -95,7 +95,10 @@ impl StaticFile {
         let skipped = parsed.skipped.len() + rejected.len();
         set_status(
             skipped == 0,
-            &format!("{published} affiliates from {}, {skipped} skipped", self.path),
+            &format!(
+                "{published} affiliates from {}, {skipped} skipped",
+                self.path
+            ),
         );
         self.last_contents = Some(contents);
     }

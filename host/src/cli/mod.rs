@@ -1,0 +1,237 @@
+//! The `discoveryd` command line: run the daemon, query it, reset the identity.
+
+pub mod output;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::api::{client, proto};
+use crate::config;
+use crate::store::{Kind, Namespace};
+use output::Format;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "discoveryd",
+    version,
+    about = "Cluster-discovery node daemon with WebAssembly registry plugins"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon.
+    Run {
+        /// The config file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show this node's identities, affiliates or members.
+    Get(GetArgs),
+    /// Show each registry plugin's state, restarts and last error.
+    Plugins {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Format,
+        /// Print the list again after every change.
+        #[arg(long, short)]
+        watch: bool,
+    },
+    /// Forget this node's identity; the next start creates a new one.
+    Reset {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    /// What to show.
+    #[arg(value_enum)]
+    pub what: Resources,
+    /// `cluster` (merged) or `cluster-raw` (per registry; affiliates only).
+    #[arg(long, default_value = "cluster")]
+    pub namespace: String,
+    #[arg(long, short, value_enum, default_value = "table")]
+    pub output: Format,
+    /// Keep printing changes.
+    #[arg(long, short)]
+    pub watch: bool,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Resources {
+    #[value(alias = "identity")]
+    Identities,
+    #[value(alias = "affiliate")]
+    Affiliates,
+    #[value(alias = "member")]
+    Members,
+}
+
+impl Resources {
+    fn kind(self) -> Kind {
+        match self {
+            Resources::Identities => Kind::Identity,
+            Resources::Affiliates => Kind::Affiliate,
+            Resources::Members => Kind::Member,
+        }
+    }
+}
+
+/// How to find the daemon.
+#[derive(Args, Debug)]
+pub struct Target {
+    /// The daemon's config file (its state dir holds the socket).
+    #[arg(long, short, conflicts_with = "socket")]
+    pub config: Option<PathBuf>,
+    /// The daemon's socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn socket(&self) -> Result<PathBuf> {
+        if let Some(socket) = &self.socket {
+            return Ok(socket.clone());
+        }
+        match &self.config {
+            Some(file) => Ok(config::load(file)?.socket_path()),
+            None => Ok(Path::new(config::DEFAULT_STATE_DIR).join(crate::limits::SOCKET_NAME)),
+        }
+    }
+}
+
+pub async fn get(args: GetArgs) -> Result<()> {
+    let namespace = Namespace::parse(&args.namespace).with_context(|| {
+        format!(
+            "--namespace {:?}: use cluster or cluster-raw",
+            args.namespace
+        )
+    })?;
+    let kind = args.what.kind();
+    let request = proto::ListRequest {
+        namespace: namespace.as_str().to_string(),
+        r#type: kind.type_name().to_string(),
+    };
+    let mut client = client::connect(&args.target.socket()?).await?;
+    let mut out = std::io::stdout().lock();
+    if !args.watch {
+        let resources = client.list(request).await?.into_inner().resources;
+        output::print_list(&mut out, kind, args.output, &resources)?;
+        return Ok(());
+    }
+    let mut stream = client.watch(request).await?.into_inner();
+    let mut first = true;
+    while let Some(event) = stream.message().await? {
+        let Some(resource) = &event.resource else {
+            continue;
+        };
+        output::print_event(&mut out, kind, args.output, event.kind(), resource, first)?;
+        first = false;
+    }
+    Ok(())
+}
+
+pub async fn plugins(target: Target, format: Format, watch: bool) -> Result<()> {
+    let mut client = client::connect(&target.socket()?).await?;
+    let mut out = std::io::stdout().lock();
+    if !watch {
+        let plugins = client
+            .plugins(proto::PluginsRequest {})
+            .await?
+            .into_inner()
+            .plugins;
+        return print_plugins(&mut out, format, &plugins);
+    }
+    let mut stream = client
+        .watch_plugins(proto::PluginsRequest {})
+        .await?
+        .into_inner();
+    let mut first = true;
+    while let Some(update) = stream.message().await? {
+        if !first && format == Format::Table {
+            writeln!(out)?;
+        }
+        print_plugins(&mut out, format, &update.plugins)?;
+        out.flush()?;
+        first = false;
+    }
+    Ok(())
+}
+
+/// A table, or one JSON object (YAML list item) per plugin.
+fn print_plugins(out: &mut impl Write, format: Format, plugins: &[proto::Plugin]) -> Result<()> {
+    match format {
+        Format::Table => {
+            writeln!(
+                out,
+                "{:<20} {:<10} {:<11} {:>8} {:>9}   LAST ERROR / STATUS",
+                "NAME", "PREFIX", "STATE", "RESTARTS", "PUBLISHED"
+            )?;
+            for p in plugins {
+                let note = if p.last_error.is_empty() {
+                    &p.message
+                } else {
+                    &p.last_error
+                };
+                writeln!(
+                    out,
+                    "{:<20} {:<10} {:<11} {:>8} {:>9}   {}",
+                    p.name, p.prefix, p.state, p.restarts, p.published, note
+                )?;
+            }
+        }
+        Format::Json | Format::Yaml => {
+            let values: Vec<serde_json::Value> = plugins
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "name": p.name, "prefix": p.prefix, "state": p.state,
+                        "restarts": p.restarts, "lastError": p.last_error,
+                        "healthy": p.healthy, "message": p.message, "published": p.published,
+                    })
+                })
+                .collect();
+            if format == Format::Json {
+                for v in values {
+                    writeln!(out, "{v}")?;
+                }
+            } else {
+                write!(out, "{}", serde_yaml::to_string(&values)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn reset(config_file: &Path) -> Result<()> {
+    let config = config::load(config_file)?;
+    if tokio::net::UnixStream::connect(config.socket_path())
+        .await
+        .is_ok()
+    {
+        bail!(
+            "discoveryd is running on {}; stop it before resetting",
+            config.socket_path().display()
+        );
+    }
+    if crate::identity::reset(&config.node.state_dir)? {
+        println!(
+            "removed {}",
+            crate::identity::path(&config.node.state_dir).display()
+        );
+    } else {
+        println!("no node identity in {}", config.node.state_dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! Prints resources as talosctl does: a table, YAML documents, or JSON objects.
+
+use std::io::Write;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use crate::api::proto::{Resource, watch_event};
+use crate::store::Kind;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Yaml,
+    Json,
+}
+
+/// A resource as `-o json` and `-o yaml` print it.
+pub fn resource_value(resource: &Resource) -> Value {
+    let metadata = resource.metadata.clone().unwrap_or_default();
+    let spec: Value = serde_json::from_str(&resource.spec_json).unwrap_or(Value::Null);
+    json!({
+        "metadata": {
+            "namespace": metadata.namespace,
+            "type": metadata.r#type,
+            "id": metadata.id,
+            "version": metadata.version,
+        },
+        "spec": spec,
+    })
+}
+
+/// The table columns after ID and VERSION, as talosctl prints them per type.
+fn columns(kind: Kind) -> &'static [(&'static str, &'static str)] {
+    match kind {
+        Kind::Identity => &[("NODE ID", "nodeId")],
+        Kind::Affiliate => &[
+            ("HOSTNAME", "hostname"),
+            ("MACHINE TYPE", "machineType"),
+            ("ADDRESSES", "addresses"),
+        ],
+        Kind::Member => &[
+            ("HOSTNAME", "hostname"),
+            ("MACHINE TYPE", "machineType"),
+            ("OS", "operatingSystem"),
+            ("ADDRESSES", "addresses"),
+        ],
+    }
+}
+
+fn cell(spec: &Value, key: &str) -> String {
+    match spec.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        // Lists print as JSON, like talosctl's `["10.0.0.1","fd00::1"]`.
+        Some(Value::Array(items)) => Value::Array(items.clone()).to_string(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Rows of cells, aligned into columns separated by three spaces.
+fn write_aligned(out: &mut impl Write, rows: &[Vec<String>]) -> Result<()> {
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..width)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[i]));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+fn table_row(resource: &Resource, kind: Kind) -> Vec<String> {
+    let metadata = resource.metadata.clone().unwrap_or_default();
+    let spec: Value = serde_json::from_str(&resource.spec_json).unwrap_or(Value::Null);
+    let mut row = vec![metadata.id, metadata.version.to_string()];
+    row.extend(columns(kind).iter().map(|(_, key)| cell(&spec, key)));
+    row
+}
+
+fn header(kind: Kind) -> Vec<String> {
+    let mut row = vec!["ID".to_string(), "VERSION".to_string()];
+    row.extend(columns(kind).iter().map(|(title, _)| title.to_string()));
+    row
+}
+
+/// Prints a list of resources of one type.
+pub fn print_list(
+    out: &mut impl Write,
+    kind: Kind,
+    format: Format,
+    resources: &[Resource],
+) -> Result<()> {
+    match format {
+        Format::Table => {
+            let mut rows = vec![header(kind)];
+            rows.extend(resources.iter().map(|r| table_row(r, kind)));
+            write_aligned(out, &rows)
+        }
+        Format::Json => {
+            for r in resources {
+                writeln!(out, "{}", resource_value(r))?;
+            }
+            Ok(())
+        }
+        Format::Yaml => {
+            for (i, r) in resources.iter().enumerate() {
+                if i > 0 {
+                    writeln!(out, "---")?;
+                }
+                write!(out, "{}", serde_yaml::to_string(&resource_value(r))?)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn event_name(kind: watch_event::Kind) -> &'static str {
+    match kind {
+        watch_event::Kind::Created => "created",
+        watch_event::Kind::Updated => "updated",
+        watch_event::Kind::Destroyed => "destroyed",
+    }
+}
+
+/// Prints one watch event; tables mark rows `+` created, `*` updated, `-` destroyed.
+/// Events arrive one at a time, so table columns are not aligned across rows.
+pub fn print_event(
+    out: &mut impl Write,
+    kind: Kind,
+    format: Format,
+    event: watch_event::Kind,
+    resource: &Resource,
+    first: bool,
+) -> Result<()> {
+    match format {
+        Format::Table => {
+            let marker = match event {
+                watch_event::Kind::Created => "+",
+                watch_event::Kind::Updated => "*",
+                watch_event::Kind::Destroyed => "-",
+            };
+            if first {
+                let mut head = vec![" ".to_string()];
+                head.extend(header(kind));
+                writeln!(out, "{}", head.join("   "))?;
+            }
+            let mut row = vec![marker.to_string()];
+            row.extend(table_row(resource, kind));
+            writeln!(out, "{}", row.join("   "))?;
+        }
+        Format::Json => {
+            let mut value = resource_value(resource);
+            value["event"] = event_name(event).into();
+            writeln!(out, "{value}")?;
+        }
+        Format::Yaml => {
+            if !first {
+                writeln!(out, "---")?;
+            }
+            let mut value = resource_value(resource);
+            value["event"] = event_name(event).into();
+            write!(out, "{}", serde_yaml::to_string(&value)?)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::proto::Metadata;
+
+    fn member(id: &str, version: u64, spec: Value) -> Resource {
+        Resource {
+            metadata: Some(Metadata {
+                namespace: "cluster".into(),
+                r#type: Kind::Member.type_name().into(),
+                id: id.into(),
+                version,
+            }),
+            spec_json: spec.to_string(),
+        }
+    }
+
+    #[test]
+    fn tables_look_like_talosctl() {
+        let resources = [
+            member(
+                "talos-default-controlplane-1",
+                2,
+                json!({"nodeId": "x", "hostname": "talos-default-controlplane-1", "machineType": "controlplane",
+                       "operatingSystem": "Talos (v1.3.0)", "addresses": ["172.20.0.2", "fd83::1"]}),
+            ),
+            member(
+                "w1",
+                1,
+                json!({"nodeId": "y", "hostname": "w1", "machineType": "worker", "operatingSystem": "Talos (v1.3.0)", "addresses": []}),
+            ),
+        ];
+        let mut out = Vec::new();
+        print_list(&mut out, Kind::Member, Format::Table, &resources).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "ID                             VERSION   HOSTNAME                       MACHINE TYPE   OS               ADDRESSES\n\
+             talos-default-controlplane-1   2         talos-default-controlplane-1   controlplane   Talos (v1.3.0)   [\"172.20.0.2\",\"fd83::1\"]\n\
+             w1                             1         w1                             worker         Talos (v1.3.0)   []\n"
+        );
+    }
+
+    #[test]
+    fn json_is_one_object_per_resource_with_metadata_and_spec() {
+        let mut out = Vec::new();
+        let resources = [
+            member("a", 3, json!({"nodeId": "x"})),
+            member("b", 1, json!({"nodeId": "y"})),
+        ];
+        print_list(&mut out, Kind::Member, Format::Json, &resources).unwrap();
+        let lines: Vec<Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            lines[0],
+            json!({"metadata": {"namespace": "cluster", "type": "Members.cluster.talos.dev", "id": "a", "version": 3},
+                   "spec": {"nodeId": "x"}})
+        );
+    }
+
+    #[test]
+    fn yaml_documents_are_separated() {
+        let mut out = Vec::new();
+        let resources = [
+            member("a", 1, json!({"nodeId": "x"})),
+            member("b", 1, json!({"nodeId": "y"})),
+        ];
+        print_list(&mut out, Kind::Member, Format::Yaml, &resources).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("metadata:\n  namespace: cluster\n"), "{text}");
+        assert!(text.contains("spec:\n  nodeId: x\n---\n"), "{text}");
+    }
+}

@@ -1,0 +1,743 @@
+//! The daemon's YAML config: the Talos `cluster.discovery` layout, node settings,
+//! and the registry plugins with their grants.
+//!
+//! Loading is all or nothing: the first problem becomes one error naming the field
+//! and the value, and nothing starts half-configured.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+use crate::affiliate::{IpPrefix, MachineType};
+use crate::limits;
+
+/// Where state lives when the config does not say.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/discoveryd";
+
+/// The validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Present when the cluster identity is configured; plugins seal through it.
+    pub cluster: Option<ClusterIdentity>,
+    /// Discovery is on when it is enabled and at least one registry is enabled.
+    pub discovery_enabled: bool,
+    pub node: NodeConfig,
+    /// Every configured plugin, enabled or not, by name.
+    pub plugins: BTreeMap<String, PluginConfig>,
+}
+
+impl Config {
+    /// The plugins that should run.
+    pub fn enabled_plugins(&self) -> impl Iterator<Item = &PluginConfig> {
+        self.plugins
+            .values()
+            .filter(|p| self.discovery_enabled && p.enabled)
+    }
+
+    /// The local API socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.node.state_dir.join(limits::SOCKET_NAME)
+    }
+}
+
+/// Cluster ID and secret. The secret never appears in Debug output.
+#[derive(Clone)]
+pub struct ClusterIdentity {
+    /// Opaque: sent and hashed exactly as written.
+    pub id: String,
+    /// The decoded 32-byte key.
+    pub key: [u8; 32],
+}
+
+impl fmt::Debug for ClusterIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterIdentity")
+            .field("id", &self.id)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub state_dir: PathBuf,
+    /// Overrides the system hostname.
+    pub hostname: Option<String>,
+    /// Defaults to the hostname.
+    pub nodename: Option<String>,
+    pub machine_type: MachineType,
+    /// Fixed addresses; `None` detects them from the interfaces.
+    pub addresses: Option<Vec<IpAddr>>,
+    pub kubespan: Option<KubeSpanConfig>,
+    pub api_server_port: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KubeSpanConfig {
+    pub public_key: String,
+    pub address: Option<IpAddr>,
+    pub additional_addresses: Vec<IpPrefix>,
+    pub endpoints: Vec<SocketAddr>,
+    pub exclude_advertised_networks: Vec<IpPrefix>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    pub name: String,
+    pub path: PathBuf,
+    /// Overrides the prefix the plugin declares for its raw affiliates.
+    pub prefix: Option<String>,
+    /// The plugin's own config section, handed to it as JSON.
+    pub config_json: String,
+    pub files: Vec<FileGrant>,
+    pub enabled: bool,
+    pub memory_limit: usize,
+    pub cpu_budget: std::time::Duration,
+}
+
+/// A host directory the plugin may read, and where it sees it.
+#[derive(Debug, Clone)]
+pub struct FileGrant {
+    pub host: PathBuf,
+    pub guest: String,
+}
+
+/// A config problem, naming the field (`plugins.static-file.path`) and the value.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// Reads and validates a config file. Relative paths in it are relative to the
+/// file's directory.
+pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        err(
+            file.display().to_string(),
+            format!("cannot read config: {e}"),
+        )
+    })?;
+    let base = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    parse(&text, &base).map_err(|e| ConfigError {
+        path: format!("{}: {}", file.display(), e.path),
+        message: e.message,
+    })
+}
+
+/// Parses and validates config text; `base` anchors relative paths.
+pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+    let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
+        // serde_yaml puts the field path first: "cluster.discovery: unknown field ...".
+        let message = e.to_string();
+        match message.split_once(": ") {
+            Some((path, rest)) if !path.contains(' ') => err(path, rest),
+            _ => err("config", message),
+        }
+    })?;
+    raw.validate(base)
+}
+
+// The file as written. Every struct denies unknown fields so typos are errors.
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    cluster: RawCluster,
+    #[serde(default)]
+    node: RawNode,
+    #[serde(default)]
+    plugins: BTreeMap<String, RawPlugin>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    id: Option<String>,
+    secret: Option<String>,
+    #[serde(default)]
+    discovery: RawDiscovery,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    registries: BTreeMap<String, RawRegistry>,
+}
+
+impl Default for RawDiscovery {
+    fn default() -> Self {
+        RawDiscovery {
+            enabled: true,
+            registries: BTreeMap::new(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    #[serde(default)]
+    disabled: bool,
+    /// Talos's `registries.service.endpoint`; handed to the plugin as `endpoint`.
+    endpoint: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNode {
+    state_dir: Option<PathBuf>,
+    hostname: Option<String>,
+    nodename: Option<String>,
+    machine_type: Option<String>,
+    addresses: Option<Vec<String>>,
+    kubespan: Option<RawKubeSpan>,
+    control_plane: Option<RawControlPlane>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawKubeSpan {
+    public_key: String,
+    address: Option<String>,
+    #[serde(default)]
+    additional_addresses: Vec<String>,
+    #[serde(default)]
+    endpoints: Vec<String>,
+    #[serde(default)]
+    exclude_advertised_networks: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawControlPlane {
+    api_server_port: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPlugin {
+    path: PathBuf,
+    prefix: Option<String>,
+    #[serde(default)]
+    config: serde_json::Value,
+    #[serde(default)]
+    grants: RawGrants,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGrants {
+    #[serde(default)]
+    files: Vec<RawFileGrant>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileGrant {
+    host: PathBuf,
+    guest: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawLimits {
+    #[serde(rename = "memoryMiB")]
+    memory_mib: Option<u64>,
+    cpu_budget_ms: Option<u64>,
+}
+
+impl RawConfig {
+    fn validate(self, base: &Path) -> Result<Config, ConfigError> {
+        let cluster = validate_cluster(self.cluster.id, self.cluster.secret)?;
+        let node = self.node.validate(base)?;
+        let registries = self.cluster.discovery.registries;
+        for (name, registry) in &registries {
+            if !registry.disabled && !self.plugins.contains_key(name) {
+                return Err(err(
+                    format!("cluster.discovery.registries.{name}"),
+                    format!(
+                        "registry {name:?} is enabled but no plugin of that name is configured \
+                         (add plugins.{name}.path, or set disabled: true)"
+                    ),
+                ));
+            }
+        }
+        let mut plugins = BTreeMap::new();
+        for (name, raw) in self.plugins {
+            let registry = registries.get(&name);
+            let plugin = raw.validate(&name, registry, base)?;
+            plugins.insert(name, plugin);
+        }
+        let discovery_enabled =
+            self.cluster.discovery.enabled && plugins.values().any(|p: &PluginConfig| p.enabled);
+        Ok(Config {
+            cluster,
+            discovery_enabled,
+            node,
+            plugins,
+        })
+    }
+}
+
+fn validate_cluster(
+    id: Option<String>,
+    secret: Option<String>,
+) -> Result<Option<ClusterIdentity>, ConfigError> {
+    match (id, secret) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(err(
+            "cluster.secret",
+            "missing: cluster.id and cluster.secret are set together",
+        )),
+        (None, Some(_)) => Err(err(
+            "cluster.id",
+            "missing: cluster.id and cluster.secret are set together",
+        )),
+        (Some(id), Some(_)) if id.is_empty() => Err(err("cluster.id", "must not be empty")),
+        (Some(id), Some(secret)) => {
+            // The secret's value is never echoed back, even in errors.
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(secret.trim())
+                .map_err(|_| err("cluster.secret", "is not valid base64 (value redacted)"))?;
+            let key: [u8; 32] = decoded.as_slice().try_into().map_err(|_| {
+                err(
+                    "cluster.secret",
+                    format!(
+                        "must decode to 32 bytes, got {} (value redacted)",
+                        decoded.len()
+                    ),
+                )
+            })?;
+            Ok(Some(ClusterIdentity { id, key }))
+        }
+    }
+}
+
+impl RawNode {
+    fn validate(self, base: &Path) -> Result<NodeConfig, ConfigError> {
+        let state_dir = self
+            .state_dir
+            .map(|dir| base.join(dir))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if let Some(name) = &self.hostname {
+            check_name("node.hostname", name)?;
+        }
+        if let Some(name) = &self.nodename {
+            check_name("node.nodename", name)?;
+        }
+        let machine_type = match self.machine_type.as_deref() {
+            None => MachineType::Worker,
+            Some(text @ ("init" | "controlplane" | "worker")) => MachineType::parse_talos(text),
+            Some(other) => {
+                return Err(err(
+                    "node.machineType",
+                    format!("{other:?} is not one of init, controlplane, worker"),
+                ));
+            }
+        };
+        let addresses = self
+            .addresses
+            .map(|list| parse_list("node.addresses", &list, parse_ip))
+            .transpose()?;
+        let api_server_port = match self.control_plane {
+            None => None,
+            Some(_) if !machine_type.is_control_plane() => {
+                return Err(err(
+                    "node.controlPlane",
+                    format!(
+                        "only init and controlplane nodes run an API server, this node is {machine_type}"
+                    ),
+                ));
+            }
+            Some(RawControlPlane { api_server_port: 0 }) => {
+                return Err(err("node.controlPlane.apiServerPort", "must not be 0"));
+            }
+            Some(cp) => Some(cp.api_server_port),
+        };
+        let kubespan = self.kubespan.map(RawKubeSpan::validate).transpose()?;
+        Ok(NodeConfig {
+            state_dir,
+            hostname: self.hostname,
+            nodename: self.nodename,
+            machine_type,
+            addresses,
+            kubespan,
+            api_server_port,
+        })
+    }
+}
+
+impl RawKubeSpan {
+    fn validate(self) -> Result<KubeSpanConfig, ConfigError> {
+        if !limits::is_wireguard_key(&self.public_key) {
+            return Err(err(
+                "node.kubespan.publicKey",
+                format!(
+                    "{:?} is not a base64 WireGuard key (32 bytes)",
+                    self.public_key
+                ),
+            ));
+        }
+        let address = self
+            .address
+            .map(|a| parse_ip("node.kubespan.address", &a))
+            .transpose()?;
+        Ok(KubeSpanConfig {
+            public_key: self.public_key,
+            address,
+            additional_addresses: parse_list(
+                "node.kubespan.additionalAddresses",
+                &self.additional_addresses,
+                parse_prefix,
+            )?,
+            endpoints: parse_list("node.kubespan.endpoints", &self.endpoints, |path, text| {
+                text.parse::<SocketAddr>()
+                    .map_err(|_| err(path, format!("{text:?} is not an ip:port endpoint")))
+            })?,
+            exclude_advertised_networks: parse_list(
+                "node.kubespan.excludeAdvertisedNetworks",
+                &self.exclude_advertised_networks,
+                parse_prefix,
+            )?,
+        })
+    }
+}
+
+impl RawPlugin {
+    fn validate(
+        self,
+        name: &str,
+        registry: Option<&RawRegistry>,
+        base: &Path,
+    ) -> Result<PluginConfig, ConfigError> {
+        let at = |field: &str| format!("plugins.{name}.{field}");
+        if !limits::is_registry_name(name) {
+            return Err(err(
+                format!("plugins.{name}"),
+                "plugin names use lowercase letters, digits and '-' (at most 63)",
+            ));
+        }
+        let path = base.join(&self.path);
+        if !path.is_file() {
+            return Err(err(at("path"), format!("{} is not a file", path.display())));
+        }
+        if let Some(prefix) = &self.prefix
+            && !limits::is_registry_name(prefix)
+        {
+            return Err(err(
+                at("prefix"),
+                format!("{prefix:?}: use lowercase letters, digits and '-' (at most 63)"),
+            ));
+        }
+        let mut config = self.config;
+        if let Some(endpoint) = registry.and_then(|r| r.endpoint.clone()) {
+            // Talos's registries.service.endpoint reaches the plugin as its `endpoint`.
+            match &mut config {
+                serde_json::Value::Null => config = serde_json::json!({ "endpoint": endpoint }),
+                serde_json::Value::Object(map) if !map.contains_key("endpoint") => {
+                    map.insert("endpoint".into(), endpoint.into());
+                }
+                _ => {
+                    return Err(err(
+                        format!("cluster.discovery.registries.{name}.endpoint"),
+                        format!(
+                            "plugins.{name}.config must be a map without `endpoint` to take it"
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut files = Vec::new();
+        for (i, grant) in self.grants.files.into_iter().enumerate() {
+            let host = base.join(&grant.host);
+            if !host.is_dir() {
+                return Err(err(
+                    format!("plugins.{name}.grants.files[{i}].host"),
+                    format!("{} is not a directory", host.display()),
+                ));
+            }
+            if !grant.guest.starts_with('/') {
+                return Err(err(
+                    format!("plugins.{name}.grants.files[{i}].guest"),
+                    format!("{:?} must be an absolute path", grant.guest),
+                ));
+            }
+            files.push(FileGrant {
+                host,
+                guest: grant.guest,
+            });
+        }
+        let memory_mib = self.limits.memory_mib.unwrap_or(limits::PLUGIN_MEMORY_MIB);
+        if !(1..=limits::PLUGIN_MEMORY_MIB_MAX).contains(&memory_mib) {
+            return Err(err(
+                at("limits.memoryMiB"),
+                format!(
+                    "{memory_mib} is outside 1..={}",
+                    limits::PLUGIN_MEMORY_MIB_MAX
+                ),
+            ));
+        }
+        let cpu_ms = self
+            .limits
+            .cpu_budget_ms
+            .unwrap_or(limits::PLUGIN_CPU_BUDGET_MS);
+        if !(10..=60_000).contains(&cpu_ms) {
+            return Err(err(
+                at("limits.cpuBudgetMs"),
+                format!("{cpu_ms} is outside 10..=60000"),
+            ));
+        }
+        Ok(PluginConfig {
+            name: name.to_string(),
+            path,
+            prefix: self.prefix,
+            config_json: config.to_string(),
+            files,
+            enabled: !registry.is_some_and(|r| r.disabled),
+            memory_limit: (memory_mib as usize) << 20,
+            cpu_budget: std::time::Duration::from_millis(cpu_ms),
+        })
+    }
+}
+
+fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > limits::NAME_MAX || name.chars().any(char::is_control) {
+        return Err(err(
+            path,
+            format!(
+                "{name:?} must be 1..={} printable characters",
+                limits::NAME_MAX
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_ip(path: &str, text: &str) -> Result<IpAddr, ConfigError> {
+    text.parse()
+        .map_err(|_| err(path, format!("{text:?} is not an IP address")))
+}
+
+fn parse_prefix(path: &str, text: &str) -> Result<IpPrefix, ConfigError> {
+    text.parse().map_err(|e: String| err(path, e))
+}
+
+fn parse_list<T>(
+    path: &str,
+    items: &[String],
+    parse: impl Fn(&str, &str) -> Result<T, ConfigError>,
+) -> Result<Vec<T>, ConfigError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, text)| parse(&format!("{path}[{i}]"), text))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "kCQsKr4B28VUl7qw1sVkTDNF9fFH++ViIuKsss+C6kc=";
+
+    fn dir_with_plugin() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.wasm"), b"\0asm").unwrap();
+        std::fs::create_dir(dir.path().join("peers")).unwrap();
+        dir
+    }
+
+    fn parse_in(dir: &tempfile::TempDir, yaml: &str) -> Result<Config, ConfigError> {
+        parse(yaml, dir.path())
+    }
+
+    #[test]
+    fn accepts_the_talos_layout_with_a_plugin() {
+        let dir = dir_with_plugin();
+        let config = parse_in(
+            &dir,
+            &format!(
+                r#"
+cluster:
+  id: 8XuV9TZHW08DOk3bVxQjH9ih_TBKjnh-j44tsCLSBzo=
+  secret: {SECRET}
+  discovery:
+    enabled: true
+    registries:
+      kubernetes: {{disabled: true}}
+      static: {{}}
+node:
+  stateDir: state
+  nodename: worker-1
+  machineType: controlplane
+  addresses: [10.0.0.1, "2001:db8::1"]
+  controlPlane: {{apiServerPort: 6443}}
+plugins:
+  static:
+    path: p.wasm
+    config: {{path: /peers/peers.yaml}}
+    grants:
+      files: [{{host: peers, guest: /peers}}]
+    limits: {{memoryMiB: 32, cpuBudgetMs: 200}}
+"#
+            ),
+        )
+        .unwrap();
+        let cluster = config.cluster.as_ref().unwrap();
+        assert_eq!(
+            hex::encode(cluster.key),
+            "90242c2abe01dbc55497bab0d6c5644c3345f5f147fbe56222e2acb2cf82ea47"
+        );
+        assert!(
+            !format!("{config:?}").contains("kCQs"),
+            "secret leaked into Debug"
+        );
+        assert!(config.discovery_enabled);
+        assert_eq!(config.node.state_dir, dir.path().join("state"));
+        assert_eq!(config.node.api_server_port, Some(6443));
+        let plugin = &config.plugins["static"];
+        assert_eq!(plugin.config_json, r#"{"path":"/peers/peers.yaml"}"#);
+        assert_eq!(plugin.memory_limit, 32 << 20);
+        assert_eq!(plugin.files[0].guest, "/peers");
+        assert_eq!(config.enabled_plugins().count(), 1);
+    }
+
+    #[test]
+    fn disabling_every_registry_disables_discovery() {
+        let dir = dir_with_plugin();
+        let config = parse_in(
+            &dir,
+            "cluster: {discovery: {registries: {static: {disabled: true}}}}\nplugins: {static: {path: p.wasm}}",
+        )
+        .unwrap();
+        assert!(!config.discovery_enabled);
+        assert_eq!(config.enabled_plugins().count(), 0);
+        let config = parse_in(
+            &dir,
+            "cluster: {discovery: {enabled: false}}\nplugins: {static: {path: p.wasm}}",
+        )
+        .unwrap();
+        assert!(!config.discovery_enabled);
+    }
+
+    #[test]
+    fn the_service_endpoint_reaches_the_plugin_config() {
+        let dir = dir_with_plugin();
+        let config = parse_in(
+            &dir,
+            "cluster: {discovery: {registries: {service: {endpoint: 'http://localhost:3000'}}}}\nplugins: {service: {path: p.wasm}}",
+        )
+        .unwrap();
+        assert_eq!(
+            config.plugins["service"].config_json,
+            r#"{"endpoint":"http://localhost:3000"}"#
+        );
+    }
+
+    /// Each bad value gives one error naming the field (and the value, except the secret).
+    #[test]
+    fn bad_fields_are_named() {
+        let dir = dir_with_plugin();
+        let cases: &[(&str, &str)] = &[
+            (
+                "cluster: {id: x, secret: 'AAAA'}",
+                "cluster.secret: must decode to 32 bytes, got 3",
+            ),
+            (
+                "cluster: {id: x, secret: 'not base64!'}",
+                "cluster.secret: is not valid base64",
+            ),
+            ("cluster: {id: x}", "cluster.secret: missing"),
+            (
+                &format!("cluster: {{id: '', secret: {SECRET}}}"),
+                "cluster.id: must not be empty",
+            ),
+            (
+                "cluster: {discovery: {enabeld: true}}",
+                "cluster.discovery: unknown field `enabeld`",
+            ),
+            (
+                "cluster: {discovery: {registries: {service: {}}}}",
+                "cluster.discovery.registries.service: registry \"service\" is enabled but no plugin",
+            ),
+            (
+                "node: {machineType: boss}",
+                "node.machineType: \"boss\" is not one of",
+            ),
+            (
+                "node: {addresses: [10.0.0.1, 10.0.0.300]}",
+                "node.addresses[1]: \"10.0.0.300\" is not an IP address",
+            ),
+            (
+                "node: {controlPlane: {apiServerPort: 6443}}",
+                "node.controlPlane: only init and controlplane",
+            ),
+            (
+                "node: {kubespan: {publicKey: abc}}",
+                "node.kubespan.publicKey: \"abc\" is not a base64 WireGuard key",
+            ),
+            (
+                "node: {kubespan: {publicKey: 'PLPNBddmTgHJhtw0vxltq1ZBdPP9RNOEUd5JjJZzBRY=', endpoints: ['10.0.0.1']}}",
+                "node.kubespan.endpoints[0]: \"10.0.0.1\" is not an ip:port endpoint",
+            ),
+            (
+                "plugins: {static: {path: missing.wasm}}",
+                "plugins.static.path:",
+            ),
+            (
+                "plugins: {Bad_Name: {path: p.wasm}}",
+                "plugins.Bad_Name: plugin names use",
+            ),
+            (
+                "plugins: {static: {path: p.wasm, grants: {files: [{host: nope, guest: /x}]}}}",
+                "plugins.static.grants.files[0].host:",
+            ),
+            (
+                "plugins: {static: {path: p.wasm, grants: {files: [{host: peers, guest: rel}]}}}",
+                "plugins.static.grants.files[0].guest: \"rel\" must be an absolute path",
+            ),
+            (
+                "plugins: {static: {path: p.wasm, limits: {memoryMiB: 0}}}",
+                "plugins.static.limits.memoryMiB: 0 is outside",
+            ),
+            (
+                "plugins: {static: {path: p.wasm, prefix: 'a/b'}}",
+                "plugins.static.prefix: \"a/b\"",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let error = parse_in(&dir, yaml).unwrap_err().to_string();
+            assert!(
+                error.starts_with(expected),
+                "{yaml}\n  gave: {error}\n  want: {expected}"
+            );
+            assert!(!error.contains("AAAA"), "secret value echoed: {error}");
+        }
+    }
+}

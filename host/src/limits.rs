@@ -1,0 +1,66 @@
+//! Named limits and timings of the daemon, in one place.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+
+/// Default memory cap of one plugin instance.
+pub const PLUGIN_MEMORY_MIB: u64 = 64;
+/// The largest memory cap an operator may configure.
+pub const PLUGIN_MEMORY_MIB_MAX: u64 = 4096;
+/// Default wall-clock time a plugin may run without returning to the host.
+pub const PLUGIN_CPU_BUDGET_MS: u64 = 1000;
+/// How often the epoch ticker bumps the engine: the granularity of CPU deadlines,
+/// and how often a busy plugin yields to other tasks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Guest-to-host copies allowed per host call (wasmtime's hostcall fuel).
+pub const PLUGIN_HOSTCALL_BYTES: usize = 32 << 20;
+/// The longest a plugin may wait in one `next-event` call.
+pub const NEXT_EVENT_MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// Restart backoff of a failing plugin: doubles from the first value up to the cap.
+pub const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(500);
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A plugin that ran this long without failing starts over at the first backoff.
+pub const RESTART_BACKOFF_RESET_AFTER: Duration = Duration::from_secs(120);
+/// How long plugins get to return from `run` after the shutdown event.
+pub const PLUGIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How often local addresses are re-read from the interfaces.
+pub const ADDRESS_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Affiliates one plugin may publish at once.
+pub const PUBLISH_MAX: usize = 8192;
+/// Node IDs become part of resource IDs and of the discovery service's affiliate
+/// IDs, which the service limits to 256 bytes.
+pub const NODE_ID_MAX: usize = 256;
+/// Hostnames, nodenames and similar text fields (a DNS name is at most 253).
+pub const NAME_MAX: usize = 253;
+pub const OPERATING_SYSTEM_MAX: usize = 256;
+/// Addresses, prefixes and endpoints per affiliate list.
+pub const ADDRESSES_MAX: usize = 256;
+/// The discovery service stores at most 64 endpoints per affiliate.
+pub const ENDPOINTS_MAX: usize = 64;
+/// Plugin log lines and status notes are cut here.
+pub const MESSAGE_MAX: usize = 4096;
+
+/// The local API socket in the state directory.
+pub const SOCKET_NAME: &str = "discoveryd.sock";
+/// The compiled-plugin cache in the state directory.
+pub const CACHE_DIR_NAME: &str = "plugin-cache";
+
+/// Plugin names and raw-affiliate prefixes: lowercase letters, digits and '-'.
+pub fn is_registry_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A WireGuard public key: base64 of 32 bytes.
+pub fn is_wireguard_key(key: &str) -> bool {
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok_and(|k| k.len() == 32)
+}

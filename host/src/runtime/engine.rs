@@ -1,0 +1,136 @@
+//! The one wasmtime engine of the daemon: its configuration, the epoch ticker
+//! behind CPU deadlines, and the on-disk cache of compiled components.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine};
+
+use super::api_version;
+use super::bindings::RegistryPluginPre;
+use super::state::PluginState;
+use crate::limits;
+
+/// A compiled plugin ready to be instantiated any number of times.
+pub struct LoadedPlugin {
+    pub pre: RegistryPluginPre<PluginState>,
+    /// Whether the compile cache had it.
+    pub cached: bool,
+}
+
+pub struct PluginEngine {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    cache_dir: PathBuf,
+}
+
+impl PluginEngine {
+    /// Builds the engine and starts its epoch ticker. Compiled components are
+    /// cached in `cache_dir`.
+    pub fn new(cache_dir: &Path) -> Result<PluginEngine> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        // No component-model async yet: synchronous WIT calls are cheaper.
+        config.concurrency_support(false);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        super::bindings::RegistryPlugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |state| state,
+        )?;
+        spawn_epoch_ticker(&engine);
+        fs::create_dir_all(cache_dir)
+            .with_context(|| format!("creating {}", cache_dir.display()))?;
+        Ok(PluginEngine {
+            engine,
+            linker,
+            cache_dir: cache_dir.to_path_buf(),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Reads, checks, compiles (or loads from the cache) and type-checks a plugin.
+    pub fn load(&self, path: &Path) -> Result<LoadedPlugin> {
+        let wasm = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        api_version::check(&wasm)?;
+        let (component, cached) = self.compile_cached(&wasm, path)?;
+        let pre = self.linker.instantiate_pre(&component)?;
+        Ok(LoadedPlugin {
+            pre: RegistryPluginPre::new(pre)?,
+            cached,
+        })
+    }
+
+    /// Compiles `wasm`, or loads the artifact a previous run left in the cache.
+    /// The key covers the exact bytes and everything that makes an artifact
+    /// incompatible (wasmtime version, compiler settings, CPU features).
+    fn compile_cached(&self, wasm: &[u8], source: &Path) -> Result<(Component, bool)> {
+        let path = self
+            .cache_dir
+            .join(format!("{}.cwasm", self.cache_key(wasm)));
+        if path.is_file() {
+            // SAFETY: only this daemon writes the cache (a directory it creates
+            // with mode 0700 in its state dir), under a key that includes the
+            // engine's compatibility hash.
+            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+                Ok(component) => return Ok((component, true)),
+                Err(e) => {
+                    tracing::warn!(cache = %path.display(), "ignoring unusable cached plugin: {e:#}")
+                }
+            }
+        }
+        let started = Instant::now();
+        let compiled = self.engine.precompile_component(wasm)?;
+        tracing::info!(plugin = %source.display(), elapsed = ?started.elapsed(), "compiled plugin");
+        if let Err(e) = write_atomically(&path, &compiled) {
+            tracing::warn!(cache = %path.display(), "cannot cache compiled plugin: {e:#}");
+        }
+        // SAFETY: `compiled` was produced by this engine just now.
+        let component = unsafe { Component::deserialize(&self.engine, &compiled)? };
+        Ok((component, false))
+    }
+
+    fn cache_key(&self, wasm: &[u8]) -> String {
+        let mut hasher = DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        let digest = Sha256::digest(wasm);
+        format!("{}-{:016x}", hex::encode(&digest[..16]), hasher.finish())
+    }
+}
+
+/// Bumps the epoch every tick for as long as the engine lives.
+fn spawn_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("wasm-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(limits::EPOCH_TICK);
+            }
+        })
+        .expect("spawning the epoch thread");
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)?;
+    Ok(())
+}

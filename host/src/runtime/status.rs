@@ -1,0 +1,98 @@
+//! What `discoveryd plugins` shows: each plugin's state, restarts and last error.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use tokio::sync::watch;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Starting,
+    Running,
+    /// Waiting out the backoff before the next start.
+    Restarting,
+    Stopped,
+    /// Configured, but its registry is disabled.
+    Disabled,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Starting => "starting",
+            RunState::Running => "running",
+            RunState::Restarting => "restarting",
+            RunState::Stopped => "stopped",
+            RunState::Disabled => "disabled",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PluginStatus {
+    pub name: String,
+    pub prefix: String,
+    pub state: RunState,
+    pub restarts: u32,
+    pub last_error: Option<String>,
+    /// The plugin's own note (`set-status`).
+    pub healthy: bool,
+    pub message: String,
+    /// Raw affiliates it currently publishes.
+    pub published: usize,
+}
+
+/// Status of every plugin, shared by the supervisors and the API.
+pub struct PluginStatuses {
+    plugins: Mutex<BTreeMap<String, PluginStatus>>,
+    /// Bumped on every change, for watchers.
+    changes: watch::Sender<u64>,
+}
+
+impl Default for PluginStatuses {
+    fn default() -> Self {
+        PluginStatuses {
+            plugins: Mutex::new(BTreeMap::new()),
+            changes: watch::channel(0).0,
+        }
+    }
+}
+
+impl PluginStatuses {
+    pub fn register(&self, name: &str, prefix: &str) {
+        self.lock().insert(
+            name.to_string(),
+            PluginStatus {
+                name: name.to_string(),
+                prefix: prefix.to_string(),
+                state: RunState::Starting,
+                restarts: 0,
+                last_error: None,
+                healthy: true,
+                message: String::new(),
+                published: 0,
+            },
+        );
+        self.changes.send_modify(|g| *g += 1);
+    }
+
+    pub fn update(&self, name: &str, change: impl FnOnce(&mut PluginStatus)) {
+        if let Some(status) = self.lock().get_mut(name) {
+            change(status);
+        }
+        self.changes.send_modify(|g| *g += 1);
+    }
+
+    /// Wakes after every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub fn list(&self) -> Vec<PluginStatus> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PluginStatus>> {
+        self.plugins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

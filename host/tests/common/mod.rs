@@ -1,0 +1,222 @@
+//! Runs the real `discoveryd` binary for end-to-end tests: a daemon in a temp
+//! dir with real plugins compiled to wasm, and CLI calls against its socket.
+//! Waits are event-driven (log lines, watch streams) and always bounded.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_discoveryd");
+pub const SECRET: &str = "kCQsKr4B28VUl7qw1sVkTDNF9fFH++ViIuKsss+C6kc=";
+
+/// A plugin built by `scripts/setup`.
+pub fn plugin(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/plugins")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/setup (scripts/test does) to build the plugins",
+        path.display()
+    );
+    path
+}
+
+/// Lines of a child's output, readable with a timeout.
+pub struct Lines {
+    rx: Receiver<String>,
+    /// Everything seen so far, for failure messages.
+    pub seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Lines {
+    fn spawn(reader: impl std::io::Read + Send + 'static) -> Lines {
+        let (tx, rx) = channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                log.lock().unwrap().push(line.clone());
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines { rx, seen }
+    }
+
+    /// Reads lines until `done` accepts one; panics after `timeout`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) if done(&line) => return line,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "timed out after {timeout:?} waiting for {what}; output:\n{}",
+                        self.dump()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "output ended while waiting for {what}; output:\n{}",
+                        self.dump()
+                    )
+                }
+            }
+        }
+    }
+
+    pub fn dump(&self) -> String {
+        self.seen.lock().unwrap().join("\n")
+    }
+}
+
+/// A running daemon; stopped with SIGTERM on drop.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Child,
+    pub log: Lines,
+}
+
+impl Daemon {
+    /// Writes `config` (YAML; `{dir}` stands for the temp dir) and starts the
+    /// daemon, returning once it reports that it runs.
+    pub fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        Daemon::start_in(dir, config)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, config: &str) -> Daemon {
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, config.replace("{dir}", dir.path().to_str().unwrap())).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Lines::spawn(child.stderr.take().unwrap());
+        let daemon = Daemon {
+            dir,
+            config: path,
+            child,
+            log,
+        };
+        daemon
+            .log
+            .wait_for("the daemon to start", Duration::from_secs(60), |l| {
+                l.contains("discoveryd running")
+            });
+        daemon
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("state/discoveryd.sock")
+    }
+
+    /// Runs `discoveryd <args> --socket <socket>` to completion; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new(BIN)
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "discoveryd {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Starts a long-running CLI command (`-w`), returning its stdout lines.
+    pub fn cli_stream(&self, args: &[&str]) -> (Child, Lines) {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = Lines::spawn(child.stdout.take().unwrap());
+        (child, lines)
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("daemon did not stop on SIGTERM; log:\n{}", self.log.dump());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon and hands back its directory, for a restart in it.
+    pub fn shutdown(mut self) -> (std::process::ExitStatus, tempfile::TempDir) {
+        let status = self.stop();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (status, dir)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Parses one JSON line.
+pub fn json(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+/// Parses a JSON-lines output.
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines().filter(|l| !l.is_empty()).map(json).collect()
+}

@@ -1,0 +1,156 @@
+//! Misbehaving plugins, compiled to wasm from `tests/plugins/`, run next to the
+//! good static-file plugin in the real daemon. Each one must be stopped and
+//! restarted with its reason shown in `discoveryd plugins`, while the daemon
+//! stays up and the good plugin keeps publishing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Daemon, SECRET, json, json_lines, plugin};
+use serde_json::Value;
+
+const PEERS: &str = r#"
+- {nodeId: peer-a, nodename: peer-a, machineType: worker, addresses: [10.9.0.1]}
+- {nodeId: peer-b, nodename: peer-b, machineType: worker, addresses: [10.9.0.2]}
+"#;
+
+#[test]
+fn faulty_plugins_restart_while_the_daemon_and_good_plugins_carry_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("peers")).unwrap();
+    std::fs::write(d.join("peers/peers.yaml"), PEERS).unwrap();
+    // What the escape plugin must not reach: a secret beside its granted dir,
+    // and a symlink inside the granted dir pointing at it.
+    std::fs::create_dir(d.join("granted")).unwrap();
+    std::fs::write(d.join("granted/visible.txt"), "fine").unwrap();
+    std::fs::write(d.join("secret.txt"), "s3cr3t").unwrap();
+    std::os::unix::fs::symlink(d.join("secret.txt"), d.join("granted/link")).unwrap();
+    let config = format!(
+        r#"
+cluster: {{id: faults, secret: {SECRET}}}
+node: {{stateDir: state, nodename: self-node}}
+plugins:
+  static:
+    path: {static_file}
+    config: {{path: /peers/peers.yaml}}
+    grants: {{files: [{{host: {d}/peers, guest: /peers}}]}}
+  trap:
+    path: {trap}
+  spin:
+    path: {spin}
+    limits: {{cpuBudgetMs: 200}}
+  membomb:
+    path: {membomb}
+    limits: {{memoryMiB: 16}}
+  escape:
+    path: {escape}
+    config:
+      read: [/etc/hostname, /granted/../secret.txt, /granted/link, /proc/self/environ]
+      write: [/granted/new.txt, /granted/visible.txt]
+    grants: {{files: [{{host: {d}/granted, guest: /granted}}]}}
+"#,
+        static_file = plugin("static-file").display(),
+        trap = plugin("fault-trap").display(),
+        spin = plugin("fault-spin").display(),
+        membomb = plugin("fault-membomb").display(),
+        escape = plugin("fault-escape").display(),
+        d = d.display(),
+    );
+    let mut daemon = Daemon::start_in(dir, &config);
+
+    // Follow `discoveryd plugins -w` until every faulty plugin has been restarted
+    // with the reason it was stopped for.
+    let expected_errors = [
+        ("trap", "unreachable"),
+        ("spin", "CPU budget exceeded"),
+        ("membomb", "memory limit exceeded"),
+        ("escape", "read /granted/../secret.txt"),
+    ];
+    let (mut watcher, updates) = daemon.cli_stream(&["plugins", "-o", "json", "-w"]);
+    let mut plugins: BTreeMap<String, Value> = BTreeMap::new();
+    updates.wait_for(
+        "every faulty plugin to be restarted",
+        Duration::from_secs(60),
+        |line| {
+            let p = json(line);
+            plugins.insert(p["name"].as_str().unwrap().to_string(), p);
+            expected_errors.iter().all(|(name, error)| {
+                plugins.get(*name).is_some_and(|p| {
+                    p["restarts"].as_u64().unwrap() >= 1
+                        && p["lastError"].as_str().unwrap().contains(error)
+                })
+            }) && plugins.get("static").is_some_and(|p| p["published"] == 2)
+        },
+    );
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+
+    let good = &plugins["static"];
+    assert_eq!(good["restarts"], 0, "{good}");
+    assert_eq!(good["state"], "running");
+    // The sandbox held: every read and write failed, and the environment was empty.
+    let escape_error = plugins["escape"]["lastError"].as_str().unwrap();
+    for attempt in [
+        "read /etc/hostname",
+        "read /granted/link",
+        "read /proc/self/environ",
+        "write /granted/new.txt",
+        "write /granted/visible.txt",
+    ] {
+        assert!(
+            escape_error.contains(attempt),
+            "{attempt} not refused: {escape_error}"
+        );
+    }
+    assert!(!daemon.dir.path().join("granted/new.txt").exists());
+    assert_eq!(
+        std::fs::read_to_string(daemon.dir.path().join("granted/visible.txt")).unwrap(),
+        "fine"
+    );
+
+    // The good plugin's peers are members; the trap plugin's last publication
+    // survives its crashes; nothing from the escape plugin got in.
+    let members: Vec<String> = json_lines(&daemon.cli(&["get", "members", "-o", "json"]))
+        .iter()
+        .map(|m| m["metadata"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(members, ["peer-a", "peer-b", "self-node", "trap-peer"]);
+    let raw: Vec<String> = json_lines(&daemon.cli(&[
+        "get",
+        "affiliates",
+        "--namespace",
+        "cluster-raw",
+        "-o",
+        "json",
+    ]))
+    .iter()
+    .map(|a| a["metadata"]["id"].as_str().unwrap().to_string())
+    .collect();
+    assert_eq!(raw, ["static/peer-a", "static/peer-b", "trap/trap-peer"]);
+
+    assert!(daemon.is_running());
+    assert!(
+        resident_mib(&daemon) < 200,
+        "daemon memory grew with the memory bomb"
+    );
+    let (status, _dir) = daemon.shutdown();
+    assert!(
+        status.success(),
+        "the daemon stops cleanly even with plugins mid-failure"
+    );
+}
+
+/// The daemon's resident memory in MiB, from /proc.
+fn resident_mib(daemon: &Daemon) -> u64 {
+    let pid = daemon.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024
+}

@@ -1,0 +1,293 @@
+//! End to end through the real binary: the static-file plugin (compiled to wasm)
+//! feeds peers from a file, and `discoveryd get` shows them as members.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Daemon, SECRET, json, json_lines, plugin};
+use serde_json::Value;
+
+const PEERS: &str = r#"
+- nodeId: 7x1SuC8Ege5BGXdAfTEff5iQnlWZLfv9h1LGMxA2pYkC
+  hostname: worker-1.example
+  nodename: worker-1
+  machineType: worker
+  operatingSystem: Talos (v1.12.0)
+  addresses: [10.5.0.11, "fd83:b1f7:fcb5:2802::11"]
+- nodeId: NVtfu1bT1QjhNq5xJFUZl8f8I8LOCnnpGrZfPpdN9WlB
+  hostname: worker-2.example
+  nodename: worker-2
+  machineType: worker
+  operatingSystem: Talos (v1.12.0)
+  addresses: [10.5.0.12]
+"#;
+
+fn config(dir: &Path) -> String {
+    format!(
+        r#"
+cluster:
+  id: e2e-cluster
+  secret: {SECRET}
+  discovery:
+    registries:
+      static: {{}}
+node:
+  stateDir: state
+  nodename: self-node
+  machineType: controlplane
+  addresses: [10.5.0.10]
+  controlPlane: {{apiServerPort: 6443}}
+plugins:
+  static:
+    path: {plugin}
+    config: {{path: /peers/peers.yaml}}
+    grants:
+      files: [{{host: {peers}, guest: /peers}}]
+"#,
+        plugin = plugin("static-file").display(),
+        peers = dir.join("peers").display(),
+    )
+}
+
+/// Replaces the file the way editors do: write aside, then rename over it.
+fn write_peers(dir: &Path, text: &str) {
+    let tmp = dir.join("peers/.peers.yaml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join("peers/peers.yaml")).unwrap();
+}
+
+/// Follows a `get -o json -w` stream, keeping the latest spec per ID.
+fn apply(state: &mut BTreeMap<String, Value>, line: &str) {
+    let event = json(line);
+    let id = event["metadata"]["id"].as_str().unwrap().to_string();
+    if event["event"] == "destroyed" {
+        state.remove(&id);
+    } else {
+        state.insert(id, event["spec"].clone());
+    }
+}
+
+#[test]
+fn static_file_peers_become_members_and_follow_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("peers")).unwrap();
+    write_peers(dir.path(), PEERS);
+    let config = config(dir.path());
+    let daemon = Daemon::start_in(dir, &config);
+
+    let (mut watcher, events) = daemon.cli_stream(&["get", "members", "-o", "json", "-w"]);
+    let mut members = BTreeMap::new();
+    events.wait_for("both peers as members", Duration::from_secs(30), |line| {
+        apply(&mut members, line);
+        members.contains_key("worker-1") && members.contains_key("worker-2")
+    });
+
+    let listed = json_lines(&daemon.cli(&["get", "members", "-o", "json"]));
+    let ids: Vec<&str> = listed
+        .iter()
+        .map(|m| m["metadata"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["self-node", "worker-1", "worker-2"]);
+    let identity = json_lines(&daemon.cli(&["get", "identities", "-o", "json"]));
+    let node_id = identity[0]["spec"]["nodeId"].as_str().unwrap();
+    assert_eq!(identity[0]["metadata"]["id"], "local");
+    assert_eq!(listed[0]["metadata"]["namespace"], "cluster");
+    assert_eq!(listed[0]["metadata"]["type"], "Members.cluster.talos.dev");
+    assert_eq!(
+        listed[0]["spec"],
+        serde_json::json!({
+            "nodeId": node_id,
+            "addresses": ["10.5.0.10"],
+            "hostname": listed[0]["spec"]["hostname"],
+            "machineType": "controlplane",
+            "operatingSystem": listed[0]["spec"]["operatingSystem"],
+            "controlPlane": {"port": 6443},
+        })
+    );
+    assert_eq!(
+        listed[1]["spec"],
+        serde_json::json!({
+            "nodeId": "7x1SuC8Ege5BGXdAfTEff5iQnlWZLfv9h1LGMxA2pYkC",
+            "addresses": ["10.5.0.11", "fd83:b1f7:fcb5:2802::11"],
+            "hostname": "worker-1.example",
+            "machineType": "worker",
+            "operatingSystem": "Talos (v1.12.0)",
+        })
+    );
+    let raw = json_lines(&daemon.cli(&[
+        "get",
+        "affiliates",
+        "--namespace",
+        "cluster-raw",
+        "-o",
+        "json",
+    ]));
+    let raw_ids: Vec<&str> = raw
+        .iter()
+        .map(|a| a["metadata"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        raw_ids,
+        [
+            "static/7x1SuC8Ege5BGXdAfTEff5iQnlWZLfv9h1LGMxA2pYkC",
+            "static/NVtfu1bT1QjhNq5xJFUZl8f8I8LOCnnpGrZfPpdN9WlB"
+        ]
+    );
+
+    // Edit: worker-1 leaves, worker-2 moves, worker-3 joins; one bad entry is skipped.
+    let edited = PEERS
+        .split("- nodeId: NVtfu")
+        .nth(1)
+        .map(|rest| format!("- nodeId: NVtfu{rest}"))
+        .unwrap()
+        .replace("10.5.0.12", "10.5.0.22")
+        + r#"
+- nodeId: b3DebkPaCRLTLLWaeRF1ejGaR0lK3m79jRJcPn0mfA6C
+  hostname: worker-3.example
+  nodename: worker-3
+  machineType: worker
+  addresses: [10.5.0.13]
+- nodeId: broken
+  nodename: broken
+  addresses: [not-an-ip]
+"#;
+    write_peers(daemon.dir.path(), &edited);
+    events.wait_for(
+        "the edit to reach the members",
+        Duration::from_secs(30),
+        |line| {
+            apply(&mut members, line);
+            !members.contains_key("worker-1")
+                && members.contains_key("worker-3")
+                && members
+                    .get("worker-2")
+                    .is_some_and(|m| m["addresses"] == serde_json::json!(["10.5.0.22"]))
+        },
+    );
+    let ids: Vec<String> = json_lines(&daemon.cli(&["get", "members", "-o", "json"]))
+        .iter()
+        .map(|m| m["metadata"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["self-node", "worker-2", "worker-3"]);
+    let worker2 = json_lines(&daemon.cli(&["get", "members", "-o", "json"]))
+        .into_iter()
+        .find(|m| m["metadata"]["id"] == "worker-2")
+        .unwrap();
+    assert_eq!(worker2["metadata"]["version"], 2, "one update, one version");
+    daemon.log.wait_for(
+        "the skipped entry to be logged",
+        Duration::from_secs(10),
+        |l| {
+            l.contains(
+                r#"entry 2 (nodeId \"broken\"): addresses: invalid IP address \"not-an-ip\""#,
+            ) || l
+                .contains(r#"entry 2 (nodeId "broken"): addresses: invalid IP address "not-an-ip""#)
+        },
+    );
+
+    // The table view matches talosctl's columns.
+    let table = daemon.cli(&["get", "members"]);
+    let header = table.lines().next().unwrap();
+    assert_eq!(
+        header.split_whitespace().collect::<Vec<_>>(),
+        [
+            "ID",
+            "VERSION",
+            "HOSTNAME",
+            "MACHINE",
+            "TYPE",
+            "OS",
+            "ADDRESSES"
+        ]
+    );
+    assert!(table.contains(r#"["10.5.0.22"]"#), "{table}");
+    let plugins = json_lines(&daemon.cli(&["plugins", "-o", "json"]));
+    assert_eq!(plugins[0]["name"], "static");
+    assert_eq!(plugins[0]["state"], "running");
+    assert_eq!(plugins[0]["published"], 2);
+    assert_eq!(plugins[0]["healthy"], false, "one entry was skipped");
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+}
+
+/// The identity survives restarts; `reset` makes the next start mint a new one.
+#[test]
+fn identity_is_kept_across_restarts_until_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("peers")).unwrap();
+    write_peers(dir.path(), "[]");
+    let config = config(dir.path());
+    let daemon = Daemon::start_in(dir, &config);
+    let node_id = |d: &Daemon| {
+        json_lines(&d.cli(&["get", "identities", "-o", "json"]))[0]["spec"]["nodeId"].clone()
+    };
+    let first = node_id(&daemon);
+    let socket = daemon.socket();
+    let (status, dir) = daemon.shutdown();
+    assert!(status.success());
+    assert!(!socket.exists(), "socket removed on shutdown");
+
+    let daemon = Daemon::start_in(dir, &config);
+    assert_eq!(node_id(&daemon), first);
+    let reset = |config: &Path| {
+        std::process::Command::new(common::BIN)
+            .args(["reset", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        !reset(&daemon.config).status.success(),
+        "reset must refuse while the daemon runs"
+    );
+    let config_file = daemon.config.clone();
+    let (status, dir) = daemon.shutdown();
+    assert!(status.success());
+    let output = reset(&config_file);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let daemon = Daemon::start_in(dir, &config);
+    assert_ne!(node_id(&daemon), first);
+}
+
+/// A broken config never starts anything: one error naming the field.
+#[test]
+fn bad_config_fails_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("not-a-component.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    let cases = [
+        (
+            format!(
+                "cluster: {{id: x, secret: 'c2hvcnQ='}}\nnode: {{stateDir: {}/s1}}",
+                dir.path().display()
+            ),
+            "cluster.secret: must decode to 32 bytes, got 5",
+        ),
+        (
+            format!(
+                "node: {{stateDir: {d}/s2}}\nplugins: {{bad: {{path: {d}/not-a-component.wasm}}}}",
+                d = dir.path().display()
+            ),
+            "plugins.bad:",
+        ),
+    ];
+    for (config, expected) in cases {
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, &config).unwrap();
+        let output = std::process::Command::new(common::BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains(expected), "want {expected:?} in:\n{stderr}");
+    }
+    assert!(!dir.path().join("s2/discoveryd.sock").exists());
+}
