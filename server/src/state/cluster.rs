@@ -380,6 +380,56 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_plus_notifications_always_equals_the_state() {
+        // Subscribing while writers run: whatever the interleaving, a watcher that applies
+        // its snapshot and then its notifications ends with exactly the final state: no
+        // gap between snapshot and subscription, and no duplicate.
+        let t0 = Instant::now();
+        let c = Arc::new(Cluster::default());
+        let writers: Vec<_> = (0..3)
+            .map(|w| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for i in 0..300 {
+                        let id = format!("af{}", i % 17);
+                        if i % 5 == 4 {
+                            c.delete(&id);
+                        } else {
+                            update(&c, &id, &format!("w{w}-{i}"), &[&format!("e{}", i % 7)], t0)
+                                .unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut watchers = Vec::new();
+        for _ in 0..20 {
+            watchers.push(c.subscribe(100_000).unwrap());
+            std::thread::yield_now();
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        let mut want: Vec<AffiliateView> = c.list();
+        want.sort_by(|a, b| a.id.cmp(&b.id));
+        for (snapshot, mut sub) in watchers {
+            let mut view: std::collections::BTreeMap<String, AffiliateView> =
+                snapshot.into_iter().map(|a| (a.id.clone(), a)).collect();
+            for n in drain(&mut sub) {
+                match n {
+                    Notification::Update(a) => {
+                        view.insert(a.id.clone(), a);
+                    }
+                    Notification::Deleted(id) => {
+                        view.remove(&id);
+                    }
+                }
+            }
+            assert_eq!(view.into_values().collect::<Vec<_>>(), want);
+        }
+    }
+
+    #[test]
     fn retire_only_when_empty_and_unwatched() {
         let t0 = Instant::now();
         let c = Arc::new(Cluster::default());
