@@ -128,3 +128,36 @@ pub fn server_config(resolver: Arc<ReloadingCert>) -> anyhow::Result<Arc<ServerC
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        fs::write(&cert, ck.cert.pem()).unwrap();
+        fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        (cert, key, ck.cert.der().to_vec())
+    }
+
+    fn current_der(r: &ReloadingCert) -> Vec<u8> {
+        r.current.read().unwrap().cert[0].to_vec()
+    }
+
+    #[test]
+    fn a_broken_renewal_keeps_the_previous_pair_and_a_good_one_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, first) = write_pair(dir.path());
+        let r = ReloadingCert::new(&cert, &key).unwrap();
+        assert!(!r.reload_if_changed(), "nothing changed");
+
+        fs::write(&cert, "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+        assert!(!r.reload_if_changed());
+        assert_eq!(current_der(&r), first);
+
+        let (_, _, second) = write_pair(dir.path());
+        assert!(r.reload_if_changed());
+        assert_eq!(current_der(&r), second);
+    }
+}
