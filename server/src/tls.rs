@@ -33,9 +33,10 @@ pub fn load(cert_path: &Path, key_path: &Path) -> anyhow::Result<CertifiedKey> {
     ))
     .with_context(|| format!("parse {}", key_path.display()))?
     .with_context(|| format!("no private key in {}", key_path.display()))?;
-    let key =
-        rustls::crypto::ring::sign::any_supported_type(&key).context("unsupported private key")?;
-    Ok(CertifiedKey::new(certs, key))
+    // Also checks that the key belongs to the certificate: a renewal caught between its
+    // two file writes must not replace a working pair with a mismatched one.
+    CertifiedKey::from_der(certs, key, &rustls::crypto::ring::default_provider())
+        .context("certificate and private key do not form a usable pair")
 }
 
 /// What identifies a version of a file cheaply.
@@ -153,6 +154,13 @@ mod tests {
         assert!(!r.reload_if_changed(), "nothing changed");
 
         fs::write(&cert, "-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+        assert!(!r.reload_if_changed());
+        assert_eq!(current_der(&r), first);
+
+        // Half of a renewal: a new certificate next to the old key.
+        let other = tempfile::tempdir().unwrap();
+        let (new_cert, _, _) = write_pair(other.path());
+        fs::copy(&new_cert, &cert).unwrap();
         assert!(!r.reload_if_changed());
         assert_eq!(current_der(&r), first);
 
