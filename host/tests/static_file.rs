@@ -291,3 +291,22 @@ fn bad_config_fails_before_anything_starts() {
     }
     assert!(!dir.path().join("s2/discoveryd.sock").exists());
 }
+
+/// Disabling every registry disables discovery: no plugin runs, no affiliate is
+/// published, but the identity still shows.
+#[test]
+fn disabled_registries_disable_discovery() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("peers")).unwrap();
+    write_peers(dir.path(), PEERS);
+    let config = config(dir.path()).replace("static: {}", "static: {disabled: true}");
+    let daemon = Daemon::start_in(dir, &config);
+    assert_eq!(
+        json_lines(&daemon.cli(&["get", "identities", "-o", "json"])).len(),
+        1
+    );
+    assert!(daemon.cli(&["get", "affiliates", "-o", "json"]).is_empty());
+    assert!(daemon.cli(&["get", "members", "-o", "json"]).is_empty());
+    let plugins = json_lines(&daemon.cli(&["plugins", "-o", "json"]));
+    assert_eq!(plugins[0]["state"], "disabled");
+}
