@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Daemon, SECRET, json, plugin};
+use common::{Daemon, RAW_AFFILIATES, SECRET, json, plugin};
 use discoveryd::crypto::ClusterKey;
 
 fn probe_result(cluster: &str) -> serde_json::Value {
@@ -15,15 +15,7 @@ fn probe_result(cluster: &str) -> serde_json::Value {
         plugin("crypto-probe").display()
     );
     let daemon = Daemon::start(&config);
-    let (mut watcher, events) = daemon.cli_stream(&[
-        "get",
-        "affiliates",
-        "--namespace",
-        "cluster-raw",
-        "-o",
-        "json",
-        "-w",
-    ]);
+    let (mut watcher, events) = daemon.cli_stream(&[RAW_AFFILIATES, &["-w"]].concat());
     let line = events.wait_for("the probe's report", Duration::from_secs(30), |line| {
         json(line)["metadata"]["id"] == "probe/probe-peer"
     });

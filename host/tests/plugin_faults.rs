@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Daemon, SECRET, json, json_lines, plugin};
+use common::{Daemon, RAW_AFFILIATES, SECRET, ids, json, plugin};
 use serde_json::Value;
 
 const PEERS: &str = r#"
@@ -113,22 +113,9 @@ plugins:
 
     // The good plugin's peers are members; the trap plugin's last publication
     // survives its crashes; nothing from the escape plugin got in.
-    let members: Vec<String> = json_lines(&daemon.cli(&["get", "members", "-o", "json"]))
-        .iter()
-        .map(|m| m["metadata"]["id"].as_str().unwrap().to_string())
-        .collect();
+    let members = ids(&daemon.cli(&["get", "members", "-o", "json"]));
     assert_eq!(members, ["peer-a", "peer-b", "self-node", "trap-peer"]);
-    let raw: Vec<String> = json_lines(&daemon.cli(&[
-        "get",
-        "affiliates",
-        "--namespace",
-        "cluster-raw",
-        "-o",
-        "json",
-    ]))
-    .iter()
-    .map(|a| a["metadata"]["id"].as_str().unwrap().to_string())
-    .collect();
+    let raw = ids(&daemon.cli(RAW_AFFILIATES));
     assert_eq!(raw, ["static/peer-a", "static/peer-b", "trap/trap-peer"]);
 
     assert!(daemon.is_running());

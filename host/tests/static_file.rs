@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Daemon, SECRET, json, json_lines, plugin};
+use common::{Daemon, RAW_AFFILIATES, SECRET, ids, json, json_lines, plugin};
 use serde_json::Value;
 
 const PEERS: &str = r#"
@@ -86,11 +86,10 @@ fn static_file_peers_become_members_and_follow_edits() {
     });
 
     let listed = json_lines(&daemon.cli(&["get", "members", "-o", "json"]));
-    let ids: Vec<&str> = listed
-        .iter()
-        .map(|m| m["metadata"]["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["self-node", "worker-1", "worker-2"]);
+    assert_eq!(
+        ids(&daemon.cli(&["get", "members", "-o", "json"])),
+        ["self-node", "worker-1", "worker-2"]
+    );
     let identity = json_lines(&daemon.cli(&["get", "identities", "-o", "json"]));
     let node_id = identity[0]["spec"]["nodeId"].as_str().unwrap();
     assert_eq!(identity[0]["metadata"]["id"], "local");
@@ -117,20 +116,8 @@ fn static_file_peers_become_members_and_follow_edits() {
             "operatingSystem": "Talos (v1.12.0)",
         })
     );
-    let raw = json_lines(&daemon.cli(&[
-        "get",
-        "affiliates",
-        "--namespace",
-        "cluster-raw",
-        "-o",
-        "json",
-    ]));
-    let raw_ids: Vec<&str> = raw
-        .iter()
-        .map(|a| a["metadata"]["id"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        raw_ids,
+        ids(&daemon.cli(RAW_AFFILIATES)),
         [
             "static/7x1SuC8Ege5BGXdAfTEff5iQnlWZLfv9h1LGMxA2pYkC",
             "static/NVtfu1bT1QjhNq5xJFUZl8f8I8LOCnnpGrZfPpdN9WlB"
@@ -167,11 +154,10 @@ fn static_file_peers_become_members_and_follow_edits() {
                     .is_some_and(|m| m["addresses"] == serde_json::json!(["10.5.0.22"]))
         },
     );
-    let ids: Vec<String> = json_lines(&daemon.cli(&["get", "members", "-o", "json"]))
-        .iter()
-        .map(|m| m["metadata"]["id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ids, ["self-node", "worker-2", "worker-3"]);
+    assert_eq!(
+        ids(&daemon.cli(&["get", "members", "-o", "json"])),
+        ["self-node", "worker-2", "worker-3"]
+    );
     let worker2 = json_lines(&daemon.cli(&["get", "members", "-o", "json"]))
         .into_iter()
         .find(|m| m["metadata"]["id"] == "worker-2")

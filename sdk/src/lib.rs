@@ -166,6 +166,9 @@ macro_rules! error {
 #[macro_export]
 macro_rules! export_registry {
     ($registry:ty) => {
+        // Native builds (tests, clippy) type-check the export but do not emit it: the
+        // component ABI's symbol names mean nothing to a native linker.
+        #[allow(dead_code)]
         struct __DiscoveryRegistryExport;
 
         impl $crate::bindings::exports::discovery::registry::registry::Guest
@@ -182,9 +185,18 @@ macro_rules! export_registry {
             }
         }
 
+        #[cfg(target_arch = "wasm32")]
         $crate::bindings::__export_bindings!(
             __DiscoveryRegistryExport with_types_in $crate::bindings
         );
+
+        // Natively, refer to the entry points so the plugin's code counts as used.
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: () = {
+            use $crate::bindings::exports::discovery::registry::registry::Guest as _;
+            let _ = __DiscoveryRegistryExport::run;
+            let _ = __DiscoveryRegistryExport::describe;
+        };
     };
 }
 

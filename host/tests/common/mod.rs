@@ -216,6 +216,24 @@ pub fn json(line: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
 
+/// `discoveryd get` arguments for the raw affiliates as JSON lines.
+pub const RAW_AFFILIATES: &[&str] = &[
+    "get",
+    "affiliates",
+    "--namespace",
+    "cluster-raw",
+    "-o",
+    "json",
+];
+
+/// The resource IDs in a `get -o json` output, in order.
+pub fn ids(text: &str) -> Vec<String> {
+    json_lines(text)
+        .iter()
+        .map(|r| r["metadata"]["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Parses a JSON-lines output.
 pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines().filter(|l| !l.is_empty()).map(json).collect()
