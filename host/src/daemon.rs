@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::affiliate::IdentitySpec;
+use crate::affiliate::{AffiliateSpec, IdentitySpec};
 use crate::api::server::{self as api_server, LocalApi};
 use crate::config::Config;
 use crate::crypto::ClusterKey;
@@ -115,7 +115,7 @@ pub async fn run(config: Config) -> Result<()> {
 /// What every plugin context shares.
 struct SharedContext {
     store: Arc<Store>,
-    local: watch::Receiver<Option<crate::affiliate::AffiliateSpec>>,
+    local: watch::Receiver<Option<AffiliateSpec>>,
     node_id: String,
     cluster_id: Option<String>,
     key: Option<Arc<ClusterKey>>,

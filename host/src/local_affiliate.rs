@@ -114,9 +114,17 @@ pub async fn run(
     local: watch::Sender<Option<AffiliateSpec>>,
     shutdown: CancellationToken,
 ) {
+    if !discovery_enabled {
+        publish(&store, &node_id, &local, None);
+        return shutdown.cancelled().await;
+    }
     loop {
-        let spec = discovery_enabled.then(|| build(&node, &node_id, &System::read()));
-        publish(&store, &node_id, &local, spec);
+        publish(
+            &store,
+            &node_id,
+            &local,
+            Some(build(&node, &node_id, &System::read())),
+        );
         tokio::select! {
             _ = tokio::time::sleep(limits::ADDRESS_POLL_INTERVAL) => {}
             _ = shutdown.cancelled() => return,

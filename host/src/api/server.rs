@@ -199,8 +199,8 @@ fn resync(
     changes
 }
 
-/// Binds the socket (mode 0600) and serves until `shutdown`. Refuses to take over
-/// a socket another daemon is answering on.
+/// Binds the socket (mode 0600), replacing a stale one but never one that another
+/// daemon still answers on.
 pub async fn bind(socket: &Path) -> Result<UnixListener> {
     if socket.exists() {
         if tokio::net::UnixStream::connect(socket).await.is_ok() {
@@ -218,6 +218,7 @@ pub async fn bind(socket: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// Serves the API until its shutdown token fires.
 pub async fn serve(listener: UnixListener, api: LocalApi) -> Result<()> {
     let shutdown = api.shutdown.clone();
     tonic::transport::Server::builder()
