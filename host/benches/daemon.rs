@@ -40,18 +40,27 @@ fn plugin_config(name: &str, wasm: &Path, config_json: &str) -> PluginConfig {
     config::parse(&yaml, dir.path()).unwrap().plugins[name].clone()
 }
 
+/// The local affiliate channel; its sender must outlive the plugins, or they see
+/// the daemon stopping.
+fn local_channel() -> (
+    watch::Sender<Option<AffiliateSpec>>,
+    watch::Receiver<Option<AffiliateSpec>>,
+) {
+    watch::channel(None)
+}
+
 fn context(
     name: &str,
     prefix: &str,
     statuses: &Arc<PluginStatuses>,
     shutdown: &CancellationToken,
+    local: &watch::Receiver<Option<AffiliateSpec>>,
 ) -> Arc<PluginContext> {
-    let (_tx, rx) = watch::channel(None);
     Arc::new(PluginContext {
         name: name.into(),
         prefix: prefix.into(),
         store: Store::new(),
-        local: rx,
+        local: local.clone(),
         local_node_id: "bench-self".into(),
         cluster_id: None,
         key: None,
@@ -60,8 +69,16 @@ fn context(
     })
 }
 
+/// Set when a figure misses its target; the bench then exits non-zero.
+static MISSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn report(what: &str, value: f64, unit: &str, target: f64) {
-    let verdict = if value <= target { "ok" } else { "OVER TARGET" };
+    let verdict = if value <= target {
+        "ok"
+    } else {
+        MISSED.store(true, std::sync::atomic::Ordering::Relaxed);
+        "OVER TARGET"
+    };
     println!("{what:<48} {value:>9.3} {unit:<4} (target ≤ {target} {unit}) {verdict}");
 }
 
@@ -70,21 +87,30 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
-async fn plugin_start(engine: &PluginEngine) {
+async fn plugin_start(engine: &Arc<PluginEngine>) {
     let wasm = plugin("static-file");
     let config = plugin_config("static", &wasm, "{path: /x}");
     let statuses = Arc::new(PluginStatuses::default());
     let shutdown = CancellationToken::new();
+    let (_local_tx, local) = local_channel();
     // Warm the cache once; then every start loads the compiled artifact.
-    runtime::prepare(engine, &config, context("static", "", &statuses, &shutdown))
-        .await
-        .unwrap();
+    runtime::prepare(
+        engine,
+        &config,
+        context("static", "", &statuses, &shutdown, &local),
+    )
+    .await
+    .unwrap();
     let mut samples = Vec::new();
     for _ in 0..50 {
         let started = Instant::now();
-        let ready = runtime::prepare(engine, &config, context("static", "", &statuses, &shutdown))
-            .await
-            .unwrap();
+        let ready = runtime::prepare(
+            engine,
+            &config,
+            context("static", "", &statuses, &shutdown, &local),
+        )
+        .await
+        .unwrap();
         assert!(ready.loaded.cached);
         samples.push(started.elapsed().as_secs_f64() * 1e3);
     }
@@ -104,12 +130,17 @@ async fn publish_1000(engine: Arc<PluginEngine>) {
     );
     let statuses = Arc::new(PluginStatuses::default());
     let shutdown = CancellationToken::new();
-    let ready = runtime::prepare(&engine, &config, context("bench", "", &statuses, &shutdown))
-        .await
-        .unwrap();
+    let (_local_tx, local) = local_channel();
+    let ready = runtime::prepare(
+        &engine,
+        &config,
+        context("bench", "", &statuses, &shutdown, &local),
+    )
+    .await
+    .unwrap();
     statuses.register("bench", "bench");
     let mut changes = statuses.subscribe();
-    let ctx = context("bench", "bench", &statuses, &shutdown);
+    let ctx = context("bench", "bench", &statuses, &shutdown, &local);
     let task = tokio::spawn(runtime::supervise(engine, ready, ctx));
     let message = tokio::time::timeout(Duration::from_secs(120), async {
         loop {
@@ -213,6 +244,13 @@ fn resident_memory() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Bounds the whole measurement: a hung daemon is killed, which ends both
+    // output streams read below.
+    let pid = nix::unistd::Pid::from_raw(daemon.id() as i32);
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(120));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    });
     let stderr = BufReader::new(daemon.stderr.take().unwrap());
     for line in stderr.lines() {
         if line.unwrap().contains("discoveryd running") {
@@ -271,4 +309,7 @@ fn main() {
     runtime.block_on(publish_1000(engine));
     merge_5000();
     resident_memory();
+    if MISSED.load(std::sync::atomic::Ordering::Relaxed) {
+        std::process::exit(1);
+    }
 }

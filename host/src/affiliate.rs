@@ -121,6 +121,18 @@ pub struct IdentitySpec {
     pub node_id: String,
 }
 
+/// Checks that a peer could reach a node at `ip`: not unspecified, multicast or
+/// broadcast. Applied to configured and plugin-published addresses alike.
+pub fn check_node_address(ip: IpAddr) -> Result<IpAddr, String> {
+    let unusable = ip.is_unspecified()
+        || ip.is_multicast()
+        || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if unusable {
+        return Err(format!("{ip} is not a node address"));
+    }
+    Ok(ip)
+}
+
 /// An address prefix, written `10.244.0.0/16` as Talos does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IpPrefix {

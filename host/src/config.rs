@@ -5,14 +5,14 @@
 //! and the value, and nothing starts half-configured.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use base64::Engine as _;
 use serde::Deserialize;
 
-use crate::affiliate::{IpPrefix, MachineType};
+use crate::affiliate::{IpPrefix, MachineType, check_node_address};
+use crate::crypto::ClusterKey;
 use crate::limits;
 
 /// Where state lives when the config does not say.
@@ -44,22 +44,12 @@ impl Config {
     }
 }
 
-/// Cluster ID and secret. The secret never appears in Debug output.
-#[derive(Clone)]
+/// Cluster ID and the key from its secret (which never appears in Debug output).
+#[derive(Clone, Debug)]
 pub struct ClusterIdentity {
     /// Opaque: sent and hashed exactly as written.
     pub id: String,
-    /// The decoded 32-byte key.
-    pub key: [u8; 32],
-}
-
-impl fmt::Debug for ClusterIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClusterIdentity")
-            .field("id", &self.id)
-            .field("key", &"<redacted>")
-            .finish()
-    }
+    pub key: Arc<ClusterKey>,
 }
 
 #[derive(Debug, Clone)]
@@ -130,14 +120,47 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
             format!("cannot read config: {e}"),
         )
     })?;
-    let base = file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    parse(&text, &base).map_err(|e| ConfigError {
+    parse(&text, &base_dir(file)).map_err(|e| ConfigError {
         path: format!("{}: {}", file.display(), e.path),
         message: e.message,
     })
+}
+
+/// The state directory a config file names, without validating the rest: all
+/// the CLI needs to find a running daemon, even while a plugin file is being
+/// replaced.
+pub fn state_dir_of(file: &Path) -> Result<PathBuf, ConfigError> {
+    #[derive(Deserialize, Default)]
+    struct File {
+        #[serde(default)]
+        node: Node,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    struct Node {
+        state_dir: Option<PathBuf>,
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        err(
+            file.display().to_string(),
+            format!("cannot read config: {e}"),
+        )
+    })?;
+    let parsed: File =
+        serde_yaml::from_str(&text).map_err(|e| err(file.display().to_string(), e.to_string()))?;
+    Ok(resolve_state_dir(parsed.node.state_dir, &base_dir(file)))
+}
+
+fn base_dir(file: &Path) -> PathBuf {
+    file.parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn resolve_state_dir(configured: Option<PathBuf>, base: &Path) -> PathBuf {
+    configured
+        .map(|dir| base.join(dir))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
 }
 
 /// Parses and validates config text; `base` anchors relative paths.
@@ -322,29 +345,19 @@ fn validate_cluster(
         (Some(id), Some(_)) if id.is_empty() => Err(err("cluster.id", "must not be empty")),
         (Some(id), Some(secret)) => {
             // The secret's value is never echoed back, even in errors.
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(secret.trim())
-                .map_err(|_| err("cluster.secret", "is not valid base64 (value redacted)"))?;
-            let key: [u8; 32] = decoded.as_slice().try_into().map_err(|_| {
-                err(
-                    "cluster.secret",
-                    format!(
-                        "must decode to 32 bytes, got {} (value redacted)",
-                        decoded.len()
-                    ),
-                )
-            })?;
-            Ok(Some(ClusterIdentity { id, key }))
+            let key = ClusterKey::from_secret(&secret)
+                .map_err(|e| err("cluster.secret", format!("{e} (value redacted)")))?;
+            Ok(Some(ClusterIdentity {
+                id,
+                key: Arc::new(key),
+            }))
         }
     }
 }
 
 impl RawNode {
     fn validate(self, base: &Path) -> Result<NodeConfig, ConfigError> {
-        let state_dir = self
-            .state_dir
-            .map(|dir| base.join(dir))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let state_dir = resolve_state_dir(self.state_dir, base);
         if let Some(name) = &self.hostname {
             check_name("node.hostname", name)?;
         }
@@ -363,7 +376,14 @@ impl RawNode {
         };
         let addresses = self
             .addresses
-            .map(|list| parse_list("node.addresses", &list, parse_ip))
+            .map(|list| {
+                parse_list(
+                    "node.addresses",
+                    &list,
+                    limits::ADDRESSES_MAX,
+                    parse_node_ip,
+                )
+            })
             .transpose()?;
         let api_server_port = match self.control_plane {
             None => None,
@@ -406,7 +426,7 @@ impl RawKubeSpan {
         }
         let address = self
             .address
-            .map(|a| parse_ip("node.kubespan.address", &a))
+            .map(|a| parse_node_ip("node.kubespan.address", &a))
             .transpose()?;
         Ok(KubeSpanConfig {
             public_key: self.public_key,
@@ -414,15 +434,19 @@ impl RawKubeSpan {
             additional_addresses: parse_list(
                 "node.kubespan.additionalAddresses",
                 &self.additional_addresses,
+                limits::ADDRESSES_MAX,
                 parse_prefix,
             )?,
-            endpoints: parse_list("node.kubespan.endpoints", &self.endpoints, |path, text| {
-                text.parse::<SocketAddr>()
-                    .map_err(|_| err(path, format!("{text:?} is not an ip:port endpoint")))
-            })?,
+            endpoints: parse_list(
+                "node.kubespan.endpoints",
+                &self.endpoints,
+                limits::ENDPOINTS_MAX,
+                parse_endpoint,
+            )?,
             exclude_advertised_networks: parse_list(
                 "node.kubespan.excludeAdvertisedNetworks",
                 &self.exclude_advertised_networks,
+                limits::ADDRESSES_MAX,
                 parse_prefix,
             )?,
         })
@@ -539,9 +563,22 @@ fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn parse_ip(path: &str, text: &str) -> Result<IpAddr, ConfigError> {
-    text.parse()
-        .map_err(|_| err(path, format!("{text:?} is not an IP address")))
+fn parse_node_ip(path: &str, text: &str) -> Result<IpAddr, ConfigError> {
+    let ip: IpAddr = text
+        .parse()
+        .map_err(|_| err(path, format!("{text:?} is not an IP address")))?;
+    check_node_address(ip).map_err(|e| err(path, e))
+}
+
+fn parse_endpoint(path: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    let endpoint: SocketAddr = text
+        .parse()
+        .map_err(|_| err(path, format!("{text:?} is not an ip:port endpoint")))?;
+    if endpoint.port() == 0 {
+        return Err(err(path, format!("{text:?} has port 0")));
+    }
+    check_node_address(endpoint.ip()).map_err(|e| err(path, e))?;
+    Ok(endpoint)
 }
 
 fn parse_prefix(path: &str, text: &str) -> Result<IpPrefix, ConfigError> {
@@ -551,8 +588,12 @@ fn parse_prefix(path: &str, text: &str) -> Result<IpPrefix, ConfigError> {
 fn parse_list<T>(
     path: &str,
     items: &[String],
+    max: usize,
     parse: impl Fn(&str, &str) -> Result<T, ConfigError>,
 ) -> Result<Vec<T>, ConfigError> {
+    if items.len() > max {
+        return Err(err(path, format!("{} entries, at most {max}", items.len())));
+    }
     items
         .iter()
         .enumerate()
@@ -610,10 +651,7 @@ plugins:
         )
         .unwrap();
         let cluster = config.cluster.as_ref().unwrap();
-        assert_eq!(
-            hex::encode(cluster.key),
-            "90242c2abe01dbc55497bab0d6c5644c3345f5f147fbe56222e2acb2cf82ea47"
-        );
+        assert_eq!(cluster.id, "8XuV9TZHW08DOk3bVxQjH9ih_TBKjnh-j44tsCLSBzo=");
         assert!(
             !format!("{config:?}").contains("kCQs"),
             "secret leaked into Debug"
@@ -667,11 +705,11 @@ plugins:
         let cases: &[(&str, &str)] = &[
             (
                 "cluster: {id: x, secret: 'AAAA'}",
-                "cluster.secret: must decode to 32 bytes, got 3",
+                "cluster.secret: secret must decode to 32 bytes (AES-256), got 3",
             ),
             (
                 "cluster: {id: x, secret: 'not base64!'}",
-                "cluster.secret: is not valid base64",
+                "cluster.secret: secret is not valid base64",
             ),
             ("cluster: {id: x}", "cluster.secret: missing"),
             (
@@ -693,6 +731,14 @@ plugins:
             (
                 "node: {addresses: [10.0.0.1, 10.0.0.300]}",
                 "node.addresses[1]: \"10.0.0.300\" is not an IP address",
+            ),
+            (
+                "node: {addresses: [0.0.0.0]}",
+                "node.addresses[0]: 0.0.0.0 is not a node address",
+            ),
+            (
+                "node: {kubespan: {publicKey: 'PLPNBddmTgHJhtw0vxltq1ZBdPP9RNOEUd5JjJZzBRY=', endpoints: ['10.0.0.1:0']}}",
+                "node.kubespan.endpoints[0]: \"10.0.0.1:0\" has port 0",
             ),
             (
                 "node: {controlPlane: {apiServerPort: 6443}}",

@@ -30,9 +30,9 @@ const BLOCK_LEN: usize = 16;
 /// secret material.
 #[derive(Debug, Error)]
 pub enum CryptoError {
-    #[error("cluster secret is not valid base64")]
+    #[error("secret is not valid base64")]
     SecretNotBase64,
-    #[error("cluster secret must decode to {KEY_LEN} bytes (AES-256), got {0}")]
+    #[error("secret must decode to {KEY_LEN} bytes (AES-256), got {0}")]
     SecretLength(usize),
     #[error("short data: {0} bytes, an AES-GCM blob has at least {min}", min = NONCE_LEN + TAG_LEN)]
     ShortData(usize),
@@ -208,7 +208,7 @@ mod tests {
             );
             assert_eq!(
                 err.to_string(),
-                format!("cluster secret must decode to 32 bytes (AES-256), got {len}")
+                format!("secret must decode to 32 bytes (AES-256), got {len}")
             );
         }
         for bad in [
@@ -217,7 +217,7 @@ mod tests {
         ] {
             let err = ClusterKey::from_secret(bad).unwrap_err();
             assert!(matches!(err, CryptoError::SecretNotBase64));
-            assert_eq!(err.to_string(), "cluster secret is not valid base64");
+            assert_eq!(err.to_string(), "secret is not valid base64");
         }
     }
 

@@ -6,10 +6,9 @@
 //! before any plugin runs or the socket opens.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -26,12 +25,12 @@ use crate::runtime::{self, PluginContext, PluginEngine, PluginStatuses, RunState
 use crate::store::{Namespace, Spec, Store};
 
 pub async fn run(config: Config) -> Result<()> {
+    // First, so a stop request during start-up is handled, not fatal.
+    let mut signals = Signals::install()?;
+    // Whatever the daemon creates (identity, socket, compile cache) is private.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let state_dir = &config.node.state_dir;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(state_dir)
-        .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+    crate::private_dir::ensure(state_dir)?;
     let (node_id, origin) = identity::load_or_create(state_dir)?;
     tracing::info!(node_id = %node_id, created = origin == identity::Origin::Created, "node identity established");
 
@@ -47,8 +46,6 @@ pub async fn run(config: Config) -> Result<()> {
     // The first local affiliate exists before any plugin asks for it.
     let (local_tx, local_rx) = watch::channel(None);
     local_affiliate::publish(
-        &store,
-        &node_id,
         &local_tx,
         config
             .discovery_enabled
@@ -61,15 +58,13 @@ pub async fn run(config: Config) -> Result<()> {
         local: local_rx.clone(),
         node_id: node_id.clone(),
         cluster_id: config.cluster.as_ref().map(|c| c.id.clone()),
-        key: match &config.cluster {
-            Some(cluster) => Some(Arc::new(ClusterKey::from_bytes(&cluster.key)?)),
-            None => None,
-        },
+        key: config.cluster.as_ref().map(|c| c.key.clone()),
         statuses: statuses.clone(),
         shutdown: shutdown.clone(),
     };
     let engine = Arc::new(PluginEngine::new(&state_dir.join(limits::CACHE_DIR_NAME))?);
     let prepared = prepare_plugins(&config, &engine, &shared).await?;
+    engine.prune_cache(prepared.iter().map(|p| p.loaded.cache_file.as_path()));
     let listener = api_server::bind(&config.socket_path()).await?;
 
     let mut tasks = JoinSet::new();
@@ -77,7 +72,6 @@ pub async fn run(config: Config) -> Result<()> {
         config.node.clone(),
         node_id.clone(),
         config.discovery_enabled,
-        store.clone(),
         local_tx,
         shutdown.clone(),
     ));
@@ -97,19 +91,30 @@ pub async fn run(config: Config) -> Result<()> {
         shutdown: shutdown.clone(),
     };
     let socket = config.socket_path();
-    let api_task = tokio::spawn(api_server::serve(listener, api));
+    let mut api_task = tokio::spawn(api_server::serve(listener, api));
     tracing::info!(socket = %socket.display(), plugins = tasks.len() - 2, "discoveryd running");
 
-    wait_for_signal().await?;
-    tracing::info!("stopping");
+    // Every task runs until shutdown; one that ends earlier is a failure.
+    let outcome = tokio::select! {
+        _ = signals.recv() => Ok(()),
+        ended = tasks.join_next() => Err(anyhow!("an internal task ended unexpectedly: {ended:?}")),
+        ended = &mut api_task => Err(match ended {
+            Ok(Err(e)) => e.context("the local API failed"),
+            other => anyhow!("the local API ended unexpectedly: {other:?}"),
+        }),
+    };
+    match &outcome {
+        Ok(()) => tracing::info!("stopping"),
+        Err(e) => tracing::error!("stopping: {e:#}"),
+    }
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
-    if let Ok(Err(e)) = api_task.await {
-        tracing::warn!("local API ended with an error: {e:#}");
+    if !api_task.is_finished() {
+        let _ = api_task.await;
     }
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");
-    Ok(())
+    outcome
 }
 
 /// What every plugin context shares.
@@ -143,7 +148,7 @@ impl SharedContext {
 /// so `discoveryd plugins` lists them too.
 async fn prepare_plugins(
     config: &Config,
-    engine: &PluginEngine,
+    engine: &Arc<PluginEngine>,
     shared: &SharedContext,
 ) -> Result<Vec<runtime::PreparedPlugin>> {
     let mut prepared = Vec::new();
@@ -178,13 +183,25 @@ async fn prepare_plugins(
     Ok(prepared)
 }
 
-async fn wait_for_signal() -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

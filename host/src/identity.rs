@@ -5,15 +5,16 @@
 //! damaged file is an error, never a reason to mint a new identity (that would
 //! make the node appear twice to its peers).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
 use crate::base62;
+use crate::limits;
 
 pub const FILE_NAME: &str = "node-identity.yaml";
 /// Talos's `DefaultNodeIdentitySize`.
@@ -34,7 +35,7 @@ pub enum Origin {
 
 /// Returns the node ID stored in `state_dir`, creating the file if it is absent.
 pub fn load_or_create(state_dir: &Path) -> Result<(String, Origin)> {
-    let path = state_dir.join(FILE_NAME);
+    let path = path(state_dir);
     if let Some(id) = load(&path)? {
         return Ok((id, Origin::Loaded));
     }
@@ -53,7 +54,7 @@ pub fn load_or_create(state_dir: &Path) -> Result<(String, Origin)> {
 /// Removes the stored identity so the next start creates a new one. Returns
 /// whether there was one.
 pub fn reset(state_dir: &Path) -> Result<bool> {
-    let path = state_dir.join(FILE_NAME);
+    let path = path(state_dir);
     match fs::remove_file(&path) {
         Ok(()) => {
             sync_dir(state_dir)?;
@@ -79,20 +80,33 @@ fn load(path: &Path) -> Result<Option<String>> {
             path.display()
         );
     }
+    // The ID becomes part of resource IDs and of discovery-service requests.
+    if file.node_id.len() > limits::NODE_ID_MAX || base62::decode(&file.node_id).is_err() {
+        bail!(
+            "{}: nodeId {:?} is not a base62 node ID of at most {} characters; run `discoveryd reset` to create a new identity",
+            path.display(),
+            file.node_id,
+            limits::NODE_ID_MAX
+        );
+    }
     Ok(Some(file.node_id))
 }
 
+/// Writes the identity to a temp file, makes it durable, then links it into
+/// place: the name appears only with complete contents (a crash leaves no empty
+/// file), and `link` fails if the name exists (the create stays exclusive).
 fn create(path: &Path, id: &str) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".node-identity")
+        .permissions(fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)?;
     // Exactly Talos's one line; base62 needs no YAML quoting.
-    file.write_all(format!("nodeId: {id}\n").as_bytes())?;
-    file.sync_all()?;
+    tmp.write_all(format!("nodeId: {id}\n").as_bytes())?;
+    tmp.as_file().sync_all()?;
+    fs::hard_link(tmp.path(), path)?;
+    drop(tmp);
     sync_dir(dir)
 }
 
@@ -109,7 +123,6 @@ pub fn path(state_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn creates_once_then_keeps_it() {
@@ -150,6 +163,27 @@ mod tests {
             fs::read_to_string(path(dir.path())).unwrap(),
             "nodeId: \"\"\n"
         );
+    }
+
+    #[test]
+    fn a_damaged_id_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(path(dir.path()), "nodeId: has/slash\n").unwrap();
+        let error = load_or_create(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("is not a base62 node ID"), "{error}");
+    }
+
+    #[test]
+    fn creation_leaves_no_temp_files_and_never_replaces_an_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        load_or_create(dir.path()).unwrap();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [FILE_NAME]);
+        let error = create(&path(dir.path()), "other").unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AlreadyExists);
     }
 
     #[test]

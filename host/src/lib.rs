@@ -19,6 +19,7 @@ pub mod local_affiliate;
 pub mod members;
 pub mod merge;
 pub mod payload;
+pub mod private_dir;
 pub mod reconcile;
 pub mod runtime;
 pub mod store;

@@ -8,7 +8,7 @@ use base64::Engine as _;
 pub const PLUGIN_MEMORY_MIB: u64 = 64;
 /// The largest memory cap an operator may configure.
 pub const PLUGIN_MEMORY_MIB_MAX: u64 = 4096;
-/// Default wall-clock time a plugin may run without returning to the host.
+/// Default wall-clock time a plugin may be busy between waits for an event.
 pub const PLUGIN_CPU_BUDGET_MS: u64 = 1000;
 /// How often the epoch ticker bumps the engine: the granularity of CPU deadlines,
 /// and how often a busy plugin yields to other tasks.
@@ -29,20 +29,26 @@ pub const PLUGIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often local addresses are re-read from the interfaces.
 pub const ADDRESS_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Affiliates one plugin may publish at once.
-pub const PUBLISH_MAX: usize = 8192;
+/// Affiliates one plugin may publish at once (a discovery service holds at most
+/// 1024 per cluster).
+pub const PUBLISH_MAX: usize = 2048;
 /// Node IDs become part of resource IDs and of the discovery service's affiliate
 /// IDs, which the service limits to 256 bytes.
 pub const NODE_ID_MAX: usize = 256;
 /// Hostnames, nodenames and similar text fields (a DNS name is at most 253).
 pub const NAME_MAX: usize = 253;
 pub const OPERATING_SYSTEM_MAX: usize = 256;
-/// Addresses, prefixes and endpoints per affiliate list.
-pub const ADDRESSES_MAX: usize = 256;
+/// Addresses or prefixes per affiliate list. With the other limits this bounds a
+/// plugin's accepted output to a few MiB.
+pub const ADDRESSES_MAX: usize = 64;
 /// The discovery service stores at most 64 endpoints per affiliate.
 pub const ENDPOINTS_MAX: usize = 64;
 /// Plugin log lines and status notes are cut here.
 pub const MESSAGE_MAX: usize = 4096;
+/// Log lines a plugin may write per second, and in one burst; the rest are dropped
+/// and counted.
+pub const PLUGIN_LOG_PER_SECOND: f64 = 50.0;
+pub const PLUGIN_LOG_BURST: f64 = 200.0;
 
 /// The local API socket in the state directory.
 pub const SOCKET_NAME: &str = "discoveryd.sock";

@@ -5,7 +5,6 @@
 //! are re-read periodically so a new or lost address reaches the peers.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -14,7 +13,6 @@ use crate::affiliate::{AffiliateSpec, ControlPlaneSpec, KubeSpanSpec};
 use crate::config::NodeConfig;
 use crate::interfaces;
 use crate::limits;
-use crate::store::{Kind, Namespace, Spec, Store};
 
 /// The WireGuard port Talos advertises for KubeSpan.
 const KUBESPAN_PORT: u16 = 51820;
@@ -35,31 +33,49 @@ impl System {
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_default();
-        let os_release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+        // os-release(5): /etc first, /usr/lib as the fallback.
+        let os_release = std::fs::read_to_string("/etc/os-release")
+            .or_else(|_| std::fs::read_to_string("/usr/lib/os-release"))
+            .unwrap_or_default();
+        let kernel = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
         System {
             hostname,
-            operating_system: operating_system(&os_release),
-            addresses: interfaces::detect_addresses().unwrap_or_else(|e| {
-                tracing::warn!("cannot read interface addresses: {e}");
-                Vec::new()
-            }),
+            operating_system: operating_system(&os_release, &kernel),
+            addresses: interfaces::detect_addresses()
+                .map(|mut addresses| {
+                    // Peers and the discovery service take a bounded list.
+                    addresses.truncate(limits::ADDRESSES_MAX);
+                    addresses
+                })
+                .unwrap_or_else(|e| {
+                    tracing::warn!("cannot read interface addresses: {e}");
+                    Vec::new()
+                }),
         }
     }
 }
 
-/// `NAME (VERSION_ID)` from os-release text, falling back to `Linux`.
-pub fn operating_system(os_release: &str) -> String {
+/// `NAME (VERSION_ID)` from os-release text; without them `Linux` and the
+/// kernel release, so the shape is always `<name> (<version>)`.
+pub fn operating_system(os_release: &str, kernel_release: &str) -> String {
     let field = |key: &str| {
         os_release.lines().find_map(|line| {
-            let value = line.strip_prefix(key)?.strip_prefix('=')?;
-            Some(value.trim().trim_matches('"').to_string())
+            let value = line.trim().strip_prefix(key)?.strip_prefix('=')?.trim();
+            let unquoted = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(value);
+            (!unquoted.is_empty()).then(|| unquoted.to_string())
         })
     };
     let name = field("NAME").unwrap_or_else(|| "Linux".into());
-    match field("VERSION_ID") {
-        Some(version) => format!("{name} ({version})"),
-        None => name,
-    }
+    let version = field("VERSION_ID")
+        .or_else(|| field("VERSION"))
+        .unwrap_or_else(|| kernel_release.to_string());
+    format!("{name} ({version})")
 }
 
 /// The local affiliate for this config and system (a pure function).
@@ -104,27 +120,22 @@ pub fn build(node: &NodeConfig, node_id: &str, system: &System) -> AffiliateSpec
     }
 }
 
-/// Keeps `cluster/<node-id>` and the plugins' view of the local affiliate up to
-/// date until shutdown. With discovery disabled there is no local affiliate.
+/// Keeps the local affiliate up to date until shutdown, re-reading the system
+/// periodically. With discovery disabled there is none. The reconcile loop stores
+/// it as `cluster/<node-id>`; plugins read it from the same channel.
 pub async fn run(
     node: NodeConfig,
     node_id: String,
     discovery_enabled: bool,
-    store: Arc<Store>,
     local: watch::Sender<Option<AffiliateSpec>>,
     shutdown: CancellationToken,
 ) {
     if !discovery_enabled {
-        publish(&store, &node_id, &local, None);
+        publish(&local, None);
         return shutdown.cancelled().await;
     }
     loop {
-        publish(
-            &store,
-            &node_id,
-            &local,
-            Some(build(&node, &node_id, &System::read())),
-        );
+        publish(&local, Some(build(&node, &node_id, &System::read())));
         tokio::select! {
             _ = tokio::time::sleep(limits::ADDRESS_POLL_INTERVAL) => {}
             _ = shutdown.cancelled() => return,
@@ -132,17 +143,8 @@ pub async fn run(
     }
 }
 
-/// Stores the local affiliate and tells the plugins, only when it changed.
-pub fn publish(
-    store: &Store,
-    node_id: &str,
-    local: &watch::Sender<Option<AffiliateSpec>>,
-    spec: Option<AffiliateSpec>,
-) {
-    match &spec {
-        Some(spec) => store.put(Namespace::Cluster, node_id, Spec::Affiliate(spec.clone())),
-        None => store.remove(Namespace::Cluster, Kind::Affiliate, node_id),
-    };
+/// Hands out a new local affiliate, waking plugins and reconcile only if it changed.
+pub fn publish(local: &watch::Sender<Option<AffiliateSpec>>, spec: Option<AffiliateSpec>) {
     local.send_if_modified(|current| {
         let changed = *current != spec;
         if changed {
@@ -220,30 +222,31 @@ mod tests {
     #[test]
     fn os_string_is_name_and_version() {
         let debian = "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\n";
-        assert_eq!(operating_system(debian), "Debian GNU/Linux (12)");
+        assert_eq!(operating_system(debian, "6.1.0"), "Debian GNU/Linux (12)");
         assert_eq!(
-            operating_system("NAME=Talos\nVERSION_ID=v1.12.0\n"),
+            operating_system("NAME=Talos\nVERSION_ID=v1.12.0\n", ""),
             "Talos (v1.12.0)"
         );
-        assert_eq!(operating_system(""), "Linux");
+        assert_eq!(
+            operating_system("NAME='Arch Linux'\nVERSION=rolling\n", ""),
+            "Arch Linux (rolling)"
+        );
+        assert_eq!(
+            operating_system("", "6.1.0-13-amd64"),
+            "Linux (6.1.0-13-amd64)"
+        );
     }
 
     #[test]
     fn publishing_only_wakes_plugins_on_change() {
-        let store = Store::new();
         let (tx, mut rx) = watch::channel(None);
         let spec = build(&node(), "id1", &system());
-        publish(&store, "id1", &tx, Some(spec.clone()));
+        publish(&tx, Some(spec.clone()));
         assert!(rx.has_changed().unwrap());
         rx.borrow_and_update();
-        publish(&store, "id1", &tx, Some(spec));
+        publish(&tx, Some(spec));
         assert!(!rx.has_changed().unwrap());
-        publish(&store, "id1", &tx, None);
+        publish(&tx, None);
         assert!(rx.has_changed().unwrap());
-        assert!(
-            store
-                .get(Namespace::Cluster, Kind::Affiliate, "id1")
-                .is_none()
-        );
     }
 }

@@ -150,6 +150,15 @@ impl Store {
         Arc::new(Store::default())
     }
 
+    /// A store whose watchers lag after `changes` unread changes (for tests of
+    /// the catch-up path).
+    pub fn with_watch_buffer(changes: usize) -> Store {
+        Store {
+            changes: broadcast::channel(changes).0,
+            ..Store::default()
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<(Namespace, Kind), Table>> {
         // A panic while holding the lock leaves consistent data (every write is a
         // single map operation), so a poisoned lock is still usable.

@@ -45,6 +45,16 @@ plugins:
   membomb:
     path: {membomb}
     limits: {{memoryMiB: 16}}
+  block-sleep:
+    path: {block}
+    prefix: block-sleep
+    config: {{mode: sleep}}
+    limits: {{cpuBudgetMs: 300}}
+  block-log:
+    path: {block}
+    prefix: block-log
+    config: {{mode: log-loop}}
+    limits: {{cpuBudgetMs: 300}}
   escape:
     path: {escape}
     config:
@@ -57,6 +67,7 @@ plugins:
         spin = plugin("fault-spin").display(),
         membomb = plugin("fault-membomb").display(),
         escape = plugin("fault-escape").display(),
+        block = plugin("fault-block").display(),
         d = d.display(),
     );
     let mut daemon = Daemon::start_in(dir, &config);
@@ -67,6 +78,8 @@ plugins:
         ("trap", "unreachable"),
         ("spin", "CPU budget exceeded"),
         ("membomb", "memory limit exceeded"),
+        ("block-sleep", "CPU budget exceeded"),
+        ("block-log", "CPU budget exceeded"),
         ("escape", "read /granted/../secret.txt"),
     ];
     let (mut watcher, updates) = daemon.cli_stream(&["plugins", "-o", "json", "-w"]);
@@ -87,6 +100,15 @@ plugins:
     );
     let _ = watcher.kill();
     let _ = watcher.wait();
+
+    // The chatty plugin's flood was cut to its rate.
+    daemon
+        .log
+        .wait_for("the log flood to be cut", Duration::from_secs(10), |l| {
+            l.contains("dropped")
+                && l.contains("log lines over the rate limit")
+                && l.contains("block-log")
+        });
 
     let good = &plugins["static"];
     assert_eq!(good["restarts"], 0, "{good}");

@@ -142,6 +142,7 @@ fn static_file_peers_become_members_and_follow_edits() {
   addresses: [not-an-ip]
 "#;
     write_peers(daemon.dir.path(), &edited);
+    let edited_at = std::time::Instant::now();
     events.wait_for(
         "the edit to reach the members",
         Duration::from_secs(30),
@@ -153,6 +154,13 @@ fn static_file_peers_become_members_and_follow_edits() {
                     .get("worker-2")
                     .is_some_and(|m| m["addresses"] == serde_json::json!(["10.5.0.22"]))
         },
+    );
+    // The plugin polls every second; 2 s is the promise, the rest is slack for a
+    // loaded machine.
+    let took = edited_at.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "the edit took {took:?} to show"
     );
     assert_eq!(
         ids(&daemon.cli(&["get", "members", "-o", "json"])),
@@ -218,6 +226,12 @@ fn identity_is_kept_across_restarts_until_reset() {
 
     let daemon = Daemon::start_in(dir, &config);
     assert_eq!(node_id(&daemon), first);
+    let log = daemon.log.dump();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("plugin loaded") && l.contains("cached=true")),
+        "the restart should load the plugin from the compile cache:\n{log}"
+    );
     let reset = |config: &Path| {
         std::process::Command::new(common::BIN)
             .args(["reset", "--config"])
@@ -247,20 +261,41 @@ fn identity_is_kept_across_restarts_until_reset() {
 fn bad_config_fails_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("not-a-component.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    // A plugin built against a future major of our WIT package.
+    let wasm = std::fs::read(plugin("static-file")).unwrap();
+    let future = replace_all(
+        &wasm,
+        b"discovery:registry/host@0.1.0",
+        b"discovery:registry/host@0.2.0",
+    );
+    assert_ne!(future, wasm);
+    std::fs::write(dir.path().join("future.wasm"), future).unwrap();
+    let d = dir.path().display();
     let cases = [
+        (
+            format!("node: {{stateDir: {d}/s3}}\nplugins: {{future: {{path: {d}/future.wasm}}}}"),
+            "plugin was built for discovery:registry@0.2.0; this daemon serves discovery:registry@0.1.0".to_string(),
+        ),
+        (
+            format!(
+                "node: {{stateDir: {d}/s4}}\nplugins: {{hang: {{path: {}, limits: {{cpuBudgetMs: 200}}}}}}",
+                plugin("fault-describe").display()
+            ),
+            "plugins.hang:".to_string(),
+        ),
         (
             format!(
                 "cluster: {{id: x, secret: 'c2hvcnQ='}}\nnode: {{stateDir: {}/s1}}",
                 dir.path().display()
             ),
-            "cluster.secret: must decode to 32 bytes, got 5",
+            "cluster.secret: secret must decode to 32 bytes (AES-256), got 5".to_string(),
         ),
         (
             format!(
                 "node: {{stateDir: {d}/s2}}\nplugins: {{bad: {{path: {d}/not-a-component.wasm}}}}",
                 d = dir.path().display()
             ),
-            "plugins.bad:",
+            "plugins.bad:".to_string(),
         ),
     ];
     for (config, expected) in cases {
@@ -273,9 +308,30 @@ fn bad_config_fails_before_anything_starts() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success());
-        assert!(stderr.contains(expected), "want {expected:?} in:\n{stderr}");
+        assert!(
+            stderr.contains(&expected),
+            "want {expected:?} in:\n{stderr}"
+        );
+        if expected == "plugins.hang:" {
+            assert!(stderr.contains("CPU budget exceeded"), "{stderr}");
+        }
     }
     assert!(!dir.path().join("s2/discoveryd.sock").exists());
+}
+
+fn replace_all(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut i = 0;
+    while i < haystack.len() {
+        if haystack[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(haystack[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// Disabling every registry disables discovery: no plugin runs, no affiliate is

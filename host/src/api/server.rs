@@ -125,9 +125,10 @@ fn plugins_response(statuses: &PluginStatuses) -> PluginsResponse {
     PluginsResponse { plugins }
 }
 
-/// Sends the current resources, then each change. A watcher that falls behind the
-/// store's buffer is brought up to date by comparing against a fresh list, so it
-/// never misses the final state of any resource.
+/// Sends the current resources, then each change. A watcher that falls behind
+/// the store's buffer subscribes again and is sent the difference between what
+/// it saw and the fresh snapshot, so it never misses the final state of any
+/// resource and never sees a stale one.
 async fn forward_changes(
     store: Arc<Store>,
     namespace: Namespace,
@@ -135,46 +136,43 @@ async fn forward_changes(
     tx: mpsc::Sender<Result<WatchEvent, Status>>,
     shutdown: CancellationToken,
 ) {
-    let (snapshot, mut changes) = store.watch(namespace, kind);
     let mut known: BTreeMap<String, Resource> = BTreeMap::new();
-    let mut pending: Vec<(ChangeKind, Resource)> = snapshot
-        .into_iter()
-        .map(|r| (ChangeKind::Created, r))
-        .collect();
     loop {
-        for (change, resource) in pending.drain(..) {
-            match change {
-                ChangeKind::Destroyed => known.remove(&resource.id),
-                _ => known.insert(resource.id.clone(), resource.clone()),
-            };
-            let event = WatchEvent {
-                kind: change_kind_to_proto(change).into(),
-                resource: Some(resource_to_proto(&resource)),
-            };
-            if tx.send(Ok(event)).await.is_err() {
-                return;
-            }
-        }
-        let received = tokio::select! {
-            received = changes.recv() => received,
-            _ = tx.closed() => return,
-            _ = shutdown.cancelled() => return,
-        };
-        match received {
-            Ok(change) => {
-                if change.resource.namespace == namespace && change.resource.kind() == kind {
-                    pending.push((change.kind, change.resource));
+        let (snapshot, mut changes) = store.watch(namespace, kind);
+        let mut pending = resync(&known, snapshot);
+        loop {
+            for (change, resource) in pending.drain(..) {
+                match change {
+                    ChangeKind::Destroyed => known.remove(&resource.id),
+                    _ => known.insert(resource.id.clone(), resource.clone()),
+                };
+                let event = WatchEvent {
+                    kind: change_kind_to_proto(change).into(),
+                    resource: Some(resource_to_proto(&resource)),
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
                 }
             }
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                pending = resync(&known, store.list(namespace, kind));
+            let received = tokio::select! {
+                received = changes.recv() => received,
+                _ = tx.closed() => return,
+                _ = shutdown.cancelled() => return,
+            };
+            match received {
+                Ok(change) => {
+                    if change.resource.namespace == namespace && change.resource.kind() == kind {
+                        pending.push((change.kind, change.resource));
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => break,
+                Err(broadcast::error::RecvError::Closed) => return,
             }
-            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }
 
-/// The changes that turn what a watcher saw into the current list.
+/// The changes that turn what a watcher saw into `current`.
 fn resync(
     known: &BTreeMap<String, Resource>,
     current: Vec<Resource>,
@@ -190,7 +188,12 @@ fn resync(
     for resource in current {
         match known.get(&resource.id) {
             None => changes.push((ChangeKind::Created, resource)),
-            Some(seen) if seen.version != resource.version => {
+            // Versions only grow, unless it was destroyed and created again meanwhile.
+            Some(seen) if seen.version > resource.version => {
+                changes.push((ChangeKind::Destroyed, seen.clone()));
+                changes.push((ChangeKind::Created, resource));
+            }
+            Some(seen) if seen.version != resource.version || seen.spec != resource.spec => {
                 changes.push((ChangeKind::Updated, resource))
             }
             Some(_) => {}
@@ -226,4 +229,108 @@ pub async fn serve(listener: UnixListener, api: LocalApi) -> Result<()> {
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.cancelled())
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::affiliate::AffiliateSpec;
+    use crate::store::Spec;
+
+    fn affiliate(id: &str, hostname: &str) -> Spec {
+        Spec::Affiliate(AffiliateSpec {
+            node_id: id.into(),
+            hostname: hostname.into(),
+            ..Default::default()
+        })
+    }
+
+    /// A watcher far behind the store's buffer ends up with exactly the store's
+    /// state, and never sees a resource go back to an older version.
+    #[tokio::test]
+    async fn a_lagging_watcher_catches_up_without_stale_events() {
+        let store = Arc::new(Store::with_watch_buffer(4));
+        let (tx, mut rx) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        store.put(Namespace::Cluster, "a", affiliate("a", "v0"));
+        let task = tokio::spawn(forward_changes(
+            store.clone(),
+            Namespace::Cluster,
+            Kind::Affiliate,
+            tx,
+            shutdown.clone(),
+        ));
+        // While the watcher is stuck on its full channel, far more changes happen
+        // than the store buffers.
+        for round in 1..=50 {
+            store.put(
+                Namespace::Cluster,
+                "a",
+                affiliate("a", &format!("v{round}")),
+            );
+            store.put(
+                Namespace::Cluster,
+                &format!("n{}", round % 7),
+                affiliate("n", &format!("v{round}")),
+            );
+            if round % 10 == 0 {
+                store.remove(Namespace::Cluster, Kind::Affiliate, "n3");
+            }
+        }
+        let mut seen: BTreeMap<String, (u64, String)> = BTreeMap::new();
+        let expected: BTreeMap<String, (u64, String)> = store
+            .list(Namespace::Cluster, Kind::Affiliate)
+            .into_iter()
+            .map(|r| (r.id, (r.version, (*r.spec).to_json().to_string())))
+            .collect();
+        while seen != expected {
+            let event = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+                .await
+                .expect("the watcher catches up")
+                .unwrap()
+                .unwrap();
+            let resource = event.resource.unwrap();
+            let meta = resource.metadata.unwrap();
+            if event.kind == proto::watch_event::Kind::Destroyed as i32 {
+                seen.remove(&meta.id);
+                continue;
+            }
+            if let Some((version, _)) = seen.get(&meta.id) {
+                assert!(
+                    meta.version > *version,
+                    "{} went from version {version} back to {}",
+                    meta.id,
+                    meta.version
+                );
+            }
+            seen.insert(meta.id, (meta.version, resource.spec_json));
+        }
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn resync_reports_recreated_resources_as_destroyed_then_created() {
+        let resource = |version, hostname| Resource {
+            namespace: Namespace::Cluster,
+            id: "a".into(),
+            version,
+            spec: Arc::new(affiliate("a", hostname)),
+        };
+        let known = BTreeMap::from([("a".to_string(), resource(3, "old"))]);
+        let kinds: Vec<(ChangeKind, u64)> = resync(&known, vec![resource(1, "new")])
+            .into_iter()
+            .map(|(kind, r)| (kind, r.version))
+            .collect();
+        assert_eq!(
+            kinds,
+            [(ChangeKind::Destroyed, 3), (ChangeKind::Created, 1)]
+        );
+        assert!(resync(&known, vec![resource(3, "old")]).is_empty());
+        assert_eq!(
+            resync(&known, vec![resource(4, "newer")])[0].0,
+            ChangeKind::Updated
+        );
+        assert_eq!(resync(&known, vec![])[0].0, ChangeKind::Destroyed);
+    }
 }

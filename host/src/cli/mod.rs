@@ -104,10 +104,11 @@ impl Target {
         if let Some(socket) = &self.socket {
             return Ok(socket.clone());
         }
-        match &self.config {
-            Some(file) => Ok(config::load(file)?.socket_path()),
-            None => Ok(Path::new(config::DEFAULT_STATE_DIR).join(crate::limits::SOCKET_NAME)),
-        }
+        let state_dir = match &self.config {
+            Some(file) => config::state_dir_of(file)?,
+            None => PathBuf::from(config::DEFAULT_STATE_DIR),
+        };
+        Ok(state_dir.join(crate::limits::SOCKET_NAME))
     }
 }
 
@@ -215,23 +216,18 @@ fn print_plugins(out: &mut impl Write, format: Format, plugins: &[proto::Plugin]
 }
 
 pub async fn reset(config_file: &Path) -> Result<()> {
-    let config = config::load(config_file)?;
-    if tokio::net::UnixStream::connect(config.socket_path())
-        .await
-        .is_ok()
-    {
+    let state_dir = config::state_dir_of(config_file)?;
+    let socket = state_dir.join(crate::limits::SOCKET_NAME);
+    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
         bail!(
             "discoveryd is running on {}; stop it before resetting",
-            config.socket_path().display()
+            socket.display()
         );
     }
-    if crate::identity::reset(&config.node.state_dir)? {
-        println!(
-            "removed {}",
-            crate::identity::path(&config.node.state_dir).display()
-        );
+    if crate::identity::reset(&state_dir)? {
+        println!("removed {}", crate::identity::path(&state_dir).display());
     } else {
-        println!("no node identity in {}", config.node.state_dir.display());
+        println!("no node identity in {}", state_dir.display());
     }
     Ok(())
 }

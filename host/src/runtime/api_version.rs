@@ -1,6 +1,7 @@
 //! Which version of our WIT package a component was built against, read from its
-//! import names (`discovery:registry/host@0.1.0`) before anything is compiled, so
-//! a plugin for another major gets a clear error instead of a link failure.
+//! import and export names (`discovery:registry/host@0.1.0`) before anything is
+//! compiled, so a plugin for another major gets a clear error instead of a link
+//! failure.
 
 use anyhow::{Result, bail};
 use wasmparser::{Parser, Payload};
@@ -9,26 +10,39 @@ use wasmparser::{Parser, Payload};
 pub const PACKAGE: &str = "discovery:registry";
 pub const VERSION: (u64, u64, u64) = (0, 1, 0);
 
-/// Checks that every `discovery:registry` import of the component is a version
-/// this host can serve: same major (for 0.x, same minor) and not newer.
+/// Checks that the component exports our `registry` interface and that every
+/// `discovery:registry` name it imports or exports is a version this host can
+/// serve: same major (for 0.x, same minor) and not newer.
 pub fn check(wasm: &[u8]) -> Result<()> {
     if !wasmparser::Parser::is_component(wasm) {
         bail!("not a WebAssembly component (build the plugin for wasm32-wasip2)");
     }
-    let mut found = false;
+    let mut exports_registry = false;
     for payload in Parser::new(0).parse_all(wasm) {
-        let Payload::ComponentImportSection(imports) = payload? else {
-            continue;
+        let names: Vec<&str> = match payload? {
+            Payload::ComponentImportSection(imports) => imports
+                .into_iter()
+                .map(|i| i.map(|i| i.name.name))
+                .collect::<Result<_, _>>()?,
+            Payload::ComponentExportSection(exports) => {
+                let names: Vec<&str> = exports
+                    .into_iter()
+                    .map(|e| e.map(|e| e.name.name))
+                    .collect::<Result<_, _>>()?;
+                exports_registry |= names
+                    .iter()
+                    .any(|n| n.starts_with(&format!("{PACKAGE}/registry@")));
+                names
+            }
+            _ => continue,
         };
-        for import in imports {
-            let name = import?.name.name;
+        for name in names {
             let Some(rest) = name.strip_prefix(PACKAGE).and_then(|r| r.strip_prefix('/')) else {
                 continue;
             };
-            found = true;
             let version = rest.split_once('@').map(|(_, v)| v).unwrap_or("");
             let parsed = parse_version(version)
-                .ok_or_else(|| anyhow::anyhow!("import {name:?} has no usable version"))?;
+                .ok_or_else(|| anyhow::anyhow!("{name:?} has no usable version"))?;
             if !compatible(parsed) {
                 bail!(
                     "plugin was built for {PACKAGE}@{version}; this daemon serves {PACKAGE}@{}.{}.{} \
@@ -40,8 +54,8 @@ pub fn check(wasm: &[u8]) -> Result<()> {
             }
         }
     }
-    if !found {
-        bail!("component imports nothing from {PACKAGE}: it is not a registry plugin");
+    if !exports_registry {
+        bail!("component does not export {PACKAGE}/registry: it is not a registry plugin");
     }
     Ok(())
 }

@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::bindings::{host::Rejection, types};
-use crate::affiliate::{AffiliateSpec, ControlPlaneSpec, IpPrefix, KubeSpanSpec, MachineType};
+use crate::affiliate::{
+    AffiliateSpec, ControlPlaneSpec, IpPrefix, KubeSpanSpec, MachineType, check_node_address,
+};
 use crate::limits;
 
 /// Splits a published list into valid specs and rejections. Entries for this
@@ -144,15 +146,8 @@ fn prefixes(field: &str, list: Vec<types::IpPrefix>) -> Result<Vec<IpPrefix>, St
         .collect()
 }
 
-/// Addresses a peer can be reached at: not unspecified, multicast or broadcast.
 fn routable(field: &str, ip: IpAddr) -> Result<IpAddr, String> {
-    let bad = ip.is_unspecified()
-        || ip.is_multicast()
-        || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-    if bad {
-        return Err(format!("{field}: {ip} is not a node address"));
-    }
-    Ok(ip)
+    check_node_address(ip).map_err(|e| format!("{field}: {e}"))
 }
 
 fn check_text(field: &str, text: &str, max: usize) -> Result<(), String> {
@@ -178,14 +173,6 @@ fn truncate(text: &str, max: usize) -> String {
         end -= 1;
     }
     text[..end].to_string()
-}
-
-/// Makes plugin text safe for one log line: no control characters, bounded.
-pub fn sanitize(text: &str) -> String {
-    truncate(text, limits::MESSAGE_MAX)
-        .chars()
-        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
-        .collect()
 }
 
 pub fn ip_from_wit(ip: types::IpAddress) -> IpAddr {
@@ -374,11 +361,5 @@ mod tests {
                 (9, "node-id must be 1..=256 bytes"),
             ]
         );
-    }
-
-    #[test]
-    fn plugin_text_cannot_forge_log_lines() {
-        assert_eq!(sanitize("a\nb\x1b[31m"), "a\u{FFFD}b\u{FFFD}[31m");
-        assert_eq!(sanitize(&"é".repeat(5000)).len(), 4096);
     }
 }

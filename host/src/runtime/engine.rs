@@ -23,6 +23,8 @@ pub struct LoadedPlugin {
     pub pre: RegistryPluginPre<PluginState>,
     /// Whether the compile cache had it.
     pub cached: bool,
+    /// Its entry in the compile cache.
+    pub cache_file: PathBuf,
 }
 
 pub struct PluginEngine {
@@ -33,7 +35,8 @@ pub struct PluginEngine {
 
 impl PluginEngine {
     /// Builds the engine and starts its epoch ticker. Compiled components are
-    /// cached in `cache_dir`.
+    /// cached in `cache_dir`, which must be private to this user: its files are
+    /// loaded as native code.
     pub fn new(cache_dir: &Path) -> Result<PluginEngine> {
         let mut config = Config::new();
         config.epoch_interruption(true);
@@ -47,8 +50,7 @@ impl PluginEngine {
             |state| state,
         )?;
         spawn_epoch_ticker(&engine);
-        fs::create_dir_all(cache_dir)
-            .with_context(|| format!("creating {}", cache_dir.display()))?;
+        crate::private_dir::ensure(cache_dir)?;
         Ok(PluginEngine {
             engine,
             linker,
@@ -64,26 +66,49 @@ impl PluginEngine {
     pub fn load(&self, path: &Path) -> Result<LoadedPlugin> {
         let wasm = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         api_version::check(&wasm)?;
-        let (component, cached) = self.compile_cached(&wasm, path)?;
+        let cache_file = self
+            .cache_dir
+            .join(format!("{}.cwasm", self.cache_key(&wasm)));
+        let (component, cached) = self.compile_cached(&wasm, path, &cache_file)?;
         let pre = self.linker.instantiate_pre(&component)?;
         Ok(LoadedPlugin {
             pre: RegistryPluginPre::new(pre)?,
             cached,
+            cache_file,
         })
+    }
+
+    /// Deletes cached artifacts other than `keep` (plugins no longer configured,
+    /// or built by an older daemon).
+    pub fn prune_cache<'a>(&self, keep: impl IntoIterator<Item = &'a Path>) {
+        let keep: std::collections::HashSet<&Path> = keep.into_iter().collect();
+        let Ok(entries) = fs::read_dir(&self.cache_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "cwasm") && !keep.contains(path.as_path()) {
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::info!(cache = %path.display(), "removed unused compiled plugin")
+                    }
+                    Err(e) => {
+                        tracing::warn!(cache = %path.display(), "cannot remove unused compiled plugin: {e}")
+                    }
+                }
+            }
+        }
     }
 
     /// Compiles `wasm`, or loads the artifact a previous run left in the cache.
     /// The key covers the exact bytes and everything that makes an artifact
     /// incompatible (wasmtime version, compiler settings, CPU features).
-    fn compile_cached(&self, wasm: &[u8], source: &Path) -> Result<(Component, bool)> {
-        let path = self
-            .cache_dir
-            .join(format!("{}.cwasm", self.cache_key(wasm)));
+    fn compile_cached(&self, wasm: &[u8], source: &Path, path: &Path) -> Result<(Component, bool)> {
         if path.is_file() {
-            // SAFETY: only this daemon writes the cache (a directory it creates
-            // with mode 0700 in its state dir), under a key that includes the
-            // engine's compatibility hash.
-            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+            // SAFETY: only this daemon writes the cache, a directory checked to be
+            // owned by this user and writable by nobody else, under a key that
+            // includes the engine's compatibility hash.
+            match unsafe { Component::deserialize_file(&self.engine, path) } {
                 Ok(component) => return Ok((component, true)),
                 Err(e) => {
                     tracing::warn!(cache = %path.display(), "ignoring unusable cached plugin: {e:#}")
@@ -93,7 +118,7 @@ impl PluginEngine {
         let started = Instant::now();
         let compiled = self.engine.precompile_component(wasm)?;
         tracing::info!(plugin = %source.display(), elapsed = ?started.elapsed(), "compiled plugin");
-        if let Err(e) = write_atomically(&path, &compiled) {
+        if let Err(e) = write_atomically(path, &compiled) {
             tracing::warn!(cache = %path.display(), "cannot cache compiled plugin: {e:#}");
         }
         // SAFETY: `compiled` was produced by this engine just now.

@@ -3,9 +3,11 @@
 
 mod api_version;
 mod bindings;
+mod busy;
 mod convert;
 pub mod engine;
 mod limiter;
+mod plugin_log;
 pub mod state;
 pub mod status;
 mod stdio;

@@ -2,7 +2,7 @@
 //! may call: log, local affiliate, publish, status, events and sealed crypto.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -10,8 +10,10 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{cluster_crypto, host, types};
+use super::busy::BusyClock;
 use super::convert;
 use super::limiter::MemoryCap;
+use super::plugin_log::{PluginLog, sanitize};
 use super::status::PluginStatuses;
 use crate::affiliate::AffiliateSpec;
 use crate::crypto::ClusterKey;
@@ -22,7 +24,8 @@ use crate::store::{Kind, Namespace, Spec, Store};
 /// What a plugin may see and touch, shared by all its incarnations.
 pub struct PluginContext {
     pub name: String,
-    /// Raw affiliates are stored as `<prefix>/<node-id>`.
+    /// Raw affiliates are stored as `<prefix>/<node-id>`. Empty while the plugin
+    /// is only being asked to `describe` itself: then it may not publish or wait.
     pub prefix: String,
     pub store: Arc<Store>,
     pub local: watch::Receiver<Option<AffiliateSpec>>,
@@ -39,11 +42,13 @@ pub struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub memory: MemoryCap,
-    /// When the guest last got control back from the host; the CPU budget counts
-    /// from here.
-    pub guest_since: Instant,
+    /// Busy time since the last wait for an event, against `cpu_budget`.
+    pub busy: Arc<BusyClock>,
     pub cpu_budget: Duration,
+    log: Arc<PluginLog>,
     local: watch::Receiver<Option<AffiliateSpec>>,
+    /// The rejections of the last publish, to log only what changes.
+    last_rejections: Vec<(u32, String)>,
 }
 
 impl PluginState {
@@ -52,6 +57,7 @@ impl PluginState {
         wasi: WasiCtx,
         memory: MemoryCap,
         cpu_budget: Duration,
+        log: Arc<PluginLog>,
     ) -> PluginState {
         let local = ctx.local.clone();
         PluginState {
@@ -59,21 +65,16 @@ impl PluginState {
             wasi,
             table: ResourceTable::new(),
             memory,
-            guest_since: Instant::now(),
+            busy: BusyClock::new(),
             cpu_budget,
+            log,
             local,
+            last_rejections: Vec::new(),
         }
     }
 
-    /// Marks the return to the guest; every host function ends with it.
-    fn resume<T>(&mut self, value: T) -> wasmtime::Result<T> {
-        self.guest_since = Instant::now();
-        Ok(value)
-    }
-
-    /// Whether the guest has run longer than its budget without a host call.
-    pub fn over_cpu_budget(&self) -> bool {
-        self.guest_since.elapsed() > self.cpu_budget
+    fn is_probe(&self) -> bool {
+        self.ctx.prefix.is_empty()
     }
 
     fn key(&self) -> Result<&ClusterKey, String> {
@@ -97,33 +98,39 @@ impl types::Host for PluginState {}
 
 impl host::Host for PluginState {
     async fn log(&mut self, level: types::LogLevel, message: String) -> wasmtime::Result<()> {
-        let message = convert::sanitize(&message);
-        let plugin = self.ctx.name.as_str();
-        match level {
-            types::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
-            types::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-            types::LogLevel::Info => tracing::info!(plugin, "{message}"),
-            types::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            types::LogLevel::Error => tracing::error!(plugin, "{message}"),
-        }
-        self.resume(())
+        let level = match level {
+            types::LogLevel::Trace => tracing::Level::TRACE,
+            types::LogLevel::Debug => tracing::Level::DEBUG,
+            types::LogLevel::Info => tracing::Level::INFO,
+            types::LogLevel::Warn => tracing::Level::WARN,
+            types::LogLevel::Error => tracing::Level::ERROR,
+        };
+        self.log.emit(level, "log", &message);
+        Ok(())
     }
 
     async fn local_affiliate(&mut self) -> wasmtime::Result<Option<types::Affiliate>> {
         let local = self.local.borrow_and_update().as_ref().map(convert::to_wit);
-        self.resume(local)
+        Ok(local)
     }
 
     async fn publish(
         &mut self,
         affiliates: Vec<types::Affiliate>,
     ) -> wasmtime::Result<Vec<host::Rejection>> {
-        if self.ctx.prefix.is_empty() {
+        if self.is_probe() {
             wasmtime::bail!("publish called from describe: only run may publish");
         }
         let (accepted, rejected) = convert::validate_all(affiliates, &self.ctx.local_node_id);
-        for r in &rejected {
-            tracing::warn!(plugin = %self.ctx.name, index = r.index, node_id = %convert::sanitize(&r.node_id), "rejected affiliate: {}", r.reason);
+        let summary: Vec<(u32, String)> = rejected
+            .iter()
+            .map(|r| (r.index, r.reason.clone()))
+            .collect();
+        if summary != self.last_rejections {
+            for r in &rejected {
+                tracing::warn!(plugin = %self.ctx.name, index = r.index, node_id = %sanitize(&r.node_id), "rejected affiliate: {}", r.reason);
+            }
+            self.last_rejections = summary;
         }
         let prefix = format!("{}/", self.ctx.prefix);
         let count = accepted.len();
@@ -136,20 +143,24 @@ impl host::Host for PluginState {
         self.ctx
             .statuses
             .update(&self.ctx.name, |s| s.published = count);
-        self.resume(rejected)
+        Ok(rejected)
     }
 
     async fn set_status(&mut self, healthy: bool, message: String) -> wasmtime::Result<()> {
-        let message = convert::sanitize(&message);
+        let message = sanitize(&message);
         self.ctx.statuses.update(&self.ctx.name, |s| {
             s.healthy = healthy;
             s.message = message;
         });
-        self.resume(())
+        Ok(())
     }
 
     async fn next_event(&mut self, timeout_ms: u32) -> wasmtime::Result<host::Event> {
+        if self.is_probe() {
+            wasmtime::bail!("next-event called from describe: describe must return at once");
+        }
         let wait = Duration::from_millis(timeout_ms.into()).min(limits::NEXT_EVENT_MAX_WAIT);
+        self.busy.wait_begins();
         let event = tokio::select! {
             biased;
             _ = self.ctx.shutdown.cancelled() => host::Event::Shutdown,
@@ -160,26 +171,27 @@ impl host::Host for PluginState {
             },
             _ = tokio::time::sleep(wait) => host::Event::Timeout,
         };
-        self.resume(event)
+        self.busy.wait_ends();
+        Ok(event)
     }
 }
 
 impl cluster_crypto::Host for PluginState {
     async fn cluster_id(&mut self) -> wasmtime::Result<Option<String>> {
         let id = self.ctx.cluster_id.clone();
-        self.resume(id)
+        Ok(id)
     }
 
     async fn seal(&mut self, plaintext: Vec<u8>) -> wasmtime::Result<Result<Vec<u8>, String>> {
         let sealed = self.key().map(|k| k.seal(&plaintext));
-        self.resume(sealed)
+        Ok(sealed)
     }
 
     async fn open(&mut self, sealed: Vec<u8>) -> wasmtime::Result<Result<Vec<u8>, String>> {
         let opened = self
             .key()
             .and_then(|k| k.open(&sealed).map_err(|e| e.to_string()));
-        self.resume(opened)
+        Ok(opened)
     }
 
     async fn seal_affiliate(
@@ -190,7 +202,7 @@ impl cluster_crypto::Host for PluginState {
             let spec = convert::validate(affiliate)?;
             Ok(k.seal(&payload::encode(&spec)))
         });
-        self.resume(sealed)
+        Ok(sealed)
     }
 
     async fn open_affiliate(
@@ -202,7 +214,7 @@ impl cluster_crypto::Host for PluginState {
             let spec = payload::decode(&plain).map_err(|e| e.to_string())?;
             Ok(convert::to_wit(&spec))
         });
-        self.resume(opened)
+        Ok(opened)
     }
 
     async fn seal_endpoint(
@@ -212,7 +224,7 @@ impl cluster_crypto::Host for PluginState {
         let sealed = self
             .key()
             .map(|k| k.seal_endpoint(convert::endpoint_from_wit(endpoint)));
-        self.resume(sealed)
+        Ok(sealed)
     }
 
     async fn open_endpoint(
@@ -224,6 +236,6 @@ impl cluster_crypto::Host for PluginState {
                 .map(convert::endpoint_to_wit)
                 .map_err(|e| e.to_string())
         });
-        self.resume(opened)
+        Ok(opened)
     }
 }

@@ -1,5 +1,5 @@
 //! A plugin's stdout and stderr go to the daemon's log, one line per record,
-//! tagged with the plugin's name.
+//! through the plugin's rate-limited log.
 
 use std::io;
 use std::pin::Pin;
@@ -7,22 +7,34 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::AsyncWrite;
+use tracing::Level;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
-use super::convert::sanitize;
+use super::plugin_log::PluginLog;
 use crate::limits;
 
 #[derive(Clone)]
 pub struct LogOutput {
-    plugin: Arc<str>,
+    log: Arc<PluginLog>,
     stream: &'static str,
+    /// stderr carries panics and errors; stdout is chatter.
+    level: Level,
 }
 
 impl LogOutput {
-    pub fn new(plugin: &str, stream: &'static str) -> LogOutput {
+    pub fn stdout(log: &Arc<PluginLog>) -> LogOutput {
         LogOutput {
-            plugin: plugin.into(),
-            stream,
+            log: log.clone(),
+            stream: "stdout",
+            level: Level::INFO,
+        }
+    }
+
+    pub fn stderr(log: &Arc<PluginLog>) -> LogOutput {
+        LogOutput {
+            log: log.clone(),
+            stream: "stderr",
+            level: Level::WARN,
         }
     }
 }
@@ -50,14 +62,10 @@ struct LineWriter {
 impl LineWriter {
     fn emit(&mut self) {
         if !self.line.is_empty() {
-            let text = sanitize(&String::from_utf8_lossy(&self.line));
-            let (plugin, stream) = (&*self.output.plugin, self.output.stream);
-            // stderr carries panics and errors; stdout is chatter.
-            if stream == "stderr" {
-                tracing::warn!(plugin, stream, "{text}");
-            } else {
-                tracing::info!(plugin, stream, "{text}");
-            }
+            let text = String::from_utf8_lossy(&self.line);
+            self.output
+                .log
+                .emit(self.output.level, self.output.stream, &text);
             self.line.clear();
         }
     }

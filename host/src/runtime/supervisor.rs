@@ -3,16 +3,18 @@
 //! memory bomb or an error, the Store is dropped and the plugin restarts after an
 //! exponential backoff, while the other plugins carry on.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow};
-use tokio_util::sync::CancellationToken;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
+use super::busy::BusyClock;
 use super::engine::{LoadedPlugin, PluginEngine};
 use super::limiter::MemoryCap;
+use super::plugin_log::{PluginLog, sanitize};
 use super::state::{PluginContext, PluginState};
 use super::status::RunState;
 use super::stdio::LogOutput;
@@ -28,32 +30,41 @@ pub struct PreparedPlugin {
 }
 
 /// Compiles (or loads from the cache) a plugin and asks it for its prefix.
-/// Errors here are configuration errors: the daemon does not start.
+/// Errors here are configuration errors: the daemon does not start. `probe` must
+/// have an empty prefix, so the plugin can neither publish nor wait meanwhile.
 pub async fn prepare(
-    engine: &PluginEngine,
+    engine: &Arc<PluginEngine>,
     config: &PluginConfig,
     probe: Arc<PluginContext>,
 ) -> Result<PreparedPlugin> {
-    let loaded = engine.load(&config.path)?;
-    let mut store = new_store(engine, probe, config)?;
-    let bindings = loaded
-        .pre
-        .instantiate_async(&mut store)
-        .await
-        .map_err(wasm_error)?;
-    let info = bindings
-        .discovery_registry_registry()
-        .call_describe(&mut store)
-        .await
-        .map_err(wasm_error)
-        .context("calling describe")?;
+    let loaded = {
+        // Compiling is seconds of CPU: keep it off the async workers.
+        let (engine, path) = (engine.clone(), config.path.clone());
+        tokio::task::spawn_blocking(move || engine.load(&path)).await??
+    };
+    let log = PluginLog::new(&config.name);
+    let (mut store, busy) = new_store(engine, probe, config, &log)?;
+    let info = within_budget(&busy, config.cpu_budget, async {
+        let bindings = loaded
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(wasm_error)?;
+        bindings
+            .discovery_registry_registry()
+            .call_describe(&mut store)
+            .await
+            .map_err(wasm_error)
+            .context("calling describe")
+    })
+    .await?;
     let prefix = match &config.prefix {
         Some(prefix) => prefix.clone(),
-        None if crate::limits::is_registry_name(&info.prefix) => info.prefix,
+        None if limits::is_registry_name(&info.prefix) => info.prefix,
         None => {
             return Err(anyhow!(
                 "the plugin declares prefix {:?}, which is not a valid name; set plugins.{}.prefix",
-                info.prefix,
+                sanitize(&info.prefix),
                 config.name
             ));
         }
@@ -69,11 +80,12 @@ pub async fn prepare(
 pub async fn supervise(engine: Arc<PluginEngine>, plugin: PreparedPlugin, ctx: Arc<PluginContext>) {
     let name = ctx.name.clone();
     let statuses = ctx.statuses.clone();
+    // One log for all incarnations, so restarts do not refill its rate limit.
+    let log = PluginLog::new(&name);
     let mut backoff = Backoff::default();
     loop {
-        statuses.update(&name, |s| s.state = RunState::Running);
         let started = Instant::now();
-        let outcome = run_once(&engine, &plugin, ctx.clone()).await;
+        let outcome = run_once(&engine, &plugin, ctx.clone(), &log).await;
         if ctx.shutdown.is_cancelled() {
             if let Err(e) = &outcome {
                 tracing::warn!(plugin = %name, "plugin ended badly while stopping: {e:#}");
@@ -105,18 +117,29 @@ async fn run_once(
     engine: &PluginEngine,
     plugin: &PreparedPlugin,
     ctx: Arc<PluginContext>,
+    log: &Arc<PluginLog>,
 ) -> Result<()> {
-    let shutdown: CancellationToken = ctx.shutdown.clone();
-    let mut store = new_store(engine, ctx, &plugin.config)?;
-    let bindings = plugin
-        .loaded
-        .pre
-        .instantiate_async(&mut store)
-        .await
-        .map_err(wasm_error)?;
-    let run = bindings
-        .discovery_registry_registry()
-        .call_run(&mut store, &plugin.config.config_json);
+    let (name, statuses, shutdown) = (ctx.name.clone(), ctx.statuses.clone(), ctx.shutdown.clone());
+    statuses.update(&name, |s| s.state = RunState::Starting);
+    let (mut store, busy) = new_store(engine, ctx, &plugin.config, log)?;
+    let budget = plugin.config.cpu_budget;
+    let bindings = within_budget(&busy, budget, async {
+        plugin
+            .loaded
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(wasm_error)
+    })
+    .await?;
+    statuses.update(&name, |s| s.state = RunState::Running);
+    let run = within_budget(&busy, budget, async {
+        bindings
+            .discovery_registry_registry()
+            .call_run(&mut store, &plugin.config.config_json)
+            .await
+            .map_err(wasm_error)
+    });
     tokio::pin!(run);
     let finished = tokio::select! {
         finished = &mut run => finished,
@@ -127,13 +150,30 @@ async fn run_once(
             }
         }
     };
-    match finished.map_err(wasm_error)? {
+    match finished? {
         Ok(()) => Ok(()),
-        Err(message) => Err(anyhow!(
-            "run failed: {}",
-            super::convert::sanitize(&message)
-        )),
+        Err(message) => Err(anyhow!("run failed: {}", sanitize(&message))),
     }
+}
+
+/// Runs `call` unless the plugin stays busy longer than `budget` without waiting
+/// for an event, whether in wasm or blocked in a host call; then the call (and
+/// with it the Store) is abandoned.
+async fn within_budget<T>(
+    busy: &BusyClock,
+    budget: Duration,
+    call: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::select! {
+        result = call => result,
+        busy_for = busy.exceeded(budget) => Err(budget_error(busy_for, budget)),
+    }
+}
+
+fn budget_error(busy_for: Duration, budget: Duration) -> anyhow::Error {
+    anyhow!(
+        "CPU budget exceeded: busy {busy_for:?} without waiting for an event (limit {budget:?})"
+    )
 }
 
 /// A Store with the plugin's sandbox: no environment, arguments or sockets, its
@@ -143,10 +183,11 @@ fn new_store(
     engine: &PluginEngine,
     ctx: Arc<PluginContext>,
     config: &PluginConfig,
-) -> Result<Store<PluginState>> {
+    log: &Arc<PluginLog>,
+) -> Result<(Store<PluginState>, Arc<BusyClock>)> {
     let mut wasi = WasiCtxBuilder::new();
-    wasi.stdout(LogOutput::new(&config.name, "stdout"))
-        .stderr(LogOutput::new(&config.name, "stderr"))
+    wasi.stdout(LogOutput::stdout(log))
+        .stderr(LogOutput::stderr(log))
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
@@ -160,24 +201,25 @@ fn new_store(
         wasi.build(),
         MemoryCap::new(config.memory_limit),
         config.cpu_budget,
+        log.clone(),
     );
+    let busy = state.busy.clone();
     let mut store = Store::new(engine.engine(), state);
     store.limiter(|state| &mut state.memory);
     store.set_hostcall_fuel(limits::PLUGIN_HOSTCALL_BYTES);
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|ctx| {
         let state = ctx.data();
-        if state.over_cpu_budget() {
-            wasmtime::bail!(
-                "CPU budget exceeded: ran {:?} without calling the host (limit {:?})",
-                state.guest_since.elapsed(),
-                state.cpu_budget
-            );
+        match state.busy.busy_for() {
+            Some(busy) if busy > state.cpu_budget => Err(wasmtime::Error::from_anyhow(
+                budget_error(busy, state.cpu_budget),
+            )),
+            // Yield every tick so a busy plugin never holds a runtime thread and
+            // its watchdog gets to run.
+            _ => Ok(UpdateDeadline::Yield(1)),
         }
-        // Yield every tick so a busy plugin never holds a runtime thread.
-        Ok(UpdateDeadline::Yield(1))
     });
-    Ok(store)
+    Ok((store, busy))
 }
 
 /// Keeps the cause chain of a wasmtime error (trap reason, our limit messages).
