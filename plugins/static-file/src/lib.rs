@@ -84,13 +84,8 @@ impl StaticFile {
         for skipped in &parsed.skipped {
             warn!("{}: skipping {skipped}", self.path);
         }
+        // The daemon logs what it rejects and why; here they only count.
         let rejected = publish(&parsed.affiliates);
-        for r in &rejected {
-            warn!(
-                "{}: daemon rejected entry {} (nodeId {:?}): {}",
-                self.path, r.index, r.node_id, r.reason
-            );
-        }
         let published = parsed.affiliates.len() - rejected.len();
         let skipped = parsed.skipped.len() + rejected.len();
         set_status(
