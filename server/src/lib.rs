@@ -11,6 +11,7 @@ pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;

@@ -121,6 +121,27 @@ pub fn panic_message(p: &(dyn Any + Send)) -> String {
     }
 }
 
+/// `/<service>/<method>`, as logged.
+struct FullMethod(&'static str);
+
+impl std::fmt::Display for FullMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "/{GRPC_SERVICE}/{}", self.0)
+    }
+}
+
+/// The client IP as logged; empty when unknown.
+struct Peer(Option<IpAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(ip) => ip.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Shared by every call: metrics, limiter and which headers to trust.
 #[derive(Debug)]
 pub struct Observer {
@@ -153,10 +174,24 @@ impl Observer {
         kind: &'static str,
         req: &Request<R>,
     ) -> Result<Call, Status> {
+        let (mut call, deadline) = self.start(method, kind, req);
+        self.admit(&mut call, deadline).await?;
+        Ok(call)
+    }
+
+    /// The synchronous half of [`Self::begin`]: the call's record and its deadline. Split
+    /// out so a caller can let go of the request's headers before waiting for
+    /// [`Self::admit`], which keeps the per-RPC future small.
+    pub fn start<R: Describe>(
+        self: &Arc<Self>,
+        method: &'static str,
+        kind: &'static str,
+        req: &Request<R>,
+    ) -> (Call, Option<Instant>) {
         let start = Instant::now();
         let conn = req.extensions().get::<ConnInfo>();
         let peer = peer::client_ip(req.metadata(), conn, self.trust);
-        let mut call = Call {
+        let call = Call {
             obs: self.clone(),
             method,
             method_index: Metrics::method_index(method),
@@ -171,7 +206,13 @@ impl Observer {
             tracing::warn!(method, "failed to determine the client address");
         }
         let deadline = grpc_timeout(req.metadata()).and_then(|d| start.checked_add(d));
-        if let Err(e) = self.limiter.wait(peer, deadline).await {
+        (call, deadline)
+    }
+
+    /// The rate limiter half of [`Self::begin`]: waits for a token within `deadline`,
+    /// or finishes `call` with ResourceExhausted.
+    pub async fn admit(&self, call: &mut Call, deadline: Option<Instant>) -> Result<(), Status> {
+        if let Err(e) = self.limiter.wait(call.peer, deadline).await {
             let status = Status::resource_exhausted(e.to_string());
             call.finish(status.code(), Some(status.message()));
             return Err(status);
@@ -180,7 +221,7 @@ impl Observer {
         m.started.inc();
         m.msg_received.inc();
         call.counted = true;
-        Ok(call)
+        Ok(())
     }
 }
 
@@ -201,8 +242,9 @@ impl Call {
             m.handled(code).inc();
             m.handling_seconds.observe(elapsed.as_secs_f64());
         }
-        let method = format!("/{GRPC_SERVICE}/{}", self.method);
-        let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+        // Logged as they are, without building strings first: this runs on every call.
+        let method = FullMethod(self.method);
+        let peer = Peer(self.peer);
         let f = &self.fields;
         let code = code_name(code);
         if error.is_none() {
@@ -211,7 +253,7 @@ impl Call {
                 duration = ?elapsed,
                 code,
                 peer.address = %peer,
-                cluster_id = %f.cluster_id,
+                cluster_id = f.cluster_id.as_str(),
                 affiliate_id = f.affiliate_id.as_deref(),
                 client_version = f.client_version.as_deref(),
                 "finished call"
@@ -223,7 +265,7 @@ impl Call {
                 code,
                 error,
                 peer.address = %peer,
-                cluster_id = %f.cluster_id,
+                cluster_id = f.cluster_id.as_str(),
                 affiliate_id = f.affiliate_id.as_deref(),
                 client_version = f.client_version.as_deref(),
                 "finished call"

@@ -197,6 +197,21 @@ impl<I> Enforced<I> {
     }
 }
 
+impl<I> Enforced<I> {
+    /// Scans bytes the server wrote: HEADERS or DATA forgive earlier ping strikes.
+    fn sent(&mut self, bytes: &[u8]) {
+        if self.outbound.is_off() {
+            return;
+        }
+        let policy = &mut self.policy;
+        self.outbound.feed(bytes, |f| {
+            if f.kind == TYPE_DATA || f.kind == TYPE_HEADERS {
+                policy.server_sent_data();
+            }
+        });
+    }
+}
+
 fn too_many_pings() -> io::Error {
     io::Error::new(
         io::ErrorKind::ConnectionAborted,
@@ -258,17 +273,40 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Enforced<I> {
             return Poll::Ready(Err(too_many_pings()));
         }
         let result = Pin::new(&mut this.inner).poll_write(cx, data);
-        if let Poll::Ready(Ok(n)) = result
-            && !this.outbound.is_off()
-        {
-            let policy = &mut this.policy;
-            this.outbound.feed(&data[..n], |f| {
-                if f.kind == TYPE_DATA || f.kind == TYPE_HEADERS {
-                    policy.server_sent_data();
-                }
-            });
+        if let Poll::Ready(Ok(n)) = result {
+            this.sent(&data[..n]);
         }
         result
+    }
+
+    /// Passed through, so h2 writes a frame header and its payload in one system call
+    /// (and one TCP segment): without it, h2 writes payloads over 1 KiB, such as every
+    /// watch notification, separately from their header.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.calm_down {
+            return Poll::Ready(Err(too_many_pings()));
+        }
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(mut n)) = result {
+            for b in bufs {
+                let taken = n.min(b.len());
+                this.sent(&b[..taken]);
+                n -= taken;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -364,6 +402,26 @@ mod tests {
             p.server_sent_data();
             assert!(!p.on_ping(s(i)));
         }
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_are_passed_through_and_scanned() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut e = Enforced::new(a, Duration::from_secs(10));
+        assert_eq!(e.is_write_vectored(), e.get_ref().is_write_vectored());
+        let f = frame(TYPE_DATA, 0, 1, &[7, 7, 7]);
+        let (head, payload) = f.split_at(FRAME_HEADER);
+        let n = e
+            .write_vectored(&[io::IoSlice::new(head), io::IoSlice::new(payload)])
+            .await
+            .unwrap();
+        e.write_all(&f[n..]).await.unwrap();
+        assert!(e.outbound.at_boundary(), "the frame was scanned to its end");
+        assert!(e.policy.forgive, "server DATA forgives ping strikes");
+        let mut got = vec![0; f.len()];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, f);
     }
 
     #[test]

@@ -158,15 +158,19 @@ pub fn import(
     let result = (|| {
         while read_record(r, &mut buf)? {
             stats.size_bytes += buf.len() as u64;
-            let cluster = ClusterSnapshot::decode(buf.as_slice())?;
-            let affiliates: Vec<(String, Affiliate)> = cluster
-                .affiliates
-                .iter()
-                .filter_map(|a| affiliate(a, now, wall).map(|x| (a.id.clone(), x)))
+            // Decoded from `Bytes`, the blobs are slices of the record rather than
+            // copies, so each is copied once, by `affiliate`, into its own allocation. The
+            // next record is read into a fresh buffer of the same capacity.
+            let capacity = buf.capacity();
+            let record = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(capacity)));
+            let ClusterSnapshot { id, affiliates } = ClusterSnapshot::decode(record)?;
+            let affiliates: Vec<(String, Affiliate)> = affiliates
+                .into_iter()
+                .filter_map(|a| affiliate(&a, now, wall).map(|x| (a.id, x)))
                 .collect();
             let endpoints: usize = affiliates.iter().map(|(_, a)| a.endpoints().len()).sum();
             let count = affiliates.len();
-            state.import_cluster(&cluster.id, affiliates)?;
+            state.import_cluster(&id, affiliates)?;
             stats.clusters += 1;
             stats.affiliates += count;
             stats.endpoints += endpoints;

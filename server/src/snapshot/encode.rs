@@ -123,16 +123,23 @@ pub fn write_cluster(
 ) -> (usize, usize) {
     let (mut affiliates, mut endpoints) = (0, 0);
     cluster.with_affiliates(|all| {
-        let mut body = wire::bytes_len(1, id.len());
-        for (aid, a) in all.clone() {
-            body += wire::field_len(2, affiliate_len(aid, a, now));
-        }
+        // The record's length comes first, so one pass sizes every affiliate and the
+        // second writes them, reusing those sizes: each affiliate's endpoints (a separate
+        // allocation, a cache miss apiece at 100k affiliates) are visited twice, not three
+        // times.
+        let sizes: Vec<usize> = all
+            .clone()
+            .map(|(aid, a)| affiliate_len(aid, a, now))
+            .collect();
+        let body = wire::bytes_len(1, id.len())
+            + sizes.iter().map(|&n| wire::field_len(2, n)).sum::<usize>();
+        buf.reserve(1 + prost::encoding::encoded_len_varint(body as u64) + body);
         buf.push(CLUSTER_RECORD_TAG);
         prost::encoding::encode_varint(body as u64, buf);
         wire::put_bytes(1, id.as_bytes(), buf);
-        for (aid, a) in all {
+        for ((aid, a), size) in all.zip(sizes) {
             affiliates += 1;
-            wire::put_header(2, affiliate_len(aid, a, now), buf);
+            wire::put_header(2, size, buf);
             wire::put_bytes(1, aid.as_bytes(), buf);
             wire::put_bytes(3, a.data(), buf);
             for e in a.endpoints() {
@@ -148,21 +155,45 @@ pub fn write_cluster(
     (affiliates, endpoints)
 }
 
-/// Writes every cluster of `state` to `out`, locking one cluster at a time and reusing
-/// one buffer. An empty state writes nothing, which is a valid empty snapshot.
-pub fn export(state: &State, now: Instant, out: &mut impl Write) -> io::Result<Stats> {
+/// Encoded records are gathered into chunks of about this size: few system calls even
+/// for many tiny clusters, and each byte is copied once, from the chunk into the file.
+pub const WRITE_CHUNK: usize = 1 << 20;
+
+/// Encodes every cluster of `state`, locking one cluster at a time, into chunks of about
+/// [`WRITE_CHUNK`] bytes. `emit` receives each full chunk and must leave the buffer empty
+/// (clear it, or swap in another one). An empty state emits nothing, which is a valid
+/// empty snapshot.
+pub fn export_chunks(
+    state: &State,
+    now: Instant,
+    mut emit: impl FnMut(&mut Vec<u8>) -> io::Result<()>,
+) -> io::Result<Stats> {
     let mut stats = Stats::default();
-    let mut buf = Vec::new();
+    let mut buf = Vec::with_capacity(WRITE_CHUNK);
     for (id, cluster) in state.clusters() {
-        buf.clear();
+        let before = buf.len();
         let (affiliates, endpoints) = write_cluster(&mut buf, &id, &cluster, now);
         stats.clusters += 1;
         stats.affiliates += affiliates;
         stats.endpoints += endpoints;
-        out.write_all(&buf)?;
-        stats.size_bytes += buf.len() as u64;
+        stats.size_bytes += (buf.len() - before) as u64;
+        if buf.len() >= WRITE_CHUNK {
+            emit(&mut buf)?;
+        }
+    }
+    if !buf.is_empty() {
+        emit(&mut buf)?;
     }
     Ok(stats)
+}
+
+/// [`export_chunks`] into a writer.
+pub fn export(state: &State, now: Instant, out: &mut impl Write) -> io::Result<Stats> {
+    export_chunks(state, now, |buf| {
+        out.write_all(buf)?;
+        buf.clear();
+        Ok(())
+    })
 }
 
 #[cfg(test)]

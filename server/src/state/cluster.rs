@@ -228,9 +228,15 @@ impl Cluster {
         f(inner.affiliates.iter())
     }
 
-    /// Inserts a restored affiliate, replacing any with the same id (snapshot load).
-    pub(super) fn restore(&self, id: &str, a: Affiliate) {
-        self.lock().affiliates.insert(id.into(), a);
+    /// Inserts restored affiliates under one lock, replacing any with the same id
+    /// (snapshot load). The map is sized once and the ids are moved in, not copied.
+    pub(super) fn restore(&self, affiliates: impl IntoIterator<Item = (String, Affiliate)>) {
+        let affiliates = affiliates.into_iter();
+        let mut inner = self.lock();
+        inner.affiliates.reserve(affiliates.size_hint().0);
+        for (id, a) in affiliates {
+            inner.affiliates.insert(id.into_boxed_str(), a);
+        }
     }
 }
 

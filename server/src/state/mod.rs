@@ -131,9 +131,7 @@ impl State {
             Entry::Occupied(_) => return Err(DuplicateCluster(cluster_id.to_owned())),
             Entry::Vacant(v) => v.insert(Arc::default()).value().clone(),
         };
-        for (id, a) in affiliates {
-            cluster.restore(&id, a);
-        }
+        cluster.restore(affiliates);
         Ok(())
     }
 }
