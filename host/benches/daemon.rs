@@ -5,9 +5,7 @@
 //!
 //! Run with `cargo bench -p discoveryd` after `scripts/setup` built the plugins.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,17 +17,10 @@ use discoveryd::{members, merge};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-fn plugin(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/plugins")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.is_file(),
-        "{} missing: run scripts/setup",
-        path.display()
-    );
-    path
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{Daemon, plugin};
 
 fn plugin_config(name: &str, wasm: &Path, config_json: &str) -> PluginConfig {
     let dir = tempfile::tempdir().unwrap();
@@ -227,70 +218,33 @@ fn resident_memory() {
         "- {nodeId: a, nodename: a, addresses: [10.0.0.1]}\n- {nodeId: b, nodename: b, addresses: [10.0.0.2]}\n",
     )
     .unwrap();
-    let wasm = plugin("static-file");
     let mut yaml = String::from("node: {stateDir: state, nodename: bench}\nplugins:\n");
     for i in 1..=3 {
         yaml += &format!(
             "  static{i}: {{path: {}, prefix: static{i}, config: {{path: /peers/peers.yaml}}, grants: {{files: [{{host: {}, guest: /peers}}]}}}}\n",
-            wasm.display(),
+            plugin("static-file").display(),
             dir.path().join("peers").display()
         );
     }
-    std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
-    let bin = env!("CARGO_BIN_EXE_discoveryd");
-    let mut daemon = Command::new(bin)
-        .args(["run", "--config"])
-        .arg(dir.path().join("config.yaml"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Bounds the whole measurement: a hung daemon is killed, which ends both
-    // output streams read below.
-    let pid = nix::unistd::Pid::from_raw(daemon.id() as i32);
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(120));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-    });
-    let stderr = BufReader::new(daemon.stderr.take().unwrap());
-    for line in stderr.lines() {
-        if line.unwrap().contains("discoveryd running") {
-            break;
-        }
-    }
-    // Wait (bounded by the CLI's stream) until all three plugins published.
-    let mut watcher = Command::new(bin)
-        .args(["plugins", "-o", "json", "-w", "--socket"])
-        .arg(dir.path().join("state/discoveryd.sock"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let daemon = Daemon::start_in(dir, &yaml);
+    let (mut watcher, updates) = daemon.cli_stream(&["plugins", "-o", "json", "-w"]);
     let mut published = std::collections::BTreeSet::new();
-    for line in BufReader::new(watcher.stdout.take().unwrap()).lines() {
-        let value: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if value["published"] == 2 {
-            published.insert(value["name"].as_str().unwrap().to_string());
-        }
-        if published.len() == 3 {
-            break;
-        }
-    }
+    updates.wait_for(
+        "all three plugins to publish",
+        Duration::from_secs(60),
+        |line| {
+            let value = common::json(line);
+            if value["published"] == 2 {
+                published.insert(value["name"].as_str().unwrap().to_string());
+            }
+            published.len() == 3
+        },
+    );
     let _ = watcher.kill();
     let _ = watcher.wait();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.id())).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    daemon.wait().unwrap();
     report(
         "daemon resident memory, 3 plugins loaded",
-        kib / 1024.0,
+        daemon.resident_kib() as f64 / 1024.0,
         "MiB",
         40.0,
     );

@@ -185,8 +185,14 @@ impl Daemon {
         (status, dir)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// The daemon's resident memory (VmRSS) in KiB.
+    pub fn resident_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
     }
 
     pub fn is_running(&mut self) -> bool {
