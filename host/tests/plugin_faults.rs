@@ -55,6 +55,11 @@ plugins:
     prefix: block-log
     config: {{mode: log-loop}}
     limits: {{cpuBudgetMs: 300}}
+  block-poll:
+    path: {block}
+    prefix: block-poll
+    config: {{mode: poll-loop}}
+    limits: {{cpuBudgetMs: 300}}
   escape:
     path: {escape}
     config:
@@ -80,6 +85,7 @@ plugins:
         ("membomb", "memory limit exceeded"),
         ("block-sleep", "CPU budget exceeded"),
         ("block-log", "CPU budget exceeded"),
+        ("block-poll", "CPU budget exceeded"),
         ("escape", "read /granted/../secret.txt"),
     ];
     let (mut watcher, updates) = daemon.cli_stream(&["plugins", "-o", "json", "-w"]);

@@ -214,7 +214,9 @@ pub fn run<R: Registry>(config: &str) -> Result<(), String> {
             .map(|at| at.saturating_duration_since(Instant::now()))
             .unwrap_or(MAX_WAIT)
             .min(MAX_WAIT);
-        match host::next_event(wait.as_millis() as u32) {
+        // Rounded up: a zero timeout is a poll, which the host does not count as idle.
+        let wait_ms = wait.as_micros().div_ceil(1000) as u32;
+        match host::next_event(wait_ms) {
             Event::Shutdown => {
                 registry.on_shutdown();
                 return Ok(());

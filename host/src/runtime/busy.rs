@@ -34,7 +34,14 @@ impl BusyClock {
         self.waiting.store(true, Ordering::Release);
     }
 
-    pub fn wait_ends(&self) {
+    /// The wait is over. A wait that returned nothing at once (`next-event(0)` with
+    /// no event pending) is a poll, not idle time: the clock keeps running, so a
+    /// plugin spinning on such polls still runs out of budget.
+    pub fn wait_ends(&self, idled: bool) {
+        if !idled {
+            self.waiting.store(false, Ordering::Release);
+            return;
+        }
         let now = self.base.elapsed().as_nanos() as u64;
         self.since_ns.store(now, Ordering::Release);
         self.waiting.store(false, Ordering::Release);
@@ -72,11 +79,24 @@ mod tests {
         clock.wait_begins();
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(clock.busy_for(), None);
-        clock.wait_ends();
+        clock.wait_ends(true);
         let budget = Duration::from_millis(200);
         let busy = tokio::time::timeout(Duration::from_secs(5), clock.exceeded(budget))
             .await
             .expect("the watchdog fires");
         assert!(busy > budget);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn polls_that_return_at_once_do_not_reset_the_clock() {
+        let clock = BusyClock::new();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        clock.wait_begins();
+        clock.wait_ends(false);
+        let busy = clock.busy_for().expect("busy after a poll");
+        assert!(busy >= Duration::from_millis(150), "{busy:?}");
+        clock.wait_begins();
+        clock.wait_ends(true);
+        assert!(clock.busy_for().unwrap() < Duration::from_millis(150));
     }
 }

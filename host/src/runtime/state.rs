@@ -171,7 +171,8 @@ impl host::Host for PluginState {
             },
             _ = tokio::time::sleep(wait) => host::Event::Timeout,
         };
-        self.busy.wait_ends();
+        let idled = timeout_ms > 0 || !matches!(event, host::Event::Timeout);
+        self.busy.wait_ends(idled);
         Ok(event)
     }
 }

@@ -1,6 +1,7 @@
 //! Stays busy without ever waiting for an event, in ways the epoch deadline alone
 //! cannot see. Config `{"mode": "sleep"}`: blocks in a WASI sleep for an hour;
-//! `{"mode": "log-loop"}`: calls the host's `log` forever.
+//! `{"mode": "log-loop"}`: calls the host's `log` forever; `{"mode": "poll-loop"}`:
+//! polls `next-event(0)` forever, which returns at once and so is not idle time.
 
 use std::time::Duration;
 
@@ -23,6 +24,9 @@ impl Registry for Block {
             "sleep" => std::thread::sleep(Duration::from_secs(3600)),
             "log-loop" => loop {
                 info!("fault-block: spam");
+            },
+            "poll-loop" => loop {
+                discovery_sdk::bindings::discovery::registry::host::next_event(0);
             },
             other => return Err(format!("unknown mode {other:?}")),
         }
