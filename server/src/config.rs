@@ -48,6 +48,16 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(total).map_err(|_| err())
 }
 
+/// Parses a boolean like Go's `strconv.ParseBool` (which Go's `flag` package uses):
+/// `1`, `t`, `T`, `TRUE`, `true`, `True` and `0`, `f`, `F`, `FALSE`, `false`, `False`.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("invalid boolean value {s:?}")),
+    }
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "discovery-service",
@@ -65,7 +75,7 @@ pub struct Config {
     #[arg(long, default_value = ":2122")]
     pub metrics_addr: String,
     /// Development (human-readable) logs instead of JSON; also `MODE=dev`.
-    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub debug: bool,
     /// Garbage collection period of the state.
     #[arg(long, default_value = "1m", value_parser = parse_go_duration)]
@@ -74,7 +84,7 @@ pub struct Config {
     #[arg(long, default_value = "")]
     pub redirect_endpoint: String,
     /// Persist the state to a snapshot file.
-    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub snapshots_enabled: bool,
     /// Snapshot file.
     #[arg(long, default_value = "/var/discovery-service/state.binpb")]
@@ -90,16 +100,16 @@ pub struct Config {
     pub key_path: String,
     /// Trust the X-Real-IP header. Only behind a proxy that overwrites it: otherwise
     /// clients choose their reported IP and rate-limit key.
-    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub trust_x_real_ip: bool,
     /// Trust the first X-Forwarded-For entry (same caveat as --trust-x-real-ip).
-    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub trust_first_x_forwarded_for: bool,
     /// Report an empty client IP in Hello.
-    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub disable_client_ip_reporting: bool,
     /// Disable the unauthenticated `/inspect` page.
-    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub disable_inspect: bool,
     /// Token refill per client IP per second (tests lower it).
     #[arg(long, default_value_t = crate::limits::IP_RATE_REQUESTS_PER_SECOND_MAX, hide = true)]
@@ -190,6 +200,66 @@ mod tests {
         assert!(c.trust_x_real_ip);
         assert_eq!(c.gc_interval, Duration::from_secs(90));
         assert_eq!(c.landing_addr, "");
+    }
+
+    #[test]
+    fn bool_flags_take_go_parse_bool_spellings() {
+        let flags = [
+            "debug",
+            "snapshots-enabled",
+            "trust-x-real-ip",
+            "trust-first-x-forwarded-for",
+            "disable-client-ip-reporting",
+            "disable-inspect",
+        ];
+        let get = |c: &Config, flag: &str| match flag {
+            "debug" => c.debug,
+            "snapshots-enabled" => c.snapshots_enabled,
+            "trust-x-real-ip" => c.trust_x_real_ip,
+            "trust-first-x-forwarded-for" => c.trust_first_x_forwarded_for,
+            "disable-client-ip-reporting" => c.disable_client_ip_reporting,
+            "disable-inspect" => c.disable_inspect,
+            _ => unreachable!(),
+        };
+        let spellings = [
+            ("1", true),
+            ("t", true),
+            ("T", true),
+            ("true", true),
+            ("TRUE", true),
+            ("True", true),
+            ("0", false),
+            ("f", false),
+            ("F", false),
+            ("false", false),
+            ("FALSE", false),
+            ("False", false),
+        ];
+        for flag in flags {
+            for (value, want) in spellings {
+                for dashes in ["-", "--"] {
+                    let c = parse(&[&format!("{dashes}{flag}={value}")]);
+                    assert_eq!(get(&c, flag), want, "{dashes}{flag}={value}");
+                }
+            }
+            // A bare flag means true, as in Go.
+            assert!(get(&parse(&[&format!("-{flag}")]), flag), "-{flag}");
+            assert!(get(&parse(&[&format!("--{flag}")]), flag), "--{flag}");
+            for bad in ["yes", "on", "tRuE", "2", ""] {
+                let args = ["discovery-service".to_string(), format!("--{flag}={bad}")];
+                assert!(
+                    Config::try_parse_from(normalize_args(args)).is_err(),
+                    "--{flag}={bad}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rate_limit_defaults_are_fifteen_per_second_burst_sixty() {
+        let c = parse(&[]);
+        assert_eq!(c.rate_limit_per_second, 15.0);
+        assert_eq!(c.rate_limit_burst, 60);
     }
 
     #[test]

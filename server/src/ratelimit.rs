@@ -161,6 +161,29 @@ mod tests {
     const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     #[test]
+    fn default_rate_is_fifteen_per_second_burst_sixty() {
+        assert_eq!(
+            Rate::default(),
+            Rate {
+                per_second: 15.0,
+                burst: 60,
+            }
+        );
+        // And the limiter built from it behaves so: 60 at once, then one per 1/15 s.
+        let l = IpRateLimiter::new(Rate::default());
+        let t0 = Instant::now();
+        for _ in 0..60 {
+            assert_eq!(l.reserve(IP, t0, Some(Duration::ZERO)), Ok(Duration::ZERO));
+        }
+        assert_eq!(l.reserve(IP, t0, Some(Duration::ZERO)), Err(Exceeded));
+        let wait = l.reserve(IP, t0, None).unwrap();
+        assert!(
+            wait.abs_diff(Duration::from_secs(1) / 15) < Duration::from_micros(1),
+            "{wait:?}"
+        );
+    }
+
+    #[test]
     fn burst_then_deadline_bounded_wait() {
         // Upstream's test: 1 rps, burst 60, 1 s deadline → 60 pass, the 61st fails.
         let l = IpRateLimiter::new(Rate {
