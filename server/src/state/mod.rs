@@ -185,6 +185,41 @@ mod tests {
     }
 
     #[test]
+    fn a_watcher_may_fall_thirty_two_behind_and_the_thirty_third_ends_it() {
+        use crate::limits::WATCH_BUFFER;
+        assert_eq!(WATCH_BUFFER, 32, "the reference's watch buffer (§4.6, §10)");
+        let s = State::new();
+        let exp = Instant::now() + Duration::from_secs(60);
+        let (snapshot, mut sub) = s.watch("c", WATCH_BUFFER);
+        assert!(snapshot.is_empty());
+        let data = |i: usize| format!("d{i}");
+        for i in 0..32 {
+            s.update("c", &up("af", data(i).as_bytes(), &[]), exp)
+                .unwrap();
+        }
+        assert_eq!(s.counts().subscriptions, 1, "32 pending are fine");
+        // All 32 are delivered, in order, and the watcher lives on.
+        for i in 0..32 {
+            let n = sub.try_recv().unwrap().expect("buffered");
+            let Notification::Update(v) = &*n else {
+                panic!("{n:?}")
+            };
+            assert_eq!(v.data, Bytes::from(data(i)));
+        }
+        assert_eq!(sub.try_recv(), Ok(None));
+        // Fill it again, then one more.
+        for i in 0..32 {
+            s.update("c", &up("af", data(i).as_bytes(), &[]), exp)
+                .unwrap();
+        }
+        assert_eq!(s.counts().subscriptions, 1);
+        s.update("c", &up("af", b"33rd", &[]), exp).unwrap();
+        assert_eq!(s.counts().subscriptions, 0, "the 33rd dropped the watcher");
+        // Lost at once, although 32 notifications are still buffered (Q9).
+        assert_eq!(sub.try_recv(), Err(Lost));
+    }
+
+    #[test]
     fn import_rejects_duplicate_cluster_and_keeps_the_first() {
         let s = State::new();
         let now = Instant::now();
