@@ -9,8 +9,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use discovery_service::proto::server::{Affiliate, HelloRequest, WatchRequest};
+use discovery_service::proto::server::cluster_client::ClusterClient;
+use discovery_service::proto::server::{Affiliate, HelloRequest, HelloResponse, WatchRequest};
 use tonic::Code;
+use tonic::transport::Channel;
 
 /// A node's view of its cluster, maintained from a watch stream the way the real
 /// client does: the first message replaces everything, later ones patch it.
@@ -140,26 +142,77 @@ async fn five_fifteen_and_fifty_nodes_converge_within_five_seconds() {
     server.shutdown().await.unwrap();
 }
 
-/// Server 1 is restarted with a redirect to server 2; clients follow the redirect from
-/// their next Hello and find each other there.
-#[tokio::test]
-async fn redirect_moves_clients_to_another_server() {
-    let second = start(config()).await;
-    let mut cfg = config();
-    cfg.redirect_endpoint = second.grpc_addr.to_string();
-    let first = start(cfg).await;
-
-    let mut homes = Vec::new();
-    for i in 0..2 {
-        let mut c = client(&first).await;
-        let hello = c
-            .hello(HelloRequest {
-                cluster_id: "moving".into(),
+/// Hello from a client that keeps its configured endpoint across a server restart: the
+/// first attempts after the restart may hit the dead connection, so it retries with a
+/// short backoff, as the real client does (bounded here).
+async fn hello_retrying(c: &mut ClusterClient<Channel>, cluster: &str) -> HelloResponse {
+    within("hello after the restart", async {
+        let mut attempts = 0;
+        loop {
+            let req = HelloRequest {
+                cluster_id: cluster.into(),
                 client_version: "v1.12.0".into(),
+            };
+            match c.hello(req).await {
+                Ok(r) => return r.into_inner(),
+                Err(e) if attempts < 20 && e.code() == Code::Unavailable => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("hello failed: {e:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// The reference's scenario (§4.14 "Real client"): both clients register on server 1,
+/// server 1 is restarted with a redirect to server 2, and the clients, re-Helloing to
+/// their configured endpoint, follow the redirect and find each other on server 2.
+#[tokio::test]
+async fn restarting_server_one_with_a_redirect_moves_both_clients() {
+    let second = start(config()).await;
+    let first = start(config()).await;
+    let first_addr = first.grpc_addr;
+
+    // Both register on server 1 and see each other there.
+    let mut clients = Vec::new();
+    for i in 0..2 {
+        let mut c = client_at(first_addr).await;
+        let hello = hello_retrying(&mut c, "moving").await;
+        assert!(hello.redirect.is_none());
+        publish(first_addr, "moving".into(), i, 2).await;
+        clients.push(c);
+    }
+    watch_until(first_addr, "moving", converged(2)).await;
+    // Each client keeps a watch open on server 1, as the real one does.
+    let mut streams = Vec::new();
+    for c in &mut clients {
+        let mut s = c
+            .watch(WatchRequest {
+                cluster_id: "moving".into(),
             })
             .await
             .unwrap()
             .into_inner();
+        assert_eq!(next(&mut s).await.unwrap().unwrap().affiliates.len(), 2);
+        streams.push(s);
+    }
+
+    // Restart server 1, same address, now redirecting to server 2.
+    first.shutdown().await.unwrap();
+    for s in &mut streams {
+        // The shutdown ends the watch with OK: the client's cue to reconnect.
+        assert!(next(s).await.unwrap().is_none());
+    }
+    let mut cfg = config();
+    cfg.addr = first_addr.to_string();
+    cfg.redirect_endpoint = second.grpc_addr.to_string();
+    let first = start(cfg).await;
+    assert_eq!(first.grpc_addr, first_addr);
+
+    for (i, c) in clients.iter_mut().enumerate() {
+        let hello = hello_retrying(c, "moving").await;
         // The client switches to the redirect for the rest of its lifetime.
         let home: SocketAddr = hello
             .redirect
@@ -169,14 +222,12 @@ async fn redirect_moves_clients_to_another_server() {
             .unwrap();
         assert_eq!(home, second.grpc_addr);
         publish(home, "moving".into(), i, 2).await;
-        homes.push(home);
     }
-    for home in homes {
-        watch_until(home, "moving", converged(2)).await;
-    }
+    let view = watch_until(second.grpc_addr, "moving", converged(2)).await;
+    assert_eq!(view.len(), 2);
     assert!(
         first.state.cluster("moving").is_none(),
-        "nothing was published on server 1"
+        "nothing was published on the restarted server 1"
     );
     first.shutdown().await.unwrap();
     second.shutdown().await.unwrap();
