@@ -1,5 +1,6 @@
-//! Crash tests through the real binary: SIGTERM saves everything, SIGKILL loses at most
-//! what came after the last snapshot, and the file on disk is never torn.
+//! Tests through the real binary: SIGTERM and SIGINT save everything, SIGKILL loses at
+//! most what came after the last snapshot, and the file on disk is never torn; every RPC
+//! logs one structured JSON line.
 
 mod common;
 
@@ -90,6 +91,18 @@ impl Proc {
     fn signal(&self, s: Signal) {
         kill(Pid::from_raw(self.child.id().unwrap() as i32), s).unwrap();
     }
+}
+
+/// Every line the process writes until it exits (INFO lines are flushed on exit).
+async fn rest_of_logs(p: &mut Proc) -> Vec<Value> {
+    within("end of logs", async {
+        let mut lines = Vec::new();
+        while let Some(v) = p.logs.recv().await {
+            lines.push(v);
+        }
+        lines
+    })
+    .await
 }
 
 async fn ids(addr: SocketAddr, cluster: &str) -> BTreeSet<String> {
@@ -222,4 +235,127 @@ async fn a_failed_final_save_exits_non_zero() {
     p.wait_log(|v| v["message"] == "failed to save state").await;
     let status = within("exit", p.child.wait()).await.unwrap();
     assert_eq!(status.code(), Some(1));
+}
+
+#[tokio::test]
+async fn sigint_shuts_down_gracefully_and_writes_the_final_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.binpb");
+    let mut p = Proc::spawn(&path, "1h").await;
+    let mut c = client_at(p.addr).await;
+    let mut w = c
+        .watch(discovery_service::proto::server::WatchRequest {
+            cluster_id: "int".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next(&mut w).await.unwrap().unwrap().affiliates.is_empty());
+    c.affiliate_update(update("int", "af", "data-af", &["e"], 1800))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut w).await.unwrap().unwrap().affiliates[0].id, "af");
+    p.signal(Signal::SIGINT);
+    p.wait_log(|v| v["message"] == "shutting down" && v["signal"] == "SIGINT")
+        .await;
+    // The watch stream ends with OK, not an error.
+    assert!(next(&mut w).await.unwrap().is_none());
+    let saved = p.wait_log(|v| v["message"] == "state saved").await;
+    assert_eq!(saved["affiliates"], 1);
+    let status = within("exit", p.child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    let snap = StateSnapshot::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+    assert_eq!(snap.clusters[0].id, "int");
+    assert_eq!(snap.clusters[0].affiliates[0].id, "af");
+}
+
+#[tokio::test]
+async fn every_rpc_logs_one_structured_line() {
+    use discovery_service::proto::server::HelloRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Proc::spawn(&dir.path().join("state.binpb"), "1h").await;
+    let mut c = client_at(p.addr).await;
+    c.hello(HelloRequest {
+        cluster_id: "log-c".into(),
+        client_version: "v1.12.0".into(),
+    })
+    .await
+    .unwrap();
+    let mut bad = update("log-c", "log-af", "", &[], 60);
+    bad.affiliate_data = Some(bytes::Bytes::from(vec![0; 2049]));
+    let err = c.affiliate_update(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    p.signal(Signal::SIGTERM);
+    assert!(within("exit", p.child.wait()).await.unwrap().success());
+
+    let calls: Vec<Value> = rest_of_logs(&mut p)
+        .await
+        .into_iter()
+        .filter(|v| v.get("code").is_some())
+        .collect();
+    assert_eq!(calls.len(), 2, "one line per call: {calls:?}");
+    let fields = |v: &Value| -> BTreeSet<String> {
+        let mut keys: BTreeSet<String> = v.as_object().unwrap().keys().cloned().collect();
+        for common in ["timestamp", "target"] {
+            keys.remove(common);
+        }
+        keys
+    };
+    let set =
+        |names: &[&str]| -> BTreeSet<String> { names.iter().map(|s| s.to_string()).collect() };
+
+    // Success: info, the full method name, and no error.
+    let ok = &calls[0];
+    assert_eq!(
+        fields(ok),
+        set(&[
+            "level",
+            "message",
+            "grpc.method",
+            "duration",
+            "code",
+            "peer.address",
+            "cluster_id",
+            "client_version"
+        ]),
+        "{ok}"
+    );
+    assert_eq!(ok["level"], "INFO");
+    assert_eq!(ok["message"], "/sidero.discovery.server.Cluster/Hello");
+    assert_eq!(ok["grpc.method"], ok["message"]);
+    assert_eq!(ok["code"], "OK");
+    assert_eq!(ok["peer.address"], "127.0.0.1");
+    assert_eq!(ok["cluster_id"], "log-c");
+    assert_eq!(ok["client_version"], "v1.12.0");
+    assert!(!ok["duration"].as_str().unwrap().is_empty());
+
+    // Failure: error level, with the code and the message as `error`.
+    let failed = &calls[1];
+    assert_eq!(
+        fields(failed),
+        set(&[
+            "level",
+            "message",
+            "grpc.method",
+            "duration",
+            "code",
+            "error",
+            "peer.address",
+            "cluster_id",
+            "affiliate_id"
+        ]),
+        "{failed}"
+    );
+    assert_eq!(failed["level"], "ERROR");
+    assert_eq!(
+        failed["message"],
+        "/sidero.discovery.server.Cluster/AffiliateUpdate"
+    );
+    assert_eq!(failed["grpc.method"], failed["message"]);
+    assert_eq!(failed["code"], "InvalidArgument");
+    assert_eq!(failed["error"], "affiliate data is too big");
+    assert_eq!(failed["peer.address"], "127.0.0.1");
+    assert_eq!(failed["cluster_id"], "log-c");
+    assert_eq!(failed["affiliate_id"], "log-af");
+    assert!(!failed["duration"].as_str().unwrap().is_empty());
 }

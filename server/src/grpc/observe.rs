@@ -242,7 +242,9 @@ impl Call {
             m.handled(code).inc();
             m.handling_seconds.observe(elapsed.as_secs_f64());
         }
-        // Logged as they are, without building strings first: this runs on every call.
+        // One line per call whose message is the full method name, with the reference's
+        // fields (§4.12): info on success, error (with `error`) on failure. Logged as
+        // they are, without building strings first: this runs on every call.
         let method = FullMethod(self.method);
         let peer = Peer(self.peer);
         let f = &self.fields;
@@ -256,7 +258,7 @@ impl Call {
                 cluster_id = f.cluster_id.as_str(),
                 affiliate_id = f.affiliate_id.as_deref(),
                 client_version = f.client_version.as_deref(),
-                "finished call"
+                "{method}"
             );
         } else {
             tracing::error!(
@@ -268,7 +270,7 @@ impl Call {
                 cluster_id = f.cluster_id.as_str(),
                 affiliate_id = f.affiliate_id.as_deref(),
                 client_version = f.client_version.as_deref(),
-                "finished call"
+                "{method}"
             );
         }
     }
