@@ -5,8 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use discovery_service::proto::server::HelloRequest;
 use discovery_service::proto::server::cluster_client::ClusterClient;
+use discovery_service::proto::server::{HelloRequest, WatchRequest};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
@@ -114,5 +114,56 @@ async fn default_rate_allows_fifteen_per_second_after_the_burst() {
             "rate limit exceeds request timeout"
         )
     );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_watch_costs_one_token_when_it_starts_and_none_per_message() {
+    // Burst 1 and a refill far away: the watch takes the only token.
+    let mut cfg = config();
+    cfg.rate_limit_per_second = 0.01;
+    cfg.rate_limit_burst = 1;
+    let server = start(cfg).await;
+    let mut c = client(&server).await;
+    let mut w = c
+        .watch(WatchRequest {
+            cluster_id: "c".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next(&mut w).await.unwrap().unwrap().affiliates.is_empty());
+
+    let exhausted = (
+        Code::ResourceExhausted,
+        "rate limit exceeds request timeout",
+    );
+    let err = c
+        .hello(hello_with_deadline(Some(Duration::from_millis(200))))
+        .await
+        .unwrap_err();
+    assert_eq!((err.code(), err.message()), exhausted);
+
+    // Another stream start is charged too.
+    let mut req = Request::new(WatchRequest {
+        cluster_id: "c".into(),
+    });
+    req.set_timeout(Duration::from_millis(200));
+    let err = c.watch(req).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), exhausted);
+
+    // Messages on the open stream are not: they keep flowing with the bucket empty.
+    let exp = std::time::Instant::now() + Duration::from_secs(60);
+    for i in 0..5 {
+        let data = format!("d{i}");
+        let u = discovery_service::state::Update {
+            affiliate_id: "af",
+            data: data.as_bytes(),
+            endpoints: &[],
+        };
+        server.state.update("c", &u, exp).unwrap();
+        let m = next(&mut w).await.unwrap().unwrap();
+        assert_eq!(m.affiliates[0].data, b(&data));
+    }
     server.shutdown().await.unwrap();
 }
