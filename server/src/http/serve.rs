@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
@@ -47,6 +47,16 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
         };
     }
     TcpListener::bind(addr).await
+}
+
+/// Accepts one connection and sets TCP_NODELAY on it: a small gRPC response must not
+/// wait for the client's delayed ACK (Nagle), which multiplies tail latency.
+pub async fn accept(listener: &TcpListener) -> std::io::Result<(TcpStream, SocketAddr)> {
+    let (tcp, remote) = listener.accept().await?;
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(peer = %remote, error = %e, "failed to set TCP_NODELAY");
+    }
+    Ok((tcp, remote))
 }
 
 fn builder() -> auto::Builder<TokioExecutor> {
@@ -93,7 +103,7 @@ pub async fn serve(
     loop {
         let (tcp, remote) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = accept(&listener) => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -103,7 +113,6 @@ pub async fn serve(
                 }
             },
         };
-        let _ = tcp.set_nodelay(true);
         let conn_args = (remote, handler.clone(), builder.clone(), graceful.watcher());
         match &tls {
             None => {
@@ -142,5 +151,23 @@ pub async fn serve(
             server = name,
             "connections still open after the shutdown grace period"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr);
+        let (client, accepted) = tokio::join!(client, accept(&listener));
+        let client = client.unwrap();
+        assert!(!client.nodelay().unwrap(), "the default is off");
+        let (tcp, remote) = accepted.unwrap();
+        assert_eq!(remote, client.local_addr().unwrap());
+        assert!(tcp.nodelay().unwrap());
     }
 }
