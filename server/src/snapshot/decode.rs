@@ -37,8 +37,9 @@ pub enum DecodeError {
     Io(io::Error),
 }
 
-/// Reads one varint; `Ok(None)` on a clean EOF before its first byte.
-fn read_varint(r: &mut impl Read) -> Result<Option<u64>, DecodeError> {
+/// Reads one varint and says how many bytes it took; `Ok(None)` on a clean EOF before
+/// its first byte.
+fn read_varint(r: &mut impl Read) -> Result<Option<(u64, u64)>, DecodeError> {
     let mut value: u64 = 0;
     for i in 0..10 {
         let mut byte = [0u8; 1];
@@ -57,16 +58,17 @@ fn read_varint(r: &mut impl Read) -> Result<Option<u64>, DecodeError> {
         }
         value |= u64::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
-            return Ok(Some(value));
+            return Ok(Some((value, i + 1)));
         }
     }
     Err(DecodeError::VarintOverflow)
 }
 
-/// Reads the next `ClusterSnapshot` record into `buf`; `Ok(false)` at a clean end.
-pub fn read_record(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<bool, DecodeError> {
-    let Some(tag) = read_varint(r)? else {
-        return Ok(false);
+/// Reads the next `ClusterSnapshot` record into `buf` and returns the size of the whole
+/// record in the file (tag, length and body); `Ok(None)` at a clean end.
+pub fn read_record(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<u64>, DecodeError> {
+    let Some((tag, tag_bytes)) = read_varint(r)? else {
+        return Ok(None);
     };
     if tag >> 3 != 1 {
         return Err(DecodeError::UnexpectedNumber(tag >> 3));
@@ -74,7 +76,7 @@ pub fn read_record(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<bool, DecodeE
     if tag & 7 != 2 {
         return Err(DecodeError::UnexpectedType(tag & 7));
     }
-    let len = read_varint(r)?
+    let (len, len_bytes) = read_varint(r)?
         .ok_or_else(|| DecodeError::Truncated(io::ErrorKind::UnexpectedEof.into()))?;
     if len > MAX_CLUSTER_SNAPSHOT_SIZE {
         return Err(DecodeError::ClusterSnapshotTooLarge(len));
@@ -84,7 +86,7 @@ pub fn read_record(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<bool, DecodeE
     if (buf.len() as u64) < len {
         return Err(DecodeError::Truncated(io::ErrorKind::UnexpectedEof.into()));
     }
-    Ok(true)
+    Ok(Some(tag_bytes + len_bytes + len))
 }
 
 /// Signed nanoseconds of a protobuf duration, saturating.
@@ -156,8 +158,9 @@ pub fn import(
     let mut stats = Stats::default();
     let mut buf = Vec::new();
     let result = (|| {
-        while read_record(r, &mut buf)? {
-            stats.size_bytes += buf.len() as u64;
+        while let Some(record_size) = read_record(r, &mut buf)? {
+            // Whole records, as a save counts them: the load size is the file size.
+            stats.size_bytes += record_size;
             // Decoded from `Bytes`, the blobs are slices of the record rather than
             // copies, so each is copied once, by `affiliate`, into its own allocation. The
             // next record is read into a fresh buffer of the same capacity.
@@ -256,6 +259,20 @@ mod tests {
         assert_eq!(stats.clusters, 1);
         assert_eq!(s.list("c1").len(), 1);
         assert!(s.cluster("c2").is_none());
+    }
+
+    #[test]
+    fn load_size_counts_whole_records() {
+        let mut bytes = record("c1");
+        bytes.extend(record("c2"));
+        // A tag and a length spelled with redundant varint bytes still count as read.
+        let body = &record("c3")[2..];
+        bytes.extend_from_slice(&[0x8a, 0x00, 0x80 | body.len() as u8, 0x00]);
+        bytes.extend_from_slice(body);
+        let (s, stats, r) = load(&bytes);
+        r.unwrap();
+        assert_eq!(s.cluster_count(), 3);
+        assert_eq!(stats.size_bytes, bytes.len() as u64);
     }
 
     #[test]

@@ -393,6 +393,45 @@ mod tests {
         assert!(!tmp_path(s.path()).exists());
     }
 
+    fn size_metric(metrics: &Metrics, operation: &str) -> String {
+        let prefix =
+            format!("discovery_storage_last_snapshot_size_bytes{{operation=\"{operation}\"}} ");
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn load_size_is_the_file_size_and_the_save_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage(dir.path());
+        let exp = Instant::now() + Duration::from_secs(60);
+        let eps = [bytes::Bytes::from_static(b"e1")];
+        for c in 0..5 {
+            for a in 0..3 {
+                let u = Update {
+                    affiliate_id: &format!("a{a}"),
+                    data: &[7; 300],
+                    endpoints: &eps,
+                };
+                s.state.update(&format!("c{c}"), &u, exp).unwrap();
+            }
+        }
+        let saved = s.save().unwrap();
+        let file = fs::metadata(s.path()).unwrap().len();
+        assert_eq!(saved.size_bytes, file);
+
+        let fresh = storage(dir.path());
+        let loaded = fresh.load();
+        assert!(loaded.error.is_none(), "{:?}", loaded.error);
+        assert_eq!(loaded.stats.clusters, 5);
+        assert_eq!(loaded.stats.size_bytes, file);
+        assert_eq!(size_metric(&fresh.metrics, "load"), file.to_string());
+        assert_eq!(size_metric(&s.metrics, "save"), file.to_string());
+    }
+
     #[test]
     fn failed_save_keeps_previous_snapshot() {
         let dir = tempfile::tempdir().unwrap();
