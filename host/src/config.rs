@@ -480,7 +480,15 @@ impl RawPlugin {
             ));
         }
         let mut config = self.config;
-        if let Some(endpoint) = registry.and_then(|r| r.endpoint.clone()) {
+        // An empty endpoint is unset, as in Talos (where it means the default).
+        let endpoint = registry.and_then(|r| r.endpoint.clone().filter(|e| !e.is_empty()));
+        if let Some(endpoint) = endpoint {
+            check_endpoint_url(&endpoint).map_err(|message| {
+                err(
+                    format!("cluster.discovery.registries.{name}.endpoint"),
+                    format!("{endpoint:?}: {message}"),
+                )
+            })?;
             // Talos's registries.service.endpoint reaches the plugin as its `endpoint`.
             match &mut config {
                 serde_json::Value::Null => config = serde_json::json!({ "endpoint": endpoint }),
@@ -559,6 +567,41 @@ fn check_name(path: &str, name: &str) -> Result<(), ConfigError> {
                 limits::NAME_MAX
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Talos's checks of a discovery service endpoint URL, with its messages.
+fn check_endpoint_url(url: &str) -> Result<(), &'static str> {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    if !["http", "https", "grpc"].contains(&scheme.to_ascii_lowercase().as_str()) {
+        return Err("endpoint scheme must be http://, https:// or grpc://");
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(bracketed) => {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or("endpoint has an unclosed '[' in its host")?;
+            if host.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err("endpoint host in brackets must be an IPv6 address");
+            }
+            (host, after.strip_prefix(':'))
+        }
+        None => match host_port.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("endpoint host is required");
+    }
+    if let Some(port) = port
+        && !port.is_empty()
+        && port.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return Err("endpoint port must be a number in 1..=65535");
     }
     Ok(())
 }
@@ -699,6 +742,59 @@ plugins:
     }
 
     /// Each bad value gives one error naming the field (and the value, except the secret).
+    /// The README's annotated example is a config the daemon accepts.
+    #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("## Configuration").unwrap()..];
+        let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
+        let example = &section[start..start + section[start..].find("```").unwrap()];
+        let example = example
+            .replace("<base64 of 32 bytes>", SECRET)
+            .replace(
+                "<base64 WireGuard key>",
+                "PLPNBddmTgHJhtw0vxltq1ZBdPP9RNOEUd5JjJZzBRY=",
+            )
+            .replace("/usr/lib/discoveryd/static-file.wasm", "p.wasm")
+            .replace("/etc/discoveryd/peers", "peers");
+        let dir = dir_with_plugin();
+        let config = parse_in(&dir, &example).unwrap_or_else(|e| panic!("{e}\n{example}"));
+        assert!(config.discovery_enabled);
+        assert!(
+            config.plugins["static"]
+                .config_json
+                .contains("/peers/peers.yaml")
+        );
+    }
+
+    #[test]
+    fn defaults_for_a_bare_plugin() {
+        let dir = dir_with_plugin();
+        let config = parse_in(&dir, "plugins: {static: {path: p.wasm}}").unwrap();
+        // Unlike Talos (false when unset): this daemon exists to discover.
+        assert!(config.discovery_enabled);
+        let plugin = &config.plugins["static"];
+        assert_eq!(plugin.memory_limit, 64 << 20);
+        assert_eq!(plugin.cpu_budget, std::time::Duration::from_secs(1));
+        assert_eq!(plugin.config_json, "null");
+        assert!(plugin.files.is_empty());
+    }
+
+    #[test]
+    fn endpoint_urls_talos_accepts() {
+        for url in [
+            "https://discovery.talos.dev/",
+            "http://localhost:3000",
+            "grpc://10.0.0.1:3000",
+            "https://[2001:470:6d:30e:565d:e162:e2a0:cf5a]:3456/",
+            "HTTPS://user@host.example/path?q#f",
+        ] {
+            assert_eq!(check_endpoint_url(url), Ok(()), "{url}");
+        }
+        assert!(check_endpoint_url("https://[zz]/").is_err());
+        assert!(check_endpoint_url("https://[::1/").is_err());
+    }
+
     #[test]
     fn bad_fields_are_named() {
         let dir = dir_with_plugin();
@@ -775,6 +871,22 @@ plugins:
             (
                 "plugins: {static: {path: p.wasm, prefix: 'a/b'}}",
                 "plugins.static.prefix: \"a/b\"",
+            ),
+            (
+                "cluster: {discovery: {registries: {static: {endpoint: 'discovery.talos.dev:443'}}}}\nplugins: {static: {path: p.wasm}}",
+                "cluster.discovery.registries.static.endpoint: \"discovery.talos.dev:443\": endpoint scheme must be http://, https:// or grpc://",
+            ),
+            (
+                "cluster: {discovery: {registries: {static: {endpoint: 'ftp://x.example/'}}}}\nplugins: {static: {path: p.wasm}}",
+                "cluster.discovery.registries.static.endpoint: \"ftp://x.example/\": endpoint scheme must be",
+            ),
+            (
+                "cluster: {discovery: {registries: {static: {endpoint: 'https:///path'}}}}\nplugins: {static: {path: p.wasm}}",
+                "cluster.discovery.registries.static.endpoint: \"https:///path\": endpoint host is required",
+            ),
+            (
+                "cluster: {discovery: {registries: {static: {endpoint: 'https://x.example:99999'}}}}\nplugins: {static: {path: p.wasm}}",
+                "cluster.discovery.registries.static.endpoint: \"https://x.example:99999\": endpoint port must be",
             ),
         ];
         for (yaml, expected) in cases {

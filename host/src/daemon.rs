@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -156,9 +156,7 @@ async fn prepare_plugins(
     for plugin in config.enabled_plugins() {
         // The probe context has no prefix, so nothing can be published through it.
         let probe = shared.context(&plugin.name, "");
-        let ready = runtime::prepare(engine, plugin, probe)
-            .await
-            .with_context(|| format!("plugins.{}: {}", plugin.name, plugin.path.display()))?;
+        let ready = runtime::prepare(engine, plugin, probe).await?;
         if let Some(other) = prefixes.insert(ready.prefix.clone(), plugin.name.clone()) {
             bail!(
                 "plugins.{}.prefix: {:?} is already the prefix of plugin {other:?}; give one of them another prefix",

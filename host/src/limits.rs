@@ -32,6 +32,8 @@ pub const ADDRESS_POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// Affiliates one plugin may publish at once (a discovery service holds at most
 /// 1024 per cluster).
 pub const PUBLISH_MAX: usize = 2048;
+/// Rejections of one publish written to the log; the rest are only counted.
+pub const REJECTIONS_LOGGED: usize = 10;
 /// Node IDs become part of resource IDs and of the discovery service's affiliate
 /// IDs, which the service limits to 256 bytes.
 pub const NODE_ID_MAX: usize = 256;

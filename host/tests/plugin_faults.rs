@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Daemon, RAW_AFFILIATES, SECRET, ids, json, plugin};
+use common::{Daemon, RAW_AFFILIATES, SECRET, ids, json, json_lines, plugin};
 use serde_json::Value;
 
 const PEERS: &str = r#"
@@ -115,6 +115,27 @@ plugins:
                 && l.contains("log lines over the rate limit")
                 && l.contains("block-log")
         });
+
+    // The trap plugin's 2100 bad entries are logged as a few lines and a count,
+    // through its rate-limited log.
+    let log = daemon.log.dump();
+    assert!(
+        log.contains("2090 more affiliates rejected in the same publish"),
+        "{log}"
+    );
+    let rejection_lines = log
+        .lines()
+        .filter(|l| l.contains("rejected affiliate"))
+        .count() as u64;
+    let trap_runs = json_lines(&daemon.cli(&["plugins", "-o", "json"]))
+        .into_iter()
+        .find(|p| p["name"] == "trap")
+        .map(|p| p["restarts"].as_u64().unwrap() + 1)
+        .unwrap();
+    assert!(
+        (1..=10 * trap_runs).contains(&rejection_lines),
+        "{rejection_lines} rejection lines for {trap_runs} runs"
+    );
 
     let good = &plugins["static"];
     assert_eq!(good["restarts"], 0, "{good}");

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{Daemon, RAW_AFFILIATES, SECRET, ids, json, json_lines, plugin};
+use serde::Deserialize;
 use serde_json::Value;
 
 const PEERS: &str = r#"
@@ -131,7 +132,7 @@ fn static_file_peers_become_members_and_follow_edits() {
         .map(|rest| format!("- nodeId: NVtfu{rest}"))
         .unwrap()
         .replace("10.5.0.12", "10.5.0.22")
-        + r#"
+        + &r#"
 - nodeId: b3DebkPaCRLTLLWaeRF1ejGaR0lK3m79jRJcPn0mfA6C
   hostname: worker-3.example
   nodename: worker-3
@@ -140,7 +141,13 @@ fn static_file_peers_become_members_and_follow_edits() {
 - nodeId: broken
   nodename: broken
   addresses: [not-an-ip]
-"#;
+- nodeId: multicast
+  nodename: multicast
+  addresses: [224.0.0.1]
+- nodeId: {node_id}
+  nodename: impostor
+"#
+        .replace("{node_id}", node_id);
     write_peers(daemon.dir.path(), &edited);
     let edited_at = std::time::Instant::now();
     events.wait_for(
@@ -182,11 +189,34 @@ fn static_file_peers_become_members_and_follow_edits() {
         },
     );
 
-    // The table view matches talosctl's columns.
-    let table = daemon.cli(&["get", "members"]);
-    let header = table.lines().next().unwrap();
+    // An entry the plugin accepts but the daemon refuses is named by the plugin;
+    // this node's own entry is dropped without a word.
+    daemon.log.wait_for(
+        "the refused entry to be named",
+        Duration::from_secs(10),
+        |l| {
+            l.contains("the daemon refused entry 3")
+                && l.contains("multicast")
+                && l.contains("224.0.0.1 is not a node address")
+        },
+    );
+    assert!(!daemon.log.dump().contains("impostor"));
+
+    // The table views match talosctl's columns.
+    let header = |args: &[&str]| {
+        let table = daemon.cli(args);
+        let header = table.lines().next().unwrap_or_default().to_string();
+        (
+            header
+                .split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>(),
+            table,
+        )
+    };
+    let (members_header, table) = header(&["get", "members"]);
     assert_eq!(
-        header.split_whitespace().collect::<Vec<_>>(),
+        members_header,
         [
             "ID",
             "VERSION",
@@ -198,11 +228,53 @@ fn static_file_peers_become_members_and_follow_edits() {
         ]
     );
     assert!(table.contains(r#"["10.5.0.22"]"#), "{table}");
+    let (affiliates_header, table) = header(&["get", "affiliates"]);
+    assert_eq!(
+        affiliates_header,
+        ["ID", "VERSION", "HOSTNAME", "MACHINE", "TYPE", "ADDRESSES"]
+    );
+    assert!(table.contains(node_id), "{table}");
+    let (identities_header, table) = header(&["get", "identities"]);
+    assert_eq!(identities_header, ["ID", "VERSION", "ID"]);
+    assert!(table.contains(node_id), "{table}");
+
+    // `-o yaml` is the JSON form as YAML documents.
+    let yaml = daemon.cli(&["get", "members", "-o", "yaml"]);
+    let documents: Vec<Value> = serde_yaml::Deserializer::from_str(&yaml)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect();
+    assert_eq!(
+        documents,
+        json_lines(&daemon.cli(&["get", "members", "-o", "json"]))
+    );
+
+    // `--config` finds the daemon through its state dir, like `--socket`.
+    let by_config = std::process::Command::new(common::BIN)
+        .args(["get", "members", "-o", "json", "--config"])
+        .arg(&daemon.config)
+        .output()
+        .unwrap();
+    assert!(by_config.status.success());
+    assert_eq!(
+        ids(&String::from_utf8_lossy(&by_config.stdout)),
+        ["self-node", "worker-2", "worker-3"]
+    );
+    let raw_members = std::process::Command::new(common::BIN)
+        .args(["get", "members", "--namespace", "cluster-raw", "--socket"])
+        .arg(daemon.socket())
+        .output()
+        .unwrap();
+    assert!(!raw_members.status.success());
+    assert!(String::from_utf8_lossy(&raw_members.stderr).contains("holds only affiliates"));
     let plugins = json_lines(&daemon.cli(&["plugins", "-o", "json"]));
     assert_eq!(plugins[0]["name"], "static");
     assert_eq!(plugins[0]["state"], "running");
     assert_eq!(plugins[0]["published"], 2);
-    assert_eq!(plugins[0]["healthy"], false, "one entry was skipped");
+    assert_eq!(plugins[0]["healthy"], false, "two entries were skipped");
+    assert_eq!(
+        plugins[0]["message"], "2 affiliates from /peers/peers.yaml, 2 skipped",
+        "this node's own entry is neither published nor skipped"
+    );
     let _ = watcher.kill();
     let _ = watcher.wait();
 }
@@ -282,6 +354,14 @@ fn bad_config_fails_before_anything_starts() {
                 plugin("fault-describe").display()
             ),
             "plugins.hang:".to_string(),
+        ),
+        (
+            // The plugin checks its own config in `describe`, before anything runs.
+            format!(
+                "node: {{stateDir: {d}/s5}}\nplugins: {{static: {{path: {}, config: {{pth: /x}}}}}}",
+                plugin("static-file").display()
+            ),
+            "plugins.static.config: unknown field `pth`, expected `path`".to_string(),
         ),
         (
             format!(

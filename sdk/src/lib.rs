@@ -6,7 +6,9 @@
 //! API; a plugin owns only its protocol. Implement [`Registry`], export it with
 //! [`export_registry!`], and build with `cargo build --target wasm32-wasip2`.
 //!
-//! The SDK runs the event loop: it calls [`Registry::on_local_change`] once at start
+//! When the daemon starts it checks the plugin's config with
+//! [`Registry::check_config`]. Then the SDK runs the event loop: it calls
+//! [`Registry::on_local_change`] once at start
 //! and whenever this node's data changes, [`Registry::on_timer`] every
 //! [`Registry::poll_interval`], and [`Registry::on_shutdown`] before the plugin
 //! stops. Returning an error restarts the plugin with backoff.
@@ -24,6 +26,14 @@
 //!
 //! impl Registry for OnePeer {
 //!     const PREFIX: &'static str = "one";
+//!
+//!     fn check_config(config: &str) -> Result<(), String> {
+//!         // Runs when the daemon starts: a mistake stops it with a clear error.
+//!         match config.starts_with('"') {
+//!             true => Ok(()),
+//!             false => Err(format!("expected the peer's nodename as a string, got {config}")),
+//!         }
+//!     }
 //!
 //!     fn new(config: &str) -> Result<Self, String> {
 //!         // `config` is the plugin's config section from the daemon config, as JSON.
@@ -93,6 +103,15 @@ pub mod crypto {
 pub trait Registry: Sized {
     /// Prefix of the raw affiliates this registry publishes, as in `static/<node-id>`.
     const PREFIX: &'static str;
+
+    /// Checks the config section (JSON; `null` when absent) when the daemon starts,
+    /// so a mistake stops the daemon with an error naming this plugin instead of
+    /// restarting it forever. Parse only: no files, no host calls. The default
+    /// accepts anything.
+    fn check_config(config: &str) -> Result<(), String> {
+        let _ = config;
+        Ok(())
+    }
 
     /// Builds the registry from its config section (JSON; `null` when absent).
     fn new(config: &str) -> Result<Self, String>;
@@ -174,10 +193,14 @@ macro_rules! export_registry {
         impl $crate::bindings::exports::discovery::registry::registry::Guest
             for __DiscoveryRegistryExport
         {
-            fn describe() -> $crate::bindings::exports::discovery::registry::registry::RegistryInfo {
-                $crate::bindings::exports::discovery::registry::registry::RegistryInfo {
+            fn describe(
+                config: String,
+            ) -> Result<$crate::bindings::exports::discovery::registry::registry::RegistryInfo, String>
+            {
+                <$registry as $crate::Registry>::check_config(&config)?;
+                Ok($crate::bindings::exports::discovery::registry::registry::RegistryInfo {
                     prefix: <$registry as $crate::Registry>::PREFIX.to_string(),
-                }
+                })
             }
 
             fn run(config: String) -> Result<(), String> {

@@ -33,7 +33,7 @@ pub fn resource_value(resource: &Resource) -> Value {
 /// The table columns after ID and VERSION, as talosctl prints them per type.
 fn columns(kind: Kind) -> &'static [(&'static str, &'static str)] {
     match kind {
-        Kind::Identity => &[("NODE ID", "nodeId")],
+        Kind::Identity => &[("ID", "nodeId")],
         Kind::Affiliate => &[
             ("HOSTNAME", "hostname"),
             ("MACHINE TYPE", "machineType"),

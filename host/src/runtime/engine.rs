@@ -1,7 +1,6 @@
 //! The one wasmtime engine of the daemon: its configuration, the epoch ticker
 //! behind CPU deadlines, and the on-disk cache of compiled components.
 
-use std::collections::hash_map::DefaultHasher;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
@@ -68,7 +67,7 @@ impl PluginEngine {
         api_version::check(&wasm)?;
         let cache_file = self
             .cache_dir
-            .join(format!("{}.cwasm", self.cache_key(&wasm)));
+            .join(format!("{}.cwasm", cache_key(&self.engine, &wasm)));
         let (component, cached) = self.compile_cached(&wasm, path, &cache_file)?;
         let pre = self.linker.instantiate_pre(&component)?;
         Ok(LoadedPlugin {
@@ -125,15 +124,30 @@ impl PluginEngine {
         let component = unsafe { Component::deserialize(&self.engine, &compiled)? };
         Ok((component, false))
     }
+}
 
-    fn cache_key(&self, wasm: &[u8]) -> String {
-        let mut hasher = DefaultHasher::new();
-        self.engine
-            .precompile_compatibility_hash()
-            .hash(&mut hasher);
-        let digest = Sha256::digest(wasm);
-        format!("{}-{:016x}", hex::encode(&digest[..16]), hasher.finish())
+/// Names a compiled artifact by the wasm's SHA-256 and the engine's compatibility
+/// hash, both fed through SHA-256 so the name is stable across Rust releases.
+fn cache_key(engine: &Engine, wasm: &[u8]) -> String {
+    /// Feeds what a `Hash` impl writes into SHA-256.
+    struct Sha256Hasher(Sha256);
+    impl Hasher for Sha256Hasher {
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
+        fn finish(&self) -> u64 {
+            unreachable!("only the digest is read")
+        }
     }
+    let mut compat = Sha256Hasher(Sha256::new());
+    engine.precompile_compatibility_hash().hash(&mut compat);
+    let compat = compat.0.finalize();
+    let digest = Sha256::digest(wasm);
+    format!(
+        "{}-{}",
+        hex::encode(&digest[..16]),
+        hex::encode(&compat[..8])
+    )
 }
 
 /// Bumps the epoch every tick for as long as the engine lives.
@@ -158,4 +172,23 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     tmp.as_file().sync_all()?;
     tmp.persist(path)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_key_follows_the_bytes_and_the_engine_settings() {
+        let engine = Engine::default();
+        let key = cache_key(&engine, b"wasm");
+        assert_eq!(key, cache_key(&engine, b"wasm"), "stable");
+        assert_eq!(key, cache_key(&Engine::default(), b"wasm"), "same settings");
+        assert_ne!(key, cache_key(&engine, b"wasm2"));
+        let mut fuel = Config::new();
+        fuel.consume_fuel(true);
+        let other = Engine::new(&fuel).unwrap();
+        assert_ne!(key, cache_key(&other, b"wasm"), "incompatible engine");
+        assert_eq!(key.len(), 32 + 1 + 16);
+    }
 }

@@ -127,8 +127,20 @@ impl host::Host for PluginState {
             .map(|r| (r.index, r.reason.clone()))
             .collect();
         if summary != self.last_rejections {
-            for r in &rejected {
-                tracing::warn!(plugin = %self.ctx.name, index = r.index, node_id = %sanitize(&r.node_id), "rejected affiliate: {}", r.reason);
+            // Through the plugin's rate-limited log, and only the first few: a
+            // plugin must not flood the daemon's log by publishing garbage.
+            for r in rejected.iter().take(limits::REJECTIONS_LOGGED) {
+                let message = format!(
+                    "rejected affiliate {} (node-id {:?}): {}",
+                    r.index, r.node_id, r.reason
+                );
+                self.log.emit(tracing::Level::WARN, "publish", &message);
+            }
+            if let Some(more) = rejected.len().checked_sub(limits::REJECTIONS_LOGGED)
+                && more > 0
+            {
+                let message = format!("{more} more affiliates rejected in the same publish");
+                self.log.emit(tracing::Level::WARN, "publish", &message);
             }
             self.last_rejections = summary;
         }

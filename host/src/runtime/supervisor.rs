@@ -37,13 +37,16 @@ pub async fn prepare(
     config: &PluginConfig,
     probe: Arc<PluginContext>,
 ) -> Result<PreparedPlugin> {
+    let at = || format!("plugins.{}: {}", config.name, config.path.display());
     let loaded = {
         // Compiling is seconds of CPU: keep it off the async workers.
         let (engine, path) = (engine.clone(), config.path.clone());
-        tokio::task::spawn_blocking(move || engine.load(&path)).await??
+        tokio::task::spawn_blocking(move || engine.load(&path))
+            .await?
+            .with_context(at)?
     };
     let log = PluginLog::new(&config.name);
-    let (mut store, busy) = new_store(engine, probe, config, &log)?;
+    let (mut store, busy) = new_store(engine, probe, config, &log).with_context(at)?;
     let info = within_budget(&busy, config.cpu_budget, async {
         let bindings = loaded
             .pre
@@ -52,20 +55,22 @@ pub async fn prepare(
             .map_err(wasm_error)?;
         bindings
             .discovery_registry_registry()
-            .call_describe(&mut store)
+            .call_describe(&mut store, &config.config_json)
             .await
             .map_err(wasm_error)
             .context("calling describe")
     })
-    .await?;
+    .await
+    .with_context(at)?
+    .map_err(|e| anyhow!("plugins.{}.config: {}", config.name, sanitize(&e)))?;
     let prefix = match &config.prefix {
         Some(prefix) => prefix.clone(),
         None if limits::is_registry_name(&info.prefix) => info.prefix,
         None => {
             return Err(anyhow!(
-                "the plugin declares prefix {:?}, which is not a valid name; set plugins.{}.prefix",
+                "plugins.{}: the plugin declares prefix {:?}, which is not a valid name; set plugins.{0}.prefix",
+                config.name,
                 sanitize(&info.prefix),
-                config.name
             ));
         }
     };

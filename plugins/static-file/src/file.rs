@@ -11,7 +11,20 @@ use crate::entry::FileAffiliate;
 #[derive(Debug, Default)]
 pub struct Parsed {
     pub affiliates: Vec<Affiliate>,
+    /// How each of `affiliates` is named in the file, as in `entry 2 (nodeId "abc")`.
+    pub names: Vec<String>,
     pub skipped: Vec<String>,
+}
+
+impl Parsed {
+    /// Drops the entry for this node, if listed: the daemon publishes this node
+    /// itself, and one file may well be shared by every node.
+    pub fn remove_node(&mut self, node_id: &str) {
+        if let Some(i) = self.affiliates.iter().position(|a| a.node_id == node_id) {
+            self.affiliates.remove(i);
+            self.names.remove(i);
+        }
+    }
 }
 
 /// Parses YAML or JSON (JSON is YAML). An error means the file as a whole is
@@ -40,7 +53,10 @@ pub fn parse(contents: &[u8]) -> Result<Parsed, String> {
             Ok(affiliate) if !seen.insert(affiliate.node_id.clone()) => {
                 parsed.skipped.push(format!("{name}: duplicate nodeId"));
             }
-            Ok(affiliate) => parsed.affiliates.push(affiliate),
+            Ok(affiliate) => {
+                parsed.affiliates.push(affiliate);
+                parsed.names.push(name);
+            }
             Err(e) => parsed.skipped.push(format!("{name}: {e}")),
         }
     }

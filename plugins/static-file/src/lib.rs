@@ -10,7 +10,7 @@ mod file;
 
 use std::time::Duration;
 
-use discovery_sdk::{Registry, export_registry, publish, set_status, warn};
+use discovery_sdk::{Registry, export_registry, local_affiliate, publish, set_status, warn};
 use serde::Deserialize;
 
 /// How often the file is checked for changes.
@@ -20,6 +20,13 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 #[serde(deny_unknown_fields)]
 struct Config {
     path: String,
+}
+
+impl Config {
+    fn parse(config: &str) -> Result<Config, String> {
+        serde_json::from_str(config)
+            .map_err(|e| format!("{e} (expected {{\"path\": \"/dir/file.yaml\"}})"))
+    }
 }
 
 struct StaticFile {
@@ -33,9 +40,12 @@ struct StaticFile {
 impl Registry for StaticFile {
     const PREFIX: &'static str = "static";
 
+    fn check_config(config: &str) -> Result<(), String> {
+        Config::parse(config).map(drop)
+    }
+
     fn new(config: &str) -> Result<Self, String> {
-        let config: Config = serde_json::from_str(config)
-            .map_err(|e| format!("static-file config: {e} (expected {{\"path\": \"...\"}})"))?;
+        let config = Config::parse(config)?;
         Ok(Self {
             path: config.path,
             last_contents: None,
@@ -73,7 +83,7 @@ impl StaticFile {
         if self.last_error.is_none() && self.last_contents.as_deref() == Some(&contents[..]) {
             return;
         }
-        let parsed = match file::parse(&contents) {
+        let mut parsed = match file::parse(&contents) {
             Ok(parsed) => parsed,
             Err(e) => {
                 self.report_error(format!("{}: {e}", self.path));
@@ -84,9 +94,15 @@ impl StaticFile {
         for skipped in &parsed.skipped {
             warn!("{}: skipping {skipped}", self.path);
         }
-        // The daemon logs what it rejects and why; here they only count.
+        if let Some(local) = local_affiliate() {
+            parsed.remove_node(&local.node_id);
+        }
         let rejected = publish(&parsed.affiliates);
-        let published = parsed.affiliates.len() - rejected.len();
+        for r in &rejected {
+            let name = parsed.names.get(r.index as usize).map_or("an entry", |n| n);
+            warn!("{}: the daemon refused {name}: {}", self.path, r.reason);
+        }
+        let published = parsed.affiliates.len().saturating_sub(rejected.len());
         let skipped = parsed.skipped.len() + rejected.len();
         set_status(
             skipped == 0,

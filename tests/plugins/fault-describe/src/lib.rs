@@ -7,7 +7,7 @@ use discovery_sdk::bindings::exports::discovery::registry::registry::{Guest, Reg
 struct HangingDescribe;
 
 impl Guest for HangingDescribe {
-    fn describe() -> RegistryInfo {
+    fn describe(_config: String) -> Result<RegistryInfo, String> {
         let mut x: u64 = 0;
         loop {
             x = std::hint::black_box(x.wrapping_add(1));
