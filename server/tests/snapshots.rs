@@ -362,3 +362,104 @@ async fn a_failed_final_save_fails_the_shutdown() {
             .contains("discovery_storage_operations_total{operation=\"save\",status=\"error\"} 1")
     );
 }
+
+/// A snapshot no service could have written: import applies the rules every update
+/// obeys (validators, endpoint dedup, the 64 and 1024 limits) and counts what it drops.
+fn crafted_snapshot() -> StateSnapshot {
+    let ttl = Some(prost_types::Duration {
+        seconds: 600,
+        nanos: 0,
+    });
+    let aff = |id: String, data: Bytes, endpoints: Vec<Bytes>| AffiliateSnapshot {
+        id,
+        expiration: None,
+        data,
+        endpoints: endpoints
+            .into_iter()
+            .map(|data| EndpointSnapshot {
+                expiration: None,
+                data,
+                ttl,
+            })
+            .collect(),
+        ttl,
+    };
+    let mut endpoints = vec![b("e1"), b("e2"), b("e1"), Bytes::from(vec![1; 33])];
+    endpoints.extend((0..70).map(|i| b(&format!("x{i}"))));
+    let mut affiliates = vec![
+        aff(String::new(), b("d"), vec![]),
+        aff("a".repeat(257), b("d"), vec![]),
+        aff("big-data".into(), Bytes::from(vec![0; 2049]), vec![]),
+        aff("eps".into(), b("d"), endpoints),
+    ];
+    affiliates.extend((0..1030).map(|i| aff(format!("f{i}"), b("d"), vec![b("e")])));
+    let junk = |id: String| ClusterSnapshot {
+        id,
+        affiliates: vec![aff("a".into(), b("d"), vec![])],
+    };
+    StateSnapshot {
+        clusters: vec![
+            junk(String::new()),
+            junk("c".repeat(257)),
+            ClusterSnapshot {
+                id: "ok".into(),
+                affiliates,
+            },
+            junk("c".repeat(256)),
+        ],
+    }
+}
+
+#[tokio::test]
+async fn import_reapplies_the_state_rules() {
+    let bytes = crafted_snapshot().encode_to_vec();
+    let (stats, r) = decode::import(
+        &State::new(),
+        &mut bytes.as_slice(),
+        Instant::now(),
+        SystemTime::now(),
+    );
+    r.unwrap();
+    assert_eq!(
+        stats.dropped,
+        discovery_service::snapshot::Dropped {
+            invalid_clusters: 2,
+            invalid_affiliates: 3,
+            affiliates_over_limit: 7,
+            invalid_endpoints: 1,
+            duplicate_endpoints: 1,
+            endpoints_over_limit: 8,
+        }
+    );
+    assert_eq!(
+        (stats.clusters, stats.affiliates, stats.endpoints),
+        (2, 1025, 64 + 1023)
+    );
+    assert_eq!(stats.size_bytes, bytes.len() as u64);
+
+    // Through the server: what it serves obeys the limits, as if built by updates.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.binpb");
+    std::fs::write(&path, &bytes).unwrap();
+    let server = start(snap_config(&path)).await;
+    assert_eq!(server.state.cluster_count(), 2);
+    let v = view(&server, &["ok"]).await;
+    assert_eq!(v.len(), 1024);
+    let mut want = vec![b("e1"), b("e2")];
+    want.extend((0..62).map(|i| b(&format!("x{i}"))));
+    assert_eq!(v[&("ok".into(), "eps".into())].1, want);
+    assert!(v.contains_key(&("ok".into(), "f1022".into())));
+    assert!(!v.contains_key(&("ok".into(), "f1023".into())));
+    let mut c = client(&server).await;
+    let err = c
+        .affiliate_update(update("ok", "one-more", "d", &[], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.message(), "too many affiliates in the cluster");
+    let err = c
+        .affiliate_update(update("ok", "eps", "", &["new"], 60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.message(), "too many endpoints in the affiliate");
+    server.shutdown().await.unwrap();
+}

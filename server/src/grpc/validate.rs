@@ -7,24 +7,50 @@ use crate::limits::{
 };
 use crate::proto::server::AffiliateUpdateRequest;
 
-pub fn cluster_id(id: &str) -> Result<(), Status> {
+/// The cluster ID rule, for requests and snapshot imports alike.
+pub fn check_cluster_id(id: &str) -> Result<(), &'static str> {
     if id.is_empty() {
-        return Err(Status::invalid_argument("cluster ID can't be empty"));
+        return Err("cluster ID can't be empty");
     }
     if id.len() > CLUSTER_ID_MAX {
-        return Err(Status::invalid_argument("cluster ID is too long"));
+        return Err("cluster ID is too long");
     }
     Ok(())
 }
 
-pub fn affiliate_id(id: &str) -> Result<(), Status> {
+/// The affiliate ID rule, for requests and snapshot imports alike.
+pub fn check_affiliate_id(id: &str) -> Result<(), &'static str> {
     if id.is_empty() {
-        return Err(Status::invalid_argument("affiliate ID can't be empty"));
+        return Err("affiliate ID can't be empty");
     }
     if id.len() > AFFILIATE_ID_MAX {
-        return Err(Status::invalid_argument("affiliate ID is too long"));
+        return Err("affiliate ID is too long");
     }
     Ok(())
+}
+
+/// The affiliate data size rule.
+pub fn check_data(data: &[u8]) -> Result<(), &'static str> {
+    if data.len() > AFFILIATE_DATA_MAX {
+        return Err("affiliate data is too big");
+    }
+    Ok(())
+}
+
+/// The endpoint size rule.
+pub fn check_endpoint(endpoint: &[u8]) -> Result<(), &'static str> {
+    if endpoint.len() > AFFILIATE_ENDPOINT_MAX {
+        return Err("affiliate endpoint is too big");
+    }
+    Ok(())
+}
+
+pub fn cluster_id(id: &str) -> Result<(), Status> {
+    check_cluster_id(id).map_err(Status::invalid_argument)
+}
+
+pub fn affiliate_id(id: &str) -> Result<(), Status> {
+    check_affiliate_id(id).map_err(Status::invalid_argument)
 }
 
 /// A TTL as signed nanoseconds: negative and missing TTLs are accepted (Q24).
@@ -38,19 +64,11 @@ pub fn ttl_nanos(ttl: Option<&prost_types::Duration>) -> i128 {
 pub fn update(req: &AffiliateUpdateRequest) -> Result<i128, Status> {
     cluster_id(&req.cluster_id)?;
     affiliate_id(&req.affiliate_id)?;
-    if req
-        .affiliate_data
-        .as_ref()
-        .is_some_and(|d| d.len() > AFFILIATE_DATA_MAX)
-    {
-        return Err(Status::invalid_argument("affiliate data is too big"));
+    if let Some(d) = &req.affiliate_data {
+        check_data(d).map_err(Status::invalid_argument)?;
     }
-    if req
-        .affiliate_endpoints
-        .iter()
-        .any(|e| e.len() > AFFILIATE_ENDPOINT_MAX)
-    {
-        return Err(Status::invalid_argument("affiliate endpoint is too big"));
+    for e in &req.affiliate_endpoints {
+        check_endpoint(e).map_err(Status::invalid_argument)?;
     }
     let ttl = ttl_nanos(req.ttl.as_ref());
     if ttl > TTL_MAX.as_nanos() as i128 {

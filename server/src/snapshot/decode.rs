@@ -11,7 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use prost::Message;
 
-use super::Stats;
+use super::{Dropped, Stats};
+use crate::grpc::validate;
 use crate::limits::{MAX_CLUSTER_SNAPSHOT_SIZE, TTL_MAX};
 use crate::proto::storage::{AffiliateSnapshot, ClusterSnapshot, EndpointSnapshot};
 use crate::state::affiliate::Blob;
@@ -121,9 +122,18 @@ fn remaining(
     Some(Duration::from_nanos(capped as u64))
 }
 
-/// A stored endpoint; `None` if expired, or longer than any request could have made it
-/// (such a file was not written by a discovery service).
-fn endpoint(e: &EndpointSnapshot, now: Instant, wall: SystemTime) -> Option<Endpoint> {
+/// A stored endpoint; `None` if expired. An endpoint longer than any request could
+/// have stored is counted as dropped.
+fn endpoint(
+    e: &EndpointSnapshot,
+    now: Instant,
+    wall: SystemTime,
+    dropped: &mut Dropped,
+) -> Option<Endpoint> {
+    if validate::check_endpoint(&e.data).is_err() {
+        dropped.invalid_endpoints += 1;
+        return None;
+    }
     let left = remaining(e.ttl.as_ref(), e.expiration.as_ref(), wall)?;
     Some(Endpoint {
         blob: Blob::new(&e.data)?,
@@ -131,24 +141,36 @@ fn endpoint(e: &EndpointSnapshot, now: Instant, wall: SystemTime) -> Option<Endp
     })
 }
 
-/// Converts a decoded affiliate; `None` if it had already expired.
-pub fn affiliate(a: &AffiliateSnapshot, now: Instant, wall: SystemTime) -> Option<Affiliate> {
+/// Converts a decoded affiliate under the update rules: `None` if it had already
+/// expired, or if no request could have stored it (then counted in `dropped`, as are
+/// the endpoints left out).
+pub fn affiliate(
+    a: &AffiliateSnapshot,
+    now: Instant,
+    wall: SystemTime,
+    dropped: &mut Dropped,
+) -> Option<Affiliate> {
+    if validate::check_affiliate_id(&a.id).is_err() || validate::check_data(&a.data).is_err() {
+        dropped.invalid_affiliates += 1;
+        return None;
+    }
     let left = remaining(a.ttl.as_ref(), a.expiration.as_ref(), wall)?;
-    let endpoints = a
+    let endpoints: Vec<Endpoint> = a
         .endpoints
         .iter()
-        .filter_map(|e| endpoint(e, now, wall))
+        .filter_map(|e| endpoint(e, now, wall, dropped))
         .collect();
-    Some(Affiliate::restored(
-        now + left,
-        Bytes::copy_from_slice(&a.data),
-        endpoints,
-    ))
+    let (restored, lost) =
+        Affiliate::restored(now + left, Bytes::copy_from_slice(&a.data), endpoints);
+    dropped.duplicate_endpoints += lost.duplicates;
+    dropped.endpoints_over_limit += lost.over_limit;
+    Some(restored)
 }
 
 /// Loads records from `r` into `state` until the end or the first error. On error the
 /// clusters already inserted stay, and the returned stats (in the error's company)
-/// say how many.
+/// say how many. Entries that break the rules every update obeys are skipped and
+/// counted in [`Stats::dropped`].
 pub fn import(
     state: &State,
     r: &mut impl Read,
@@ -167,16 +189,20 @@ pub fn import(
             let capacity = buf.capacity();
             let record = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(capacity)));
             let ClusterSnapshot { id, affiliates } = ClusterSnapshot::decode(record)?;
+            if validate::check_cluster_id(&id).is_err() {
+                stats.dropped.invalid_clusters += 1;
+                continue;
+            }
+            let dropped = &mut stats.dropped;
             let affiliates: Vec<(String, Affiliate)> = affiliates
                 .into_iter()
-                .filter_map(|a| affiliate(&a, now, wall).map(|x| (a.id, x)))
+                .filter_map(|a| affiliate(&a, now, wall, dropped).map(|x| (a.id, x)))
                 .collect();
-            let endpoints: usize = affiliates.iter().map(|(_, a)| a.endpoints().len()).sum();
-            let count = affiliates.len();
-            state.import_cluster(&id, affiliates)?;
+            let imported = state.import_cluster(&id, affiliates)?;
             stats.clusters += 1;
-            stats.affiliates += count;
-            stats.endpoints += endpoints;
+            stats.affiliates += imported.affiliates;
+            stats.endpoints += imported.endpoints;
+            stats.dropped.affiliates_over_limit += imported.over_limit;
         }
         Ok(())
     })();

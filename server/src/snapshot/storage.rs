@@ -300,6 +300,19 @@ impl Storage {
             Err(e) => (Stats::default(), Some(LoadError::from(e))),
         };
         let elapsed = start.elapsed();
+        let d = &stats.dropped;
+        if !d.is_empty() {
+            tracing::warn!(
+                invalid_clusters = d.invalid_clusters,
+                invalid_affiliates = d.invalid_affiliates,
+                affiliates_over_limit = d.affiliates_over_limit,
+                invalid_endpoints = d.invalid_endpoints,
+                duplicate_endpoints = d.duplicate_endpoints,
+                endpoints_over_limit = d.endpoints_over_limit,
+                path = %self.path.display(),
+                "snapshot entries no update could have stored were skipped"
+            );
+        }
         let missing =
             matches!(&error, Some(LoadError::Open(e)) if e.kind() == io::ErrorKind::NotFound);
         let mut moved_to = None;

@@ -62,6 +62,15 @@ pub struct Endpoint {
     pub expiry: Instant,
 }
 
+/// Endpoints a restore left out to keep the affiliate's invariants.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DroppedEndpoints {
+    /// Byte-equal to an earlier endpoint (merged into it).
+    pub duplicates: usize,
+    /// New endpoints past [`AFFILIATE_ENDPOINTS_MAX`].
+    pub over_limit: usize,
+}
+
 /// What garbage collection did to one affiliate.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Collected {
@@ -94,13 +103,34 @@ impl Affiliate {
         }
     }
 
-    /// An affiliate restored from a snapshot, taken as is.
-    pub fn restored(expiry: Instant, data: Bytes, endpoints: Vec<Endpoint>) -> Self {
-        Self {
+    /// An affiliate restored from a snapshot, under the same endpoint rules as an update:
+    /// byte-equal endpoints are merged into the first (keeping the later expiry), in
+    /// insertion order, and at most [`AFFILIATE_ENDPOINTS_MAX`] are kept. Says what was
+    /// dropped, so a file no request could have produced is reported.
+    pub fn restored(
+        expiry: Instant,
+        data: Bytes,
+        endpoints: impl IntoIterator<Item = Endpoint>,
+    ) -> (Self, DroppedEndpoints) {
+        let mut kept: Vec<Endpoint> = Vec::new();
+        let mut dropped = DroppedEndpoints::default();
+        for e in endpoints {
+            if let Some(known) = kept.iter_mut().find(|k| k.blob == e.blob) {
+                known.expiry = known.expiry.max(e.expiry);
+                dropped.duplicates += 1;
+            } else if kept.len() >= AFFILIATE_ENDPOINTS_MAX {
+                dropped.over_limit += 1;
+            } else {
+                kept.push(e);
+            }
+        }
+        kept.shrink_to_fit();
+        let a = Self {
             expiry,
             data,
-            endpoints,
-        }
+            endpoints: kept,
+        };
+        (a, dropped)
     }
 
     pub fn expiry(&self) -> Instant {
@@ -283,6 +313,33 @@ mod tests {
         fresh.check_endpoints(&dup).unwrap();
         fresh.merge_endpoints(&dup, t0);
         assert_eq!(fresh.endpoints().len(), 64);
+    }
+
+    #[test]
+    fn restore_dedupes_in_order_and_caps_endpoints() {
+        let t0 = Instant::now();
+        let ep = |s: &str, secs: u64| Endpoint {
+            blob: Blob::new(s.as_bytes()).unwrap(),
+            expiry: t0 + Duration::from_secs(secs),
+        };
+        let mut eps = vec![ep("e1", 10), ep("e2", 10), ep("e1", 50), ep("e1", 5)];
+        eps.extend((0..70).map(|i| ep(&format!("x{i}"), 10)));
+        eps.push(ep("e2", 60));
+        let (a, dropped) = Affiliate::restored(t0, Bytes::new(), eps);
+        assert_eq!(
+            dropped,
+            DroppedEndpoints {
+                duplicates: 3,
+                over_limit: 8,
+            }
+        );
+        assert_eq!(a.endpoints().len(), AFFILIATE_ENDPOINTS_MAX);
+        let mut want = vec![b("e1"), b("e2")];
+        want.extend((0..62).map(|i| b(&format!("x{i}"))));
+        assert_eq!(blobs(&a), want);
+        // Merged duplicates keep the later expiry, as a re-sent endpoint does.
+        assert_eq!(a.endpoints()[0].expiry, t0 + Duration::from_secs(50));
+        assert_eq!(a.endpoints()[1].expiry, t0 + Duration::from_secs(60));
     }
 
     #[test]

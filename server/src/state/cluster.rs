@@ -229,14 +229,28 @@ impl Cluster {
     }
 
     /// Inserts restored affiliates under one lock, replacing any with the same id
-    /// (snapshot load). The map is sized once and the ids are moved in, not copied.
-    pub(super) fn restore(&self, affiliates: impl IntoIterator<Item = (String, Affiliate)>) {
+    /// (snapshot load). As for updates, at most [`CLUSTER_AFFILIATES_MAX`] affiliates are
+    /// kept: the first ones; returns how many new ones were dropped past the limit. The
+    /// map is sized once and the ids are moved in, not copied.
+    pub(super) fn restore(
+        &self,
+        affiliates: impl IntoIterator<Item = (String, Affiliate)>,
+    ) -> usize {
         let affiliates = affiliates.into_iter();
         let mut inner = self.lock();
-        inner.affiliates.reserve(affiliates.size_hint().0);
+        let hint = affiliates.size_hint().0.min(CLUSTER_AFFILIATES_MAX);
+        inner.affiliates.reserve(hint);
+        let mut over_limit = 0;
         for (id, a) in affiliates {
+            if inner.affiliates.len() >= CLUSTER_AFFILIATES_MAX
+                && !inner.affiliates.contains_key(id.as_str())
+            {
+                over_limit += 1;
+                continue;
+            }
             inner.affiliates.insert(id.into_boxed_str(), a);
         }
+        over_limit
     }
 }
 

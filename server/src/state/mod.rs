@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use dashmap::DashMap;
 
-pub use affiliate::{Affiliate, Endpoint};
+pub use affiliate::{Affiliate, DroppedEndpoints, Endpoint};
 pub use cluster::{Cluster, ClusterCounts, Update};
 pub use gc::GcReport;
 pub use subscription::{AffiliateView, Lost, Notification, Subscription};
@@ -34,6 +34,15 @@ pub enum StateError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cluster {0:?} already exists")]
 pub struct DuplicateCluster(pub String);
+
+/// What [`State::import_cluster`] kept, and how many affiliates it dropped past the
+/// cluster limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Imported {
+    pub affiliates: usize,
+    pub endpoints: usize,
+    pub over_limit: usize,
+}
 
 /// Cheap-to-clone handle to the shared state.
 #[derive(Debug, Clone, Default)]
@@ -120,19 +129,26 @@ impl State {
     }
 
     /// Inserts a cluster decoded from a snapshot. The cluster is visible as soon as it
-    /// is inserted, so a later decode error keeps what was loaded before it (Q4).
+    /// is inserted, so a later decode error keeps what was loaded before it (Q4). At
+    /// most [`CLUSTER_AFFILIATES_MAX`](crate::limits::CLUSTER_AFFILIATES_MAX) affiliates
+    /// are kept, as for updates; the result says what was kept and what was dropped.
     pub fn import_cluster(
         &self,
         cluster_id: &str,
         affiliates: impl IntoIterator<Item = (String, Affiliate)>,
-    ) -> Result<(), DuplicateCluster> {
+    ) -> Result<Imported, DuplicateCluster> {
         use dashmap::mapref::entry::Entry;
         let cluster = match self.clusters.entry(cluster_id.into()) {
             Entry::Occupied(_) => return Err(DuplicateCluster(cluster_id.to_owned())),
             Entry::Vacant(v) => v.insert(Arc::default()).value().clone(),
         };
-        cluster.restore(affiliates);
-        Ok(())
+        let over_limit = cluster.restore(affiliates);
+        let counts = cluster.counts();
+        Ok(Imported {
+            affiliates: counts.affiliates,
+            endpoints: counts.endpoints,
+            over_limit,
+        })
     }
 }
 
@@ -217,6 +233,36 @@ mod tests {
         assert_eq!(s.counts().subscriptions, 0, "the 33rd dropped the watcher");
         // Lost at once, although 32 notifications are still buffered (Q9).
         assert_eq!(sub.try_recv(), Err(Lost));
+    }
+
+    #[test]
+    fn import_keeps_the_first_affiliates_up_to_the_cluster_limit() {
+        use crate::limits::CLUSTER_AFFILIATES_MAX;
+        let s = State::new();
+        let exp = Instant::now() + Duration::from_secs(60);
+        let affiliates = (0..CLUSTER_AFFILIATES_MAX + 10)
+            .map(|i| (format!("af{i}"), Affiliate::new(exp)))
+            // A repeated id replaces, it does not count twice.
+            .chain([("af0".to_string(), Affiliate::new(exp))]);
+        let imported = s.import_cluster("c", affiliates).unwrap();
+        assert_eq!(
+            imported,
+            Imported {
+                affiliates: CLUSTER_AFFILIATES_MAX,
+                endpoints: 0,
+                over_limit: 10,
+            }
+        );
+        assert_eq!(s.counts().affiliates, CLUSTER_AFFILIATES_MAX);
+        assert!(s.cluster("c").is_some());
+        let ids: std::collections::HashSet<String> =
+            s.list("c").into_iter().map(|a| a.id).collect();
+        assert!(ids.contains("af1023") && !ids.contains("af1024"));
+        // The cluster is full, as after updates: a new affiliate is refused.
+        assert_eq!(
+            s.update("c", &up("new", b"d", &[]), exp),
+            Err(StateError::TooManyAffiliates)
+        );
     }
 
     #[test]
