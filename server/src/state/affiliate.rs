@@ -110,25 +110,31 @@ impl Affiliate {
     pub fn restored(
         expiry: Instant,
         data: Bytes,
-        endpoints: impl IntoIterator<Item = Endpoint>,
+        mut endpoints: Vec<Endpoint>,
     ) -> (Self, DroppedEndpoints) {
-        let mut kept: Vec<Endpoint> = Vec::new();
+        // In place: the endpoints kept so far are `endpoints[..kept]`.
         let mut dropped = DroppedEndpoints::default();
-        for e in endpoints {
-            if let Some(known) = kept.iter_mut().find(|k| k.blob == e.blob) {
+        let mut kept = 0;
+        for i in 0..endpoints.len() {
+            let e = endpoints[i].clone();
+            if let Some(known) = endpoints[..kept].iter_mut().find(|k| k.blob == e.blob) {
                 known.expiry = known.expiry.max(e.expiry);
                 dropped.duplicates += 1;
-            } else if kept.len() >= AFFILIATE_ENDPOINTS_MAX {
+            } else if kept >= AFFILIATE_ENDPOINTS_MAX {
                 dropped.over_limit += 1;
             } else {
-                kept.push(e);
+                endpoints[kept] = e;
+                kept += 1;
             }
         }
-        kept.shrink_to_fit();
+        if kept < endpoints.len() {
+            endpoints.truncate(kept);
+            endpoints.shrink_to_fit();
+        }
         let a = Self {
             expiry,
             data,
-            endpoints: kept,
+            endpoints,
         };
         (a, dropped)
     }
