@@ -136,8 +136,11 @@ pub trait Registry: Sized {
     fn on_shutdown(&mut self) {}
 }
 
+/// The most affiliates one [`publish`] takes; the excess gets one rejection.
+pub const PUBLISH_MAX: usize = 2048;
+
 /// Replaces this plugin's published view of the other nodes; returns the entries
-/// the daemon refused, with the reason.
+/// the daemon refused, with the reason (at most [`PUBLISH_MAX`] entries count).
 pub fn publish(affiliates: &[Affiliate]) -> Vec<Rejection> {
     host::publish(affiliates)
 }

@@ -16,7 +16,8 @@ pub fn validate_all(
     affiliates: Vec<types::Affiliate>,
     local_node_id: &str,
 ) -> (Vec<AffiliateSpec>, Vec<Rejection>) {
-    let mut accepted = Vec::with_capacity(affiliates.len().min(limits::PUBLISH_MAX));
+    let total = affiliates.len();
+    let mut accepted = Vec::with_capacity(total.min(limits::PUBLISH_MAX));
     let mut rejected = Vec::new();
     let mut seen = HashSet::with_capacity(accepted.capacity());
     for (index, affiliate) in affiliates.into_iter().enumerate() {
@@ -26,12 +27,15 @@ pub fn validate_all(
             node_id: node_id.clone(),
             reason,
         };
-        if index >= limits::PUBLISH_MAX {
+        if index == limits::PUBLISH_MAX {
+            // One rejection for the whole overflow, not one per entry: the answer
+            // must not grow with whatever a plugin sends.
             rejected.push(reject(format!(
-                "more than {} affiliates in one publish",
-                limits::PUBLISH_MAX
+                "more than {} affiliates in one publish: this entry and the {} after it were ignored",
+                limits::PUBLISH_MAX,
+                total - index - 1
             )));
-            continue;
+            break;
         }
         if affiliate.node_id == local_node_id {
             continue;
@@ -295,6 +299,24 @@ mod tests {
             control_plane: Some(ControlPlaneSpec { port: 6443 }),
         };
         assert_eq!(validate(to_wit(&spec)).unwrap(), spec);
+    }
+
+    #[test]
+    fn an_overflowing_publish_gets_one_rejection_for_the_excess() {
+        let list: Vec<_> = (0..limits::PUBLISH_MAX + 500)
+            .map(|i| wit(&format!("n{i}")))
+            .collect();
+        let (accepted, rejected) = validate_all(list, "self");
+        assert_eq!(accepted.len(), limits::PUBLISH_MAX);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].index as usize, limits::PUBLISH_MAX);
+        assert!(
+            rejected[0]
+                .reason
+                .ends_with("this entry and the 499 after it were ignored"),
+            "{}",
+            rejected[0].reason
+        );
     }
 
     #[test]

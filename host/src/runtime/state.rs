@@ -1,6 +1,7 @@
 //! What one plugin instance holds in its wasmtime Store, and the host functions it
 //! may call: log, local affiliate, publish, status, events and sealed crypto.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,7 +49,8 @@ pub struct PluginState {
     log: Arc<PluginLog>,
     local: watch::Receiver<Option<AffiliateSpec>>,
     /// The rejections of the last publish, to log only what changes.
-    last_rejections: Vec<(u32, String)>,
+    /// A hash of the last publish's rejections, to log them only when they change.
+    last_rejections: u64,
 }
 
 impl PluginState {
@@ -69,7 +71,7 @@ impl PluginState {
             cpu_budget,
             log,
             local,
-            last_rejections: Vec::new(),
+            last_rejections: 0,
         }
     }
 
@@ -122,10 +124,13 @@ impl host::Host for PluginState {
             wasmtime::bail!("publish called from describe: only run may publish");
         }
         let (accepted, rejected) = convert::validate_all(affiliates, &self.ctx.local_node_id);
-        let summary: Vec<(u32, String)> = rejected
-            .iter()
-            .map(|r| (r.index, r.reason.clone()))
-            .collect();
+        let summary = {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            for r in &rejected {
+                (r.index, &r.reason).hash(&mut hasher);
+            }
+            hasher.finish()
+        };
         if summary != self.last_rejections {
             // Through the plugin's rate-limited log, and only the first few: a
             // plugin must not flood the daemon's log by publishing garbage.

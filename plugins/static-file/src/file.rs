@@ -25,6 +25,19 @@ impl Parsed {
             self.names.remove(i);
         }
     }
+
+    /// Keeps the first `max` entries and reports the rest as skipped.
+    pub fn truncate(&mut self, max: usize) {
+        if self.affiliates.len() > max {
+            let first = &self.names[max];
+            let more = self.affiliates.len() - max - 1;
+            self.skipped.push(format!(
+                "{first} and {more} entries after it: more than {max} affiliates in one file"
+            ));
+            self.affiliates.truncate(max);
+            self.names.truncate(max);
+        }
+    }
 }
 
 /// Parses YAML or JSON (JSON is YAML). An error means the file as a whole is
@@ -110,6 +123,30 @@ mod tests {
         let parsed = parse(json).unwrap();
         assert_eq!(parsed.affiliates.len(), 1);
         assert_eq!(parsed.affiliates[0].machine_type, MachineType::Unknown);
+    }
+
+    #[test]
+    fn drops_this_node_and_entries_past_the_limit() {
+        let yaml: String = (0..5)
+            .map(|i| format!("- {{nodeId: n{i}, nodename: n{i}}}\n"))
+            .collect();
+        let mut parsed = parse(yaml.as_bytes()).unwrap();
+        parsed.remove_node("n1");
+        parsed.truncate(2);
+        let ids: Vec<&str> = parsed
+            .affiliates
+            .iter()
+            .map(|a| a.node_id.as_str())
+            .collect();
+        assert_eq!(ids, ["n0", "n2"]);
+        assert_eq!(
+            parsed.names,
+            [r#"entry 0 (nodeId "n0")"#, r#"entry 2 (nodeId "n2")"#]
+        );
+        assert_eq!(
+            parsed.skipped,
+            [r#"entry 3 (nodeId "n3") and 1 entries after it: more than 2 affiliates in one file"#]
+        );
     }
 
     #[test]

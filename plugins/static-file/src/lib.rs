@@ -10,7 +10,9 @@ mod file;
 
 use std::time::Duration;
 
-use discovery_sdk::{Registry, export_registry, local_affiliate, publish, set_status, warn};
+use discovery_sdk::{
+    PUBLISH_MAX, Registry, export_registry, local_affiliate, publish, set_status, warn,
+};
 use serde::Deserialize;
 
 /// How often the file is checked for changes.
@@ -97,6 +99,7 @@ impl StaticFile {
         if let Some(local) = local_affiliate() {
             parsed.remove_node(&local.node_id);
         }
+        parsed.truncate(PUBLISH_MAX);
         let rejected = publish(&parsed.affiliates);
         for r in &rejected {
             let name = parsed.names.get(r.index as usize).map_or("an entry", |n| n);
