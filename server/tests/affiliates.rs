@@ -412,3 +412,104 @@ async fn watched_empty_cluster_survives_gc_and_shutdown_ends_streams_ok() {
     );
     within("shutdown", shutdown).await.unwrap().unwrap();
 }
+
+async fn stored_endpoints(
+    server: &discovery_service::Server,
+    cluster: &str,
+    id: &str,
+) -> Vec<bytes::Bytes> {
+    let mut c = client(server).await;
+    let l = c.list(list_req(cluster)).await.unwrap().into_inner();
+    l.affiliates
+        .into_iter()
+        .find(|a| a.id == id)
+        .unwrap()
+        .endpoints
+}
+
+/// A 4 MiB request can carry over a million tiny endpoints (3 bytes each on the wire).
+/// They are deduplicated before the cluster lock is taken, and the contract's codes and
+/// messages are those of a small request.
+#[tokio::test]
+async fn a_million_endpoints_in_one_request_get_the_contract_status() {
+    use bytes::Bytes;
+    // Just under the 4 MiB message limit.
+    const N: usize = 1_390_000;
+    let server = start(config()).await;
+    let mut c = client(&server).await;
+    let value = |i: usize| Bytes::from(vec![(i * 7 % 64) as u8]);
+    let distinct: Vec<Bytes> = (0..64).map(value).collect();
+    let huge = |id: &str, extra: Option<Bytes>| {
+        let mut req = update("huge", id, "d", &[], 60);
+        req.affiliate_endpoints = (0..N).map(|i| distinct[i % 64].clone()).collect();
+        req.affiliate_endpoints.extend(extra);
+        req
+    };
+
+    // 64 distinct values, repeated: accepted, each stored once, first occurrences first.
+    within("huge update", c.affiliate_update(huge("af", None)))
+        .await
+        .unwrap();
+    assert_eq!(stored_endpoints(&server, "huge", "af").await, distinct);
+
+    // One new value at the very end is the 65th: the whole request is rejected.
+    let err = within(
+        "huge update",
+        c.affiliate_update(huge("af", Some(Bytes::from_static(b"new")))),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::ResourceExhausted,
+            "too many endpoints in the affiliate"
+        )
+    );
+    assert_eq!(
+        stored_endpoints(&server, "huge", "af").await,
+        distinct,
+        "nothing changed"
+    );
+
+    // A million distinct endpoints (2 bytes, 4 on the wire): rejected the same way.
+    let mut req = update("huge", "af", "", &[], 60);
+    req.affiliate_endpoints = (0..1_000_000u32)
+        .map(|i| Bytes::copy_from_slice(&(i as u16).to_le_bytes()))
+        .collect();
+    let err = within("huge update", c.affiliate_update(req))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::ResourceExhausted,
+            "too many endpoints in the affiliate"
+        )
+    );
+
+    // In a full cluster a new affiliate is refused for that first, as before.
+    let exp = std::time::Instant::now() + Duration::from_secs(60);
+    for i in 1..1024 {
+        let u = discovery_service::state::Update {
+            affiliate_id: &format!("f{i}"),
+            data: b"d",
+            endpoints: &[],
+        };
+        server.state.update("huge", &u, exp).unwrap();
+    }
+    let err = within(
+        "huge update",
+        c.affiliate_update(huge("one-more", Some(Bytes::from_static(b"new")))),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::ResourceExhausted,
+            "too many affiliates in the cluster"
+        )
+    );
+    server.shutdown().await.unwrap();
+}

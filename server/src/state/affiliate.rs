@@ -5,6 +5,8 @@
 //! order and never exceed [`AFFILIATE_ENDPOINTS_MAX`]. Time is always passed in, so the
 //! rules can be tested without waiting.
 
+use std::borrow::Cow;
+use std::collections::HashSet;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -60,6 +62,35 @@ impl std::fmt::Debug for Blob {
 pub struct Endpoint {
     pub blob: Blob,
     pub expiry: Instant,
+}
+
+/// A request's endpoints without repeats, first occurrences in order, for
+/// [`Affiliate::check_endpoints`] and [`Affiliate::merge_endpoints`], which then see at
+/// most one more than [`AFFILIATE_ENDPOINTS_MAX`] blobs.
+///
+/// Called before the cluster lock is taken: a 4 MiB request can carry over a million
+/// tiny endpoints, and comparing each with every stored one under the lock would stall
+/// the cluster. Stops at the first distinct blob past the limit: the request is then
+/// rejected whatever the affiliate holds, since it would end with more than the limit.
+/// Merging the result is the same as merging `blobs` (a repeat only raises an expiry
+/// to the same value), so codes, messages and notifications do not change. Requests
+/// short enough to handle under the lock as they are pass through untouched.
+pub fn distinct_endpoints(blobs: &[Bytes]) -> Cow<'_, [Bytes]> {
+    const KEEP: usize = AFFILIATE_ENDPOINTS_MAX + 1;
+    if blobs.len() <= KEEP {
+        return Cow::Borrowed(blobs);
+    }
+    let mut seen: HashSet<&[u8]> = HashSet::with_capacity(KEEP);
+    let mut out = Vec::with_capacity(KEEP);
+    for blob in blobs {
+        if seen.insert(blob.as_ref()) {
+            out.push(blob.clone());
+            if out.len() == KEEP {
+                break;
+            }
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Endpoints a restore left out to keep the affiliate's invariants.
@@ -319,6 +350,35 @@ mod tests {
         fresh.check_endpoints(&dup).unwrap();
         fresh.merge_endpoints(&dup, t0);
         assert_eq!(fresh.endpoints().len(), 64);
+    }
+
+    #[test]
+    fn distinct_endpoints_keep_first_occurrences_and_stop_past_the_limit() {
+        let short: Vec<Bytes> = ["a", "b", "a"].iter().map(|s| b(s)).collect();
+        assert!(matches!(distinct_endpoints(&short), Cow::Borrowed(_)));
+        // Repeats of 64 values: the 64, in first-occurrence order.
+        let values: Vec<Bytes> = (0..64).map(|i| b(&format!("v{}", i * 7 % 64))).collect();
+        let many: Vec<Bytes> = (0..10_000).map(|i| values[i % 64].clone()).collect();
+        assert_eq!(distinct_endpoints(&many).as_ref(), values.as_slice());
+        // A 65th distinct value anywhere: the result ends with it (and nothing after).
+        let mut over = many.clone();
+        over.insert(5_000, b("new"));
+        over.push(b("later"));
+        let d = distinct_endpoints(&over);
+        assert_eq!(d.len(), AFFILIATE_ENDPOINTS_MAX + 1);
+        assert_eq!(d[64], b("new"));
+        // Which an affiliate refuses whatever it holds, and which merges like the
+        // original request otherwise.
+        let t0 = Instant::now();
+        let mut a = Affiliate::new(t0);
+        assert_eq!(a.check_endpoints(&d), Err(StateError::TooManyEndpoints));
+        a.merge_endpoints(&values, t0);
+        assert_eq!(a.check_endpoints(&d), Err(StateError::TooManyEndpoints));
+        let mut plain = Affiliate::new(t0);
+        plain.merge_endpoints(&many, t0);
+        let mut deduped = Affiliate::new(t0);
+        deduped.merge_endpoints(&distinct_endpoints(&many), t0);
+        assert_eq!(blobs(&plain), blobs(&deduped));
     }
 
     #[test]

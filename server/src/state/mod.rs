@@ -69,8 +69,14 @@ impl State {
     /// Applies an update whose new entries expire at `exp` (request time + TTL);
     /// creates the cluster if needed.
     pub fn update(&self, cluster_id: &str, u: &Update<'_>, exp: Instant) -> Result<(), StateError> {
+        // Repeats go before the cluster lock is taken (a request can carry millions).
+        let endpoints = affiliate::distinct_endpoints(u.endpoints);
+        let u = Update {
+            endpoints: &endpoints,
+            ..u.clone()
+        };
         loop {
-            if let Ok(result) = self.get_or_create(cluster_id).update(u, exp) {
+            if let Ok(result) = self.get_or_create(cluster_id).update(&u, exp) {
                 return result;
             }
         }
