@@ -135,8 +135,9 @@ fn cache_key(engine: &Engine, wasm: &[u8]) -> String {
         fn write(&mut self, bytes: &[u8]) {
             self.0.update(bytes);
         }
+        /// Unused: only the digest is read.
         fn finish(&self) -> u64 {
-            unreachable!("only the digest is read")
+            0
         }
     }
     let mut compat = Sha256Hasher(Sha256::new());
