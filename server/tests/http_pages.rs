@@ -34,18 +34,35 @@ async fn landing_inspect_and_stats() {
     let (status, _, body) = http_get(landing, "/inspect?clusterID=%zz").await;
     assert_eq!((status, body.as_str()), (500, "Oops, try again"));
 
-    let (status, ct, body) = http_get(landing, "/stats").await;
+    let (status, headers, body) = http_get_headers(landing, "/stats").await;
     assert_eq!(
-        (status, ct.as_str(), body.as_str()),
+        (
+            status,
+            headers["content-type"].to_str().unwrap(),
+            body.as_str()
+        ),
         (200, "application/json", r#"{"affiliates":1}"#)
     );
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    // Cached for an hour (§4.13, §10): a new affiliate does not show yet.
+    assert_eq!(
+        discovery_service::limits::STATS_CACHE_TTL,
+        std::time::Duration::from_secs(3600)
+    );
+    c.affiliate_update(update("c/1", "af2", "d", &[], 60))
+        .await
+        .unwrap();
+    let (status, headers, body) = http_get_headers(landing, "/stats").await;
+    assert_eq!((status, body.as_str()), (200, r#"{"affiliates":1}"#));
+    assert_eq!(headers["access-control-allow-origin"], "*");
 
     let (status, _, _) = http_get(landing, "/nope").await;
     assert_eq!(status, 404);
 
-    // The main port also serves the pages to non-gRPC requests.
-    let (status, _, body) = http_get(server.grpc_addr, "/stats").await;
+    // The main port also serves the pages to non-gRPC requests (the same cache).
+    let (status, headers, body) = http_get_headers(server.grpc_addr, "/stats").await;
     assert_eq!((status, body.as_str()), (200, r#"{"affiliates":1}"#));
+    assert_eq!(headers["access-control-allow-origin"], "*");
     server.shutdown().await.unwrap();
 }
 
@@ -76,9 +93,43 @@ async fn metrics_have_the_reference_names() {
     c.affiliate_update(update("c", "af", "d", &["e"], 60))
         .await
         .unwrap();
+    server.save_now().await.unwrap();
+    let file_size = std::fs::metadata(dir.path().join("s.binpb")).unwrap().len();
     let (status, ct, body) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
     assert_eq!(status, 200);
     assert!(ct.starts_with("text/plain"));
+    // What the last save wrote.
+    let save_metric = |name: &str| {
+        let prefix = format!("{name}{{operation=\"save\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("missing {prefix} in\n{body}"))
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert_eq!(
+        save_metric("discovery_storage_last_operation_clusters"),
+        1.0
+    );
+    assert_eq!(
+        save_metric("discovery_storage_last_operation_affiliates"),
+        1.0
+    );
+    assert_eq!(
+        save_metric("discovery_storage_last_operation_endpoints"),
+        1.0
+    );
+    assert_eq!(
+        save_metric("discovery_storage_last_snapshot_size_bytes"),
+        file_size as f64
+    );
+    let duration = save_metric("discovery_storage_last_operation_duration_seconds");
+    assert!(duration > 0.0 && duration < 10.0, "{duration}");
+    assert!(
+        body.contains(
+            "discovery_storage_operations_total{operation=\"save\",status=\"success\"} 1"
+        )
+    );
     for needle in [
         "discovery_server_hello_requests_total{client_version=\"v1.12\"} 1",
         "discovery_server_hello_requests_total{client_version=\"unknown\"} 0",

@@ -469,6 +469,35 @@ mod tests {
     }
 
     #[test]
+    fn failed_save_removes_its_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage(dir.path());
+        s.state
+            .update(
+                "c",
+                &Update {
+                    affiliate_id: "a",
+                    data: b"d",
+                    endpoints: &[],
+                },
+                Instant::now() + Duration::from_secs(60),
+            )
+            .unwrap();
+        // A non-empty directory at the snapshot path: the temp file is written in full,
+        // then the rename over the directory fails.
+        fs::create_dir_all(s.path().join("inside")).unwrap();
+        let err = s.save().unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EISDIR), "{err}");
+        assert!(!tmp_path(s.path()).exists(), "the temp file is gone");
+        assert!(s.path().join("inside").is_dir(), "the target is untouched");
+        assert!(
+            s.metrics.render().contains(
+                "discovery_storage_operations_total{operation=\"save\",status=\"error\"} 1"
+            )
+        );
+    }
+
+    #[test]
     fn corrupt_file_keeps_prefix_and_is_moved_aside() {
         let dir = tempfile::tempdir().unwrap();
         let s = storage(dir.path());

@@ -82,6 +82,16 @@ pub async fn next(
 
 /// Fetches a page over plain HTTP/1.1 on loopback: (status, content type, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let (status, headers, body) = http_get_headers(addr, path).await;
+    let ct = headers
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, ct, body)
+}
+
+/// Like [`http_get`], with every response header.
+pub async fn http_get_headers(addr: SocketAddr, path: &str) -> (u16, http::HeaderMap, String) {
     use http_body_util::BodyExt;
     use hyper_util::rt::TokioIo;
     let tcp = within("http connect", tokio::net::TcpStream::connect(addr))
@@ -99,14 +109,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
         .await
         .unwrap();
     let status = resp.status().as_u16();
-    let ct = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
+    let headers = resp.headers().clone();
     let body = within("http body", resp.into_body().collect())
         .await
         .unwrap()
         .to_bytes();
-    (status, ct, String::from_utf8_lossy(&body).into_owned())
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
