@@ -150,8 +150,7 @@ async fn validation_table() {
         (update("c", "a", "d", &[], 1801), "ttl is too large"),
     ];
     for (req, msg) in cases {
-        let err = c.affiliate_update(req).await.unwrap_err();
-        assert_eq!((err.code(), err.message()), (Code::InvalidArgument, msg));
+        assert_refused(c.affiliate_update(req).await, Code::InvalidArgument, msg);
     }
     // Limits themselves pass; TTL 0, negative and missing are accepted (Q24).
     c.affiliate_update(update(
@@ -177,16 +176,16 @@ async fn validation_table() {
         ("", "cluster ID can't be empty"),
         (long.as_str(), "cluster ID is too long"),
     ] {
-        let err = c.list(list_req(cid)).await.unwrap_err();
-        assert_eq!((err.code(), err.message()), (Code::InvalidArgument, msg));
-        let err = c
-            .affiliate_delete(AffiliateDeleteRequest {
+        assert_refused(c.list(list_req(cid)).await, Code::InvalidArgument, msg);
+        assert_refused(
+            c.affiliate_delete(AffiliateDeleteRequest {
                 cluster_id: cid.into(),
                 affiliate_id: "a".into(),
             })
-            .await
-            .unwrap_err();
-        assert_eq!((err.code(), err.message()), (Code::InvalidArgument, msg));
+            .await,
+            Code::InvalidArgument,
+            msg,
+        );
         // A bad Watch ID is the stream's status, seen no later than the first receive.
         let err = match c.watch(watch_req(cid)).await {
             Err(e) => e,
@@ -194,16 +193,14 @@ async fn validation_table() {
         };
         assert_eq!((err.code(), err.message()), (Code::InvalidArgument, msg));
     }
-    let err = c
-        .affiliate_delete(AffiliateDeleteRequest {
+    assert_refused(
+        c.affiliate_delete(AffiliateDeleteRequest {
             cluster_id: "c".into(),
             affiliate_id: long.clone(),
         })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), err.message()),
-        (Code::InvalidArgument, "affiliate ID is too long")
+        .await,
+        Code::InvalidArgument,
+        "affiliate ID is too long",
     );
     server.shutdown().await.unwrap();
 }
@@ -217,16 +214,11 @@ async fn cluster_and_endpoint_limits() {
             .await
             .unwrap();
     }
-    let err = c
-        .affiliate_update(update("full", "af1024", "d", &[], 60))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), err.message()),
-        (
-            Code::ResourceExhausted,
-            "too many affiliates in the cluster"
-        )
+    assert_refused(
+        c.affiliate_update(update("full", "af1024", "d", &[], 60))
+            .await,
+        Code::ResourceExhausted,
+        "too many affiliates in the cluster",
     );
     // Existing affiliates still update.
     c.affiliate_update(update("full", "af0", "d", &[], 60))
@@ -247,16 +239,11 @@ async fn cluster_and_endpoint_limits() {
     c.affiliate_update(update("e", "af", "d", &eps, 60))
         .await
         .unwrap();
-    let err = c
-        .affiliate_update(update("e", "af", "", &["ep0", "ep64"], 60))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), err.message()),
-        (
-            Code::ResourceExhausted,
-            "too many endpoints in the affiliate"
-        )
+    assert_refused(
+        c.affiliate_update(update("e", "af", "", &["ep0", "ep64"], 60))
+            .await,
+        Code::ResourceExhausted,
+        "too many endpoints in the affiliate",
     );
     let l = c.list(list_req("e")).await.unwrap().into_inner().affiliates;
     assert_eq!(l[0].endpoints.len(), 64);
@@ -453,18 +440,11 @@ async fn a_million_endpoints_in_one_request_get_the_contract_status() {
     assert_eq!(stored_endpoints(&server, "huge", "af").await, distinct);
 
     // One new value at the very end is the 65th: the whole request is rejected.
-    let err = within(
-        "huge update",
-        c.affiliate_update(huge("af", Some(Bytes::from_static(b"new")))),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(
-        (err.code(), err.message()),
-        (
-            Code::ResourceExhausted,
-            "too many endpoints in the affiliate"
-        )
+    let new = || Some(Bytes::from_static(b"new"));
+    assert_refused(
+        within("huge update", c.affiliate_update(huge("af", new()))).await,
+        Code::ResourceExhausted,
+        "too many endpoints in the affiliate",
     );
     assert_eq!(
         stored_endpoints(&server, "huge", "af").await,
@@ -477,15 +457,10 @@ async fn a_million_endpoints_in_one_request_get_the_contract_status() {
     req.affiliate_endpoints = (0..1_000_000u32)
         .map(|i| Bytes::copy_from_slice(&(i as u16).to_le_bytes()))
         .collect();
-    let err = within("huge update", c.affiliate_update(req))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (err.code(), err.message()),
-        (
-            Code::ResourceExhausted,
-            "too many endpoints in the affiliate"
-        )
+    assert_refused(
+        within("huge update", c.affiliate_update(req)).await,
+        Code::ResourceExhausted,
+        "too many endpoints in the affiliate",
     );
 
     // In a full cluster a new affiliate is refused for that first, as before.
@@ -498,18 +473,10 @@ async fn a_million_endpoints_in_one_request_get_the_contract_status() {
         };
         server.state.update("huge", &u, exp).unwrap();
     }
-    let err = within(
-        "huge update",
-        c.affiliate_update(huge("one-more", Some(Bytes::from_static(b"new")))),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(
-        (err.code(), err.message()),
-        (
-            Code::ResourceExhausted,
-            "too many affiliates in the cluster"
-        )
+    assert_refused(
+        within("huge update", c.affiliate_update(huge("one-more", new()))).await,
+        Code::ResourceExhausted,
+        "too many affiliates in the cluster",
     );
     server.shutdown().await.unwrap();
 }

@@ -15,6 +15,17 @@ use tonic::transport::Channel;
 /// Upper bound for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Asserts that a call failed with this code and message.
+#[track_caller]
+pub fn assert_refused<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    message: &str,
+) {
+    let status = result.expect_err("the call must fail");
+    assert_eq!((status.code(), status.message()), (code, message));
+}
+
 pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, fut)
         .await
