@@ -445,21 +445,21 @@ mod tests {
         assert_eq!(size_metric(&s.metrics, "save"), file.to_string());
     }
 
+    fn add_one_affiliate(s: &Storage) {
+        let u = Update {
+            affiliate_id: "a",
+            data: b"d",
+            endpoints: &[],
+        };
+        let expiry = Instant::now() + Duration::from_secs(60);
+        s.state.update("c", &u, expiry).unwrap();
+    }
+
     #[test]
     fn failed_save_keeps_previous_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let s = storage(dir.path());
-        s.state
-            .update(
-                "c",
-                &Update {
-                    affiliate_id: "a",
-                    data: b"d",
-                    endpoints: &[],
-                },
-                Instant::now() + Duration::from_secs(60),
-            )
-            .unwrap();
+        add_one_affiliate(&s);
         s.save().unwrap();
         let good = fs::read(s.path()).unwrap();
         // A directory where the temp file should go makes the save fail.
@@ -472,17 +472,7 @@ mod tests {
     fn failed_save_removes_its_temp_file() {
         let dir = tempfile::tempdir().unwrap();
         let s = storage(dir.path());
-        s.state
-            .update(
-                "c",
-                &Update {
-                    affiliate_id: "a",
-                    data: b"d",
-                    endpoints: &[],
-                },
-                Instant::now() + Duration::from_secs(60),
-            )
-            .unwrap();
+        add_one_affiliate(&s);
         // A non-empty directory at the snapshot path: the temp file is written in full,
         // then the rename over the directory fails.
         fs::create_dir_all(s.path().join("inside")).unwrap();
