@@ -406,6 +406,14 @@ impl Metrics {
         }
     }
 
+    /// The value of one series as `/metrics` shows it, named with its labels:
+    /// `discovery_storage_operations_total{operation="save",status="success"}`.
+    pub fn sample(&self, series: &str) -> Option<f64> {
+        self.render()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// The text exposition format served on `/metrics`.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use common::*;
 use discovery_service::limits::MAX_CLUSTER_SNAPSHOT_SIZE;
+use discovery_service::metrics::Metrics;
 use discovery_service::proto::server::ListRequest;
 use discovery_service::proto::storage::{
     AffiliateSnapshot, ClusterSnapshot, EndpointSnapshot, StateSnapshot,
@@ -276,26 +277,16 @@ async fn saves_run_per_interval_and_once_more_on_shutdown() {
     cfg.snapshot_interval = Duration::from_millis(50);
     let server = start(cfg).await;
     assert!(!path.exists(), "no save at start");
-    let saves = || {
-        server
-            .metrics
-            .render()
-            .lines()
-            .find(|l| {
-                l.starts_with(
-                    "discovery_storage_operations_total{operation=\"save\",status=\"success\"}",
-                )
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
+    let saves = |m: &Metrics| {
+        m.sample("discovery_storage_operations_total{operation=\"save\",status=\"success\"}")
+            .unwrap_or(0.0)
     };
     let mut c = client(&server).await;
     c.affiliate_update(update("c", "af", "d", &[], 600))
         .await
         .unwrap();
     within("two periodic saves", async {
-        while saves() < 2 {
+        while saves(&server.metrics) < 2.0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -303,19 +294,9 @@ async fn saves_run_per_interval_and_once_more_on_shutdown() {
     let on_disk = StateSnapshot::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
     assert_eq!(on_disk.clusters[0].affiliates[0].id, "af");
     let metrics = server.metrics.clone();
-    let before = saves();
+    let before = saves(&metrics);
     server.shutdown().await.unwrap();
-    let after = metrics
-        .render()
-        .lines()
-        .find(|l| {
-            l.starts_with(
-                "discovery_storage_operations_total{operation=\"save\",status=\"success\"}",
-            )
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap();
+    let after = saves(&metrics);
     assert!(after > before, "the final save ran");
 }
 

@@ -406,14 +406,10 @@ mod tests {
         assert!(!tmp_path(s.path()).exists());
     }
 
-    fn size_metric(metrics: &Metrics, operation: &str) -> String {
-        let prefix =
-            format!("discovery_storage_last_snapshot_size_bytes{{operation=\"{operation}\"}} ");
-        metrics
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
-            .unwrap_or_default()
+    fn size_metric(metrics: &Metrics, operation: &str) -> Option<f64> {
+        metrics.sample(&format!(
+            "discovery_storage_last_snapshot_size_bytes{{operation=\"{operation}\"}}"
+        ))
     }
 
     #[test]
@@ -441,25 +437,25 @@ mod tests {
         assert!(loaded.error.is_none(), "{:?}", loaded.error);
         assert_eq!(loaded.stats.clusters, 5);
         assert_eq!(loaded.stats.size_bytes, file);
-        assert_eq!(size_metric(&fresh.metrics, "load"), file.to_string());
-        assert_eq!(size_metric(&s.metrics, "save"), file.to_string());
+        assert_eq!(size_metric(&fresh.metrics, "load"), Some(file as f64));
+        assert_eq!(size_metric(&s.metrics, "save"), Some(file as f64));
     }
 
-    fn add_one_affiliate(s: &Storage) {
+    fn add_affiliate(s: &Storage, cluster: &str) {
         let u = Update {
             affiliate_id: "a",
             data: b"d",
             endpoints: &[],
         };
         let expiry = Instant::now() + Duration::from_secs(60);
-        s.state.update("c", &u, expiry).unwrap();
+        s.state.update(cluster, &u, expiry).unwrap();
     }
 
     #[test]
     fn failed_save_keeps_previous_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let s = storage(dir.path());
-        add_one_affiliate(&s);
+        add_affiliate(&s, "c");
         s.save().unwrap();
         let good = fs::read(s.path()).unwrap();
         // A directory where the temp file should go makes the save fail.
@@ -472,7 +468,7 @@ mod tests {
     fn failed_save_removes_its_temp_file() {
         let dir = tempfile::tempdir().unwrap();
         let s = storage(dir.path());
-        add_one_affiliate(&s);
+        add_affiliate(&s, "c");
         // A non-empty directory at the snapshot path: the temp file is written in full,
         // then the rename over the directory fails.
         fs::create_dir_all(s.path().join("inside")).unwrap();
@@ -492,17 +488,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = storage(dir.path());
         for c in ["c1", "c2"] {
-            s.state
-                .update(
-                    c,
-                    &Update {
-                        affiliate_id: "a",
-                        data: b"d",
-                        endpoints: &[],
-                    },
-                    Instant::now() + Duration::from_secs(60),
-                )
-                .unwrap();
+            add_affiliate(&s, c);
         }
         s.save().unwrap();
         let mut bytes = fs::read(s.path()).unwrap();

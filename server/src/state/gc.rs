@@ -52,6 +52,16 @@ mod tests {
     use super::*;
     use crate::state::{Notification, Update};
 
+    /// Stores affiliate `id` of cluster `c` with data and no endpoints.
+    fn put(s: &State, id: &str, expiry: Instant) {
+        let u = Update {
+            affiliate_id: id,
+            data: b"d",
+            endpoints: &[],
+        };
+        s.update("c", &u, expiry).unwrap();
+    }
+
     #[test]
     fn unrefreshed_endpoint_expires_alone_then_affiliate_at_its_expiry() {
         let s = State::new();
@@ -117,16 +127,7 @@ mod tests {
     fn zero_ttl_affiliate_goes_at_the_next_pass() {
         let s = State::new();
         let t0 = Instant::now();
-        s.update(
-            "c",
-            &Update {
-                affiliate_id: "af",
-                data: b"d",
-                endpoints: &[],
-            },
-            t0,
-        )
-        .unwrap();
+        put(&s, "af", t0);
         assert_eq!(
             s.collect(t0).removed_affiliates,
             0,
@@ -148,29 +149,11 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..2000 {
                         let id = format!("af{w}-{i}");
-                        s.update(
-                            "c",
-                            &Update {
-                                affiliate_id: &id,
-                                data: b"d",
-                                endpoints: &[],
-                            },
-                            t0 + Duration::from_secs(60),
-                        )
-                        .unwrap();
+                        put(&s, &id, t0 + Duration::from_secs(60));
                         s.delete("c", &id);
                     }
                     let id = format!("last{w}");
-                    s.update(
-                        "c",
-                        &Update {
-                            affiliate_id: &id,
-                            data: b"d",
-                            endpoints: &[],
-                        },
-                        t0 + Duration::from_secs(60),
-                    )
-                    .unwrap();
+                    put(&s, &id, t0 + Duration::from_secs(60));
                 })
             })
             .collect();
