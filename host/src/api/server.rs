@@ -38,6 +38,11 @@ fn parse_request(request: &ListRequest) -> Result<(Namespace, Kind), Status> {
     })?;
     let kind = Kind::from_type_name(&request.r#type)
         .ok_or_else(|| Status::invalid_argument(format!("unknown type {:?}", request.r#type)))?;
+    if namespace == Namespace::ClusterRaw && kind != Kind::Affiliate {
+        return Err(Status::invalid_argument(
+            "namespace cluster-raw holds only affiliates (per registry)",
+        ));
+    }
     Ok((namespace, kind))
 }
 

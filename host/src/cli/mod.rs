@@ -120,9 +120,6 @@ pub async fn get(args: GetArgs) -> Result<()> {
         )
     })?;
     let kind = args.what.kind();
-    if namespace == Namespace::ClusterRaw && kind != Kind::Affiliate {
-        bail!("--namespace cluster-raw holds only affiliates (per registry)");
-    }
     let request = proto::ListRequest {
         namespace: namespace.as_str().to_string(),
         r#type: kind.type_name().to_string(),
