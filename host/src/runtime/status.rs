@@ -28,7 +28,7 @@ impl RunState {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PluginStatus {
     pub name: String,
     pub prefix: String,
@@ -76,11 +76,20 @@ impl PluginStatuses {
         self.changes.send_modify(|g| *g += 1);
     }
 
+    /// Applies `change`; watchers wake only if it changed something (a plugin that
+    /// republishes the same view every poll wakes nobody).
     pub fn update(&self, name: &str, change: impl FnOnce(&mut PluginStatus)) {
-        if let Some(status) = self.lock().get_mut(name) {
-            change(status);
+        let changed = match self.lock().get_mut(name) {
+            Some(status) => {
+                let before = status.clone();
+                change(status);
+                *status != before
+            }
+            None => false,
+        };
+        if changed {
+            self.changes.send_modify(|g| *g += 1);
         }
-        self.changes.send_modify(|g| *g += 1);
     }
 
     /// Wakes after every change.
@@ -94,5 +103,24 @@ impl PluginStatuses {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PluginStatus>> {
         self.plugins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchers_wake_only_on_real_changes() {
+        let statuses = PluginStatuses::default();
+        statuses.register("static", "static");
+        let mut changes = statuses.subscribe();
+        changes.borrow_and_update();
+        statuses.update("static", |s| s.published = 0);
+        statuses.update("absent", |s| s.published = 5);
+        assert!(!changes.has_changed().unwrap(), "nothing changed");
+        statuses.update("static", |s| s.published = 2);
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(statuses.list()[0].published, 2);
     }
 }
