@@ -53,10 +53,8 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tokio::select! {
-            _ = signals.recv() => {}
-            _ = server.stopped() => {}
-        }
+        // Only a signal stops the server: `shutdown` is what cancels serving.
+        signals.recv().await;
         match server.shutdown().await {
             Ok(()) => {
                 tracing::info!("stopped");

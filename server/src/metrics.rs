@@ -149,9 +149,6 @@ pub struct Metrics {
     pub gc_affiliates: IntCounter,
     pub grpc_started: IntCounterVec,
     pub grpc_handled: IntCounterVec,
-    pub grpc_msg_received: IntCounterVec,
-    pub grpc_msg_sent: IntCounterVec,
-    pub grpc_handling_seconds: HistogramVec,
     storage: Option<StorageMetrics>,
     methods: Vec<MethodMetrics>,
 }
@@ -361,9 +358,6 @@ impl Metrics {
             gc_affiliates,
             grpc_started,
             grpc_handled,
-            grpc_msg_received,
-            grpc_msg_sent,
-            grpc_handling_seconds,
             storage,
             methods,
         }

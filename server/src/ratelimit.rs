@@ -112,10 +112,7 @@ impl IpRateLimiter {
         }
         // If the request is dropped while sleeping (client cancelled), the guard
         // returns the token.
-        let guard = GiveBack {
-            limiter: self,
-            ip: Some(ip),
-        };
+        let guard = GiveBack { limiter: self, ip };
         // Boxed: only throttled calls pay for the timer, and every call's future stays
         // small (it is allocated per RPC; past 1 KiB glibc's malloc takes a slow path).
         Box::pin(tokio::time::sleep(wait)).await;
@@ -141,16 +138,15 @@ impl IpRateLimiter {
     }
 }
 
+/// Returns the token when dropped; forgotten once the wait is over.
 struct GiveBack<'a> {
     limiter: &'a IpRateLimiter,
-    ip: Option<IpAddr>,
+    ip: IpAddr,
 }
 
 impl Drop for GiveBack<'_> {
     fn drop(&mut self) {
-        if let Some(ip) = self.ip.take() {
-            self.limiter.give_back(ip);
-        }
+        self.limiter.give_back(self.ip);
     }
 }
 

@@ -93,6 +93,17 @@ async fn limiter_gc_loop(limiter: Arc<IpRateLimiter>, stop: CancellationToken) {
     }
 }
 
+/// Binds `addr`, or nothing when it is empty (the listener is disabled).
+async fn bind_optional(addr: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = serve::bind(addr)
+        .await
+        .with_context(|| format!("failed to listen on {addr}"))?;
+    Ok(Some(listener))
+}
+
 impl Server {
     /// Loads the snapshot, binds every listener and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
@@ -131,22 +142,8 @@ impl Server {
         let grpc_listener = serve::bind(&config.addr)
             .await
             .with_context(|| format!("failed to listen on {}", config.addr))?;
-        let landing_listener = match config.landing_addr.as_str() {
-            "" => None,
-            a => Some(
-                serve::bind(a)
-                    .await
-                    .with_context(|| format!("failed to listen on {a}"))?,
-            ),
-        };
-        let metrics_listener = match config.metrics_addr.as_str() {
-            "" => None,
-            a => Some(
-                serve::bind(a)
-                    .await
-                    .with_context(|| format!("failed to listen on {a}"))?,
-            ),
-        };
+        let landing_listener = bind_optional(&config.landing_addr).await?;
+        let metrics_listener = bind_optional(&config.metrics_addr).await?;
 
         let limiter = Arc::new(IpRateLimiter::new(Rate {
             per_second: config.rate_limit_per_second,
@@ -228,16 +225,6 @@ impl Server {
             servers,
             loops,
         })
-    }
-
-    /// A token that starts the shutdown when cancelled (e.g. from a signal handler).
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.serving.clone()
-    }
-
-    /// Waits until something cancels [`Self::shutdown_token`].
-    pub async fn stopped(&self) {
-        self.serving.cancelled().await
     }
 
     /// Saves a snapshot now (tests; the periodic loop does this in production).

@@ -35,6 +35,15 @@ pub fn response(status: StatusCode, content_type: &str, body: impl Into<Bytes>) 
     r
 }
 
+/// Go's `http.NotFound` page.
+pub fn not_found() -> Response<Body> {
+    response(
+        StatusCode::NOT_FOUND,
+        "text/plain; charset=utf-8",
+        "404 page not found\n",
+    )
+}
+
 fn unhex(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -125,11 +134,7 @@ impl Landing {
             "/" | "/index.html" => response(StatusCode::OK, "text/html; charset=utf-8", INDEX),
             "/inspect" if self.inspect_enabled => self.inspect(query.unwrap_or_default()),
             "/stats" => self.stats().await,
-            _ => response(
-                StatusCode::NOT_FOUND,
-                "text/plain; charset=utf-8",
-                "404 page not found\n",
-            ),
+            _ => not_found(),
         }
     }
 
@@ -146,11 +151,7 @@ impl Landing {
             .find(|(k, _)| k == "clusterID")
             .map(|(_, v)| v)
             .unwrap_or_default();
-        let mut affiliates = self
-            .state
-            .cluster(&cluster_id)
-            .map(|c| c.list())
-            .unwrap_or_default();
+        let mut affiliates = self.state.list(&cluster_id);
         affiliates.sort_by(|a, b| a.id.cmp(&b.id));
         let mut html = String::from(
             "<!doctype html><html><head><meta charset=\"utf-8\"><title>Discovery Service: inspect</title></head><body>",

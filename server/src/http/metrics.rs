@@ -3,7 +3,7 @@
 use http::StatusCode;
 use tonic::body::Body;
 
-use super::landing::response;
+use super::landing::{not_found, response};
 use crate::metrics::Metrics;
 
 pub fn handle(metrics: &Metrics, path: &str) -> http::Response<Body> {
@@ -13,10 +13,6 @@ pub fn handle(metrics: &Metrics, path: &str) -> http::Response<Body> {
             "text/plain; version=0.0.4; charset=utf-8",
             metrics.render(),
         ),
-        _ => response(
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "404 page not found\n",
-        ),
+        _ => not_found(),
     }
 }

@@ -28,6 +28,7 @@ fn is_grpc(req: &http::Request<Incoming>) -> bool {
 
 /// gRPC plus site pages, for the main listener.
 pub fn main_handler(grpc: ClusterServer<ClusterService>, landing: Arc<Landing>) -> Handler {
+    let pages = landing_handler(landing);
     Arc::new(move |req| {
         if is_grpc(&req) {
             let grpc = grpc.clone();
@@ -39,8 +40,7 @@ pub fn main_handler(grpc: ClusterServer<ClusterService>, landing: Arc<Landing>) 
             }
             .boxed()
         } else {
-            let landing = landing.clone();
-            async move { landing.handle(req.uri().path(), req.uri().query()).await }.boxed()
+            pages(req)
         }
     })
 }

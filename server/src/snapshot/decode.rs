@@ -90,11 +90,6 @@ pub fn read_record(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<u64>, 
     Ok(Some(tag_bytes + len_bytes + len))
 }
 
-/// Signed nanoseconds of a protobuf duration, saturating.
-fn nanos(d: &prost_types::Duration) -> i128 {
-    i128::from(d.seconds) * 1_000_000_000 + i128::from(d.nanos)
-}
-
 /// Remaining lifetime of an entry: its relative `ttl`, else the legacy absolute
 /// `expiration` against the wall clock. `None` when expired: such entries would only
 /// go at the first GC, so they are skipped (Q4). Capped at the TTL limit so a garbage
@@ -104,16 +99,16 @@ fn remaining(
     expiration: Option<&prost_types::Timestamp>,
     wall: SystemTime,
 ) -> Option<Duration> {
-    let ns = match (ttl, expiration) {
-        (Some(ttl), _) => nanos(ttl),
-        (None, Some(exp)) => {
+    let ns = match expiration {
+        Some(exp) if ttl.is_none() => {
             let wall_ns = match wall.duration_since(SystemTime::UNIX_EPOCH) {
                 Ok(d) => d.as_nanos() as i128,
                 Err(e) => -(e.duration().as_nanos() as i128),
             };
             i128::from(exp.seconds) * 1_000_000_000 + i128::from(exp.nanos) - wall_ns
         }
-        (None, None) => 0,
+        // A missing TTL counts as zero, as in a request.
+        _ => validate::ttl_nanos(ttl),
     };
     if ns <= 0 {
         return None;

@@ -24,10 +24,9 @@ pub fn ttl(expiry: Instant, now: Instant) -> prost_types::Duration {
 
 /// Copies one cluster under its lock; the bytes are shared, not copied.
 pub fn cluster_snapshot(id: &str, cluster: &Cluster, now: Instant) -> ClusterSnapshot {
-    let mut affiliates = Vec::new();
-    cluster.for_each(|aid, a| {
-        affiliates.push(AffiliateSnapshot {
-            id: aid.to_owned(),
+    let affiliates = cluster.with_affiliates(|all| {
+        all.map(|(aid, a)| AffiliateSnapshot {
+            id: aid.to_string(),
             expiration: None,
             data: a.data().clone(),
             endpoints: a
@@ -40,7 +39,8 @@ pub fn cluster_snapshot(id: &str, cluster: &Cluster, now: Instant) -> ClusterSna
                 })
                 .collect(),
             ttl: Some(ttl(a.expiry(), now)),
-        });
+        })
+        .collect()
     });
     ClusterSnapshot {
         id: id.to_owned(),

@@ -33,6 +33,14 @@ pub struct ClusterCounts {
     pub subscriptions: usize,
 }
 
+impl std::ops::AddAssign for ClusterCounts {
+    fn add_assign(&mut self, n: ClusterCounts) {
+        self.affiliates += n.affiliates;
+        self.endpoints += n.endpoints;
+        self.subscriptions += n.subscriptions;
+    }
+}
+
 /// The cluster was removed by GC after the caller looked it up; look it up again.
 #[derive(Debug)]
 pub(super) struct Removed;
@@ -105,12 +113,11 @@ impl Cluster {
                 if inner.affiliates.len() >= CLUSTER_AFFILIATES_MAX {
                     return Ok(Err(StateError::TooManyAffiliates));
                 }
-                if let Err(e) = Affiliate::new(exp).check_endpoints(u.endpoints) {
+                let fresh = Affiliate::new(exp);
+                if let Err(e) = fresh.check_endpoints(u.endpoints) {
                     return Ok(Err(e));
                 }
-                inner
-                    .affiliates
-                    .insert(u.affiliate_id.into(), Affiliate::new(exp));
+                inner.affiliates.insert(u.affiliate_id.into(), fresh);
                 true
             }
         };
@@ -207,14 +214,6 @@ impl Cluster {
             affiliates: inner.affiliates.len(),
             endpoints: inner.affiliates.values().map(|a| a.endpoints().len()).sum(),
             subscriptions: inner.subscribers.len(),
-        }
-    }
-
-    /// Runs `f` over every affiliate under the lock (snapshot export, `/inspect`).
-    pub fn for_each(&self, mut f: impl FnMut(&str, &Affiliate)) {
-        let inner = self.lock();
-        for (id, a) in &inner.affiliates {
-            f(id, a);
         }
     }
 

@@ -125,11 +125,10 @@ impl State {
     /// Totals over every cluster, computed on demand (metrics are scraped, not pushed).
     pub fn counts(&self) -> ClusterCounts {
         let mut total = ClusterCounts::default();
-        for (_, c) in self.clusters() {
-            let n = c.counts();
-            total.affiliates += n.affiliates;
-            total.endpoints += n.endpoints;
-            total.subscriptions += n.subscriptions;
+        // The clusters first, so no shard lock is held while each is locked.
+        let clusters: Vec<Arc<Cluster>> = self.clusters.iter().map(|e| e.value().clone()).collect();
+        for c in clusters {
+            total += c.counts();
         }
         total
     }
