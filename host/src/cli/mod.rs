@@ -152,7 +152,7 @@ pub async fn plugins(target: Target, format: Format, watch: bool) -> Result<()> 
             .await?
             .into_inner()
             .plugins;
-        return print_plugins(&mut out, format, &plugins);
+        return output::print_plugins(&mut out, format, &plugins);
     }
     let mut stream = client
         .watch_plugins(proto::PluginsRequest {})
@@ -163,54 +163,9 @@ pub async fn plugins(target: Target, format: Format, watch: bool) -> Result<()> 
         if !first && format == Format::Table {
             writeln!(out)?;
         }
-        print_plugins(&mut out, format, &update.plugins)?;
+        output::print_plugins(&mut out, format, &update.plugins)?;
         out.flush()?;
         first = false;
-    }
-    Ok(())
-}
-
-/// A table, or one JSON object (YAML list item) per plugin.
-fn print_plugins(out: &mut impl Write, format: Format, plugins: &[proto::Plugin]) -> Result<()> {
-    match format {
-        Format::Table => {
-            writeln!(
-                out,
-                "{:<20} {:<10} {:<11} {:>8} {:>9}   LAST ERROR / STATUS",
-                "NAME", "PREFIX", "STATE", "RESTARTS", "PUBLISHED"
-            )?;
-            for p in plugins {
-                let note = if p.last_error.is_empty() {
-                    &p.message
-                } else {
-                    &p.last_error
-                };
-                writeln!(
-                    out,
-                    "{:<20} {:<10} {:<11} {:>8} {:>9}   {}",
-                    p.name, p.prefix, p.state, p.restarts, p.published, note
-                )?;
-            }
-        }
-        Format::Json | Format::Yaml => {
-            let values: Vec<serde_json::Value> = plugins
-                .iter()
-                .map(|p| {
-                    serde_json::json!({
-                        "name": p.name, "prefix": p.prefix, "state": p.state,
-                        "restarts": p.restarts, "lastError": p.last_error,
-                        "healthy": p.healthy, "message": p.message, "published": p.published,
-                    })
-                })
-                .collect();
-            if format == Format::Json {
-                for v in values {
-                    writeln!(out, "{v}")?;
-                }
-            } else {
-                write!(out, "{}", serde_yaml::to_string(&values)?)?;
-            }
-        }
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Result;
 use serde_json::{Value, json};
 
-use crate::api::proto::{Resource, watch_event};
+use crate::api::proto::{self, Resource, watch_event};
 use crate::store::Kind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -178,6 +178,55 @@ pub fn print_event(
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// A table, or one JSON object (YAML list item) per plugin.
+pub fn print_plugins(
+    out: &mut impl Write,
+    format: Format,
+    plugins: &[proto::Plugin],
+) -> Result<()> {
+    match format {
+        Format::Table => {
+            writeln!(
+                out,
+                "{:<20} {:<10} {:<11} {:>8} {:>9}   LAST ERROR / STATUS",
+                "NAME", "PREFIX", "STATE", "RESTARTS", "PUBLISHED"
+            )?;
+            for p in plugins {
+                let note = if p.last_error.is_empty() {
+                    &p.message
+                } else {
+                    &p.last_error
+                };
+                writeln!(
+                    out,
+                    "{:<20} {:<10} {:<11} {:>8} {:>9}   {}",
+                    p.name, p.prefix, p.state, p.restarts, p.published, note
+                )?;
+            }
+        }
+        Format::Json | Format::Yaml => {
+            let values: Vec<serde_json::Value> = plugins
+                .iter()
+                .map(|p| {
+                    json!({
+                        "name": p.name, "prefix": p.prefix, "state": p.state,
+                        "restarts": p.restarts, "lastError": p.last_error,
+                        "healthy": p.healthy, "message": p.message, "published": p.published,
+                    })
+                })
+                .collect();
+            if format == Format::Json {
+                for v in values {
+                    writeln!(out, "{v}")?;
+                }
+            } else {
+                write!(out, "{}", serde_yaml::to_string(&values)?)?;
+            }
+        }
+    }
     Ok(())
 }
 
