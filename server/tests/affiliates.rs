@@ -5,23 +5,12 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use discovery_service::proto::server::cluster_client::ClusterClient;
 use discovery_service::proto::server::{
-    Affiliate, AffiliateDeleteRequest, AffiliateUpdateRequest, ListRequest, WatchRequest,
-    WatchResponse,
+    Affiliate, AffiliateDeleteRequest, AffiliateUpdateRequest, WatchResponse,
 };
 use tonic::Code;
-
-fn list_req(c: &str) -> ListRequest {
-    ListRequest {
-        cluster_id: c.into(),
-    }
-}
-
-fn watch_req(c: &str) -> WatchRequest {
-    WatchRequest {
-        cluster_id: c.into(),
-    }
-}
+use tonic::transport::Channel;
 
 fn aff(id: &str, data: &str, eps: &[&str]) -> Affiliate {
     Affiliate {
@@ -42,7 +31,7 @@ async fn update_merge_delete_and_watch_sequence() {
     c.affiliate_update(update("c", "af1", "", &["e3", "e2"], 60))
         .await
         .unwrap();
-    let l = c.list(list_req("c")).await.unwrap().into_inner().affiliates;
+    let l = list(&mut c, "c").await;
     assert_eq!(l, vec![aff("af1", "data1", &["e1", "e2", "e3"])]);
 
     c.affiliate_delete(AffiliateDeleteRequest {
@@ -110,14 +99,7 @@ async fn update_merge_delete_and_watch_sequence() {
 async fn list_and_delete_do_not_create_clusters() {
     let server = start(config()).await;
     let mut c = client(&server).await;
-    assert!(
-        c.list(list_req("ghost"))
-            .await
-            .unwrap()
-            .into_inner()
-            .affiliates
-            .is_empty()
-    );
+    assert!(list(&mut c, "ghost").await.is_empty());
     c.affiliate_delete(AffiliateDeleteRequest {
         cluster_id: "ghost".into(),
         affiliate_id: "a".into(),
@@ -187,11 +169,11 @@ async fn validation_table() {
             msg,
         );
         // A bad Watch ID is the stream's status, seen no later than the first receive.
-        let err = match c.watch(watch_req(cid)).await {
-            Err(e) => e,
-            Ok(s) => next(&mut s.into_inner()).await.unwrap_err(),
+        let r = match c.watch(watch_req(cid)).await {
+            Err(e) => Err(e),
+            Ok(s) => next(&mut s.into_inner()).await,
         };
-        assert_eq!((err.code(), err.message()), (Code::InvalidArgument, msg));
+        assert_refused(r, Code::InvalidArgument, msg);
     }
     assert_refused(
         c.affiliate_delete(AffiliateDeleteRequest {
@@ -224,15 +206,7 @@ async fn cluster_and_endpoint_limits() {
     c.affiliate_update(update("full", "af0", "d", &[], 60))
         .await
         .unwrap();
-    assert_eq!(
-        c.list(list_req("full"))
-            .await
-            .unwrap()
-            .into_inner()
-            .affiliates
-            .len(),
-        1024
-    );
+    assert_eq!(list(&mut c, "full").await.len(), 1024);
 
     let eps: Vec<String> = (0..64).map(|i| format!("ep{i}")).collect();
     let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
@@ -245,7 +219,7 @@ async fn cluster_and_endpoint_limits() {
         Code::ResourceExhausted,
         "too many endpoints in the affiliate",
     );
-    let l = c.list(list_req("e")).await.unwrap().into_inner().affiliates;
+    let l = list(&mut c, "e").await;
     assert_eq!(l[0].endpoints.len(), 64);
     assert_eq!(
         l[0].endpoints,
@@ -290,14 +264,7 @@ async fn ttl_expiry_of_endpoint_then_affiliate_is_announced() {
             deleted: true
         }
     );
-    assert!(
-        c.list(list_req("c"))
-            .await
-            .unwrap()
-            .into_inner()
-            .affiliates
-            .is_empty()
-    );
+    assert!(list(&mut c, "c").await.is_empty());
     server.shutdown().await.unwrap();
 }
 
@@ -341,23 +308,19 @@ async fn slow_watcher_is_aborted_and_healthy_one_keeps_going() {
         1,
         "the slow watcher was dropped"
     );
-    let status = within("slow watcher end", async {
+    let end = within("slow watcher end", async {
         loop {
             match slow.message().await {
                 Ok(Some(_)) => continue,
-                Ok(None) => panic!("slow watcher ended without an error"),
-                Err(s) => return s,
+                end => return end,
             }
         }
     })
     .await;
-    assert_eq!(
-        (status.code(), status.message()),
-        (Code::Aborted, "subscription canceled: lost update")
-    );
+    assert_refused(end, Code::Aborted, "subscription canceled: lost update");
     assert!(seen > 32);
     // The connection is still usable.
-    slow_client.list(list_req("c")).await.unwrap();
+    list(&mut slow_client, "c").await;
     server.shutdown().await.unwrap();
 }
 
@@ -372,13 +335,7 @@ async fn watched_empty_cluster_survives_gc_and_shutdown_ends_streams_ok() {
     // Let several GC passes run, observed through the metric rather than a sleep.
     let runs = server.metrics.gc_runs.clone();
     let start_runs = runs.get();
-    within("gc passes", async {
-        while runs.get() < start_runs + 3 {
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    until("gc passes", || runs.get() >= start_runs + 3).await;
     assert!(
         server.state.cluster("quiet").is_some(),
         "a watched cluster is not collected"
@@ -401,13 +358,12 @@ async fn watched_empty_cluster_survives_gc_and_shutdown_ends_streams_ok() {
 }
 
 async fn stored_endpoints(
-    server: &discovery_service::Server,
+    c: &mut ClusterClient<Channel>,
     cluster: &str,
     id: &str,
 ) -> Vec<bytes::Bytes> {
-    let mut c = client(server).await;
-    let l = c.list(list_req(cluster)).await.unwrap().into_inner();
-    l.affiliates
+    list(c, cluster)
+        .await
         .into_iter()
         .find(|a| a.id == id)
         .unwrap()
@@ -437,7 +393,7 @@ async fn a_million_endpoints_in_one_request_get_the_contract_status() {
     within("huge update", c.affiliate_update(huge("af", None)))
         .await
         .unwrap();
-    assert_eq!(stored_endpoints(&server, "huge", "af").await, distinct);
+    assert_eq!(stored_endpoints(&mut c, "huge", "af").await, distinct);
 
     // One new value at the very end is the 65th: the whole request is rejected.
     let new = || Some(Bytes::from_static(b"new"));
@@ -447,7 +403,7 @@ async fn a_million_endpoints_in_one_request_get_the_contract_status() {
         "too many endpoints in the affiliate",
     );
     assert_eq!(
-        stored_endpoints(&server, "huge", "af").await,
+        stored_endpoints(&mut c, "huge", "af").await,
         distinct,
         "nothing changed"
     );

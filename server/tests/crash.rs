@@ -7,10 +7,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 
 use common::*;
-use discovery_service::proto::server::ListRequest;
+use discovery_service::proto::server::Affiliate;
 use discovery_service::proto::storage::StateSnapshot;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -91,6 +91,23 @@ impl Proc {
     fn signal(&self, s: Signal) {
         kill(Pid::from_raw(self.child.id().unwrap() as i32), s).unwrap();
     }
+
+    /// The exit status, bounded.
+    async fn exit(&mut self) -> ExitStatus {
+        within("exit", self.child.wait()).await.unwrap()
+    }
+
+    /// Waits (bounded) for a successful exit.
+    async fn exit_ok(&mut self) {
+        let status = self.exit().await;
+        assert!(status.success(), "{status:?}");
+    }
+
+    /// SIGTERM, then a successful exit.
+    async fn terminate(&mut self) {
+        self.signal(Signal::SIGTERM);
+        self.exit_ok().await;
+    }
 }
 
 /// Every line the process writes until it exits (INFO lines are flushed on exit).
@@ -105,25 +122,19 @@ async fn rest_of_logs(p: &mut Proc) -> Vec<Value> {
     .await
 }
 
-async fn ids(addr: SocketAddr, cluster: &str) -> BTreeSet<String> {
-    let mut c = client_at(addr).await;
-    c.list(ListRequest {
-        cluster_id: cluster.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .affiliates
-    .into_iter()
-    .map(|a| {
-        assert_eq!(
-            a.data,
-            b(&format!("data-{}", a.id)),
-            "restored data is intact"
-        );
-        a.id
-    })
-    .collect()
+/// The IDs of listed affiliates, each checked to carry the data it was given.
+fn ids(affiliates: &[Affiliate]) -> BTreeSet<String> {
+    affiliates
+        .iter()
+        .map(|a| {
+            assert_eq!(
+                a.data,
+                b(&format!("data-{}", a.id)),
+                "restored data is intact"
+            );
+            a.id.clone()
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -147,25 +158,18 @@ async fn sigterm_then_restart_restores_every_affiliate() {
     p.signal(Signal::SIGTERM);
     let saved = p.wait_log(|v| v["message"] == "state saved").await;
     assert_eq!(saved["affiliates"], 30);
-    let status = within("exit", p.child.wait()).await.unwrap();
-    assert!(status.success(), "{status:?}");
+    p.exit_ok().await;
 
     let mut p = Proc::spawn(&path, "1h").await;
-    for (cl, set) in &want {
-        assert_eq!(&ids(p.addr, cl).await, set);
-    }
     let mut c = client_at(p.addr).await;
-    let l = c
-        .list(ListRequest {
-            cluster_id: "c1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .affiliates;
-    assert!(l.iter().all(|a| a.endpoints == vec![b("e1"), b("e2")]));
-    p.signal(Signal::SIGTERM);
-    assert!(within("exit", p.child.wait()).await.unwrap().success());
+    for (cl, set) in &want {
+        let l = list(&mut c, cl).await;
+        assert_eq!(&ids(&l), set);
+        if *cl == "c1" {
+            assert!(l.iter().all(|a| a.endpoints == vec![b("e1"), b("e2")]));
+        }
+    }
+    p.terminate().await;
 }
 
 #[tokio::test]
@@ -203,8 +207,7 @@ async fn sigkill_restores_the_last_snapshot_and_never_tears_the_file() {
             last_saved = v["affiliates"].as_u64().unwrap();
         }
         p.signal(Signal::SIGKILL);
-        let status = within("exit", p.child.wait()).await.unwrap();
-        assert!(!status.success());
+        assert!(!p.exit().await.success());
         let acked = within("writer", writer).await.unwrap();
         next_id += acked.len() + 1;
 
@@ -216,12 +219,10 @@ async fn sigkill_restores_the_last_snapshot_and_never_tears_the_file() {
 
         // A restart loads it cleanly (wait_log fails on a load warning) and serves it.
         let mut p = Proc::spawn(&path, "1h").await;
-        let restored = ids(p.addr, "b").await;
+        let restored = ids(&list(&mut client_at(p.addr).await, "b").await);
         assert_eq!(restored.len(), on_disk);
         assert!(restored.len() as u64 >= last_saved);
-        p.signal(Signal::SIGTERM);
-        assert!(within("exit", p.child.wait()).await.unwrap().success());
-        let _ = p.logs.try_recv();
+        p.terminate().await;
     }
 }
 
@@ -233,8 +234,7 @@ async fn a_failed_final_save_exits_non_zero() {
     let mut p = Proc::spawn(&blocker.join("state.binpb"), "1h").await;
     p.signal(Signal::SIGTERM);
     p.wait_log(|v| v["message"] == "failed to save state").await;
-    let status = within("exit", p.child.wait()).await.unwrap();
-    assert_eq!(status.code(), Some(1));
+    assert_eq!(p.exit().await.code(), Some(1));
 }
 
 #[tokio::test]
@@ -243,13 +243,7 @@ async fn sigint_shuts_down_gracefully_and_writes_the_final_snapshot() {
     let path = dir.path().join("state.binpb");
     let mut p = Proc::spawn(&path, "1h").await;
     let mut c = client_at(p.addr).await;
-    let mut w = c
-        .watch(discovery_service::proto::server::WatchRequest {
-            cluster_id: "int".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = c.watch(watch_req("int")).await.unwrap().into_inner();
     assert!(next(&mut w).await.unwrap().unwrap().affiliates.is_empty());
     c.affiliate_update(update("int", "af", "data-af", &["e"], 1800))
         .await
@@ -262,8 +256,7 @@ async fn sigint_shuts_down_gracefully_and_writes_the_final_snapshot() {
     assert!(next(&mut w).await.unwrap().is_none());
     let saved = p.wait_log(|v| v["message"] == "state saved").await;
     assert_eq!(saved["affiliates"], 1);
-    let status = within("exit", p.child.wait()).await.unwrap();
-    assert!(status.success(), "{status:?}");
+    p.exit_ok().await;
     let snap = StateSnapshot::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
     assert_eq!(snap.clusters[0].id, "int");
     assert_eq!(snap.clusters[0].affiliates[0].id, "af");
@@ -271,22 +264,15 @@ async fn sigint_shuts_down_gracefully_and_writes_the_final_snapshot() {
 
 #[tokio::test]
 async fn every_rpc_logs_one_structured_line() {
-    use discovery_service::proto::server::HelloRequest;
     let dir = tempfile::tempdir().unwrap();
     let mut p = Proc::spawn(&dir.path().join("state.binpb"), "1h").await;
     let mut c = client_at(p.addr).await;
-    c.hello(HelloRequest {
-        cluster_id: "log-c".into(),
-        client_version: "v1.12.0".into(),
-    })
-    .await
-    .unwrap();
+    c.hello(hello("log-c", "v1.12.0")).await.unwrap();
     let mut bad = update("log-c", "log-af", "", &[], 60);
     bad.affiliate_data = Some(bytes::Bytes::from(vec![0; 2049]));
     let err = c.affiliate_update(bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    p.signal(Signal::SIGTERM);
-    assert!(within("exit", p.child.wait()).await.unwrap().success());
+    p.terminate().await;
 
     let calls: Vec<Value> = rest_of_logs(&mut p)
         .await

@@ -9,9 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use common::*;
-use discovery_service::proto::server::{
-    AffiliateDeleteRequest, AffiliateUpdateRequest, HelloRequest, ListRequest,
-};
+use discovery_service::proto::server::{AffiliateDeleteRequest, AffiliateUpdateRequest};
 use discovery_service::snapshot::decode;
 use discovery_service::state::State;
 use http_body_util::BodyExt;
@@ -97,14 +95,7 @@ fn arbitrary_field_values_get_contract_answers() {
                     ),
                 }
                 for r in [
-                    within(
-                        "list",
-                        c.list(ListRequest {
-                            cluster_id: cluster.clone(),
-                        }),
-                    )
-                    .await
-                    .map(|_| ()),
+                    within("list", c.list(list_req(&cluster))).await.map(|_| ()),
                     within(
                         "delete",
                         c.affiliate_delete(AffiliateDeleteRequest {
@@ -114,15 +105,9 @@ fn arbitrary_field_values_get_contract_answers() {
                     )
                     .await
                     .map(|_| ()),
-                    within(
-                        "hello",
-                        c.hello(HelloRequest {
-                            cluster_id: other_id,
-                            client_version: "v1.0.0".into(),
-                        }),
-                    )
-                    .await
-                    .map(|_| ()),
+                    within("hello", c.hello(hello(&other_id, "v1.0.0")))
+                        .await
+                        .map(|_| ()),
                 ] {
                     if let Err(s) = r {
                         prop_assert_eq!(s.code(), Code::InvalidArgument);
@@ -237,12 +222,7 @@ fn arbitrary_request_bytes_never_take_the_server_down() {
     // Still serving.
     rt.block_on(async {
         let mut c = client(&server).await;
-        c.hello(HelloRequest {
-            cluster_id: "alive".into(),
-            client_version: String::new(),
-        })
-        .await
-        .unwrap();
+        c.hello(hello("alive", "")).await.unwrap();
         server.shutdown().await.unwrap();
     });
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "nothing panicked");
@@ -261,7 +241,7 @@ proptest! {
     /// A valid record prefix followed by arbitrary bytes always keeps the valid cluster.
     #[test]
     fn valid_prefix_survives_any_suffix(suffix in proptest::collection::vec(any::<u8>(), 0..256)) {
-        let mut bytes = hex::decode("0a1a0a02633112140a0261311a016422071201651a02083c2a020878").unwrap();
+        let mut bytes = upstream_snapshot();
         bytes.extend(suffix);
         let state = State::new();
         let (stats, _) = decode::import(&state, &mut bytes.as_slice(), Instant::now(), SystemTime::now());

@@ -6,13 +6,6 @@ use common::*;
 use discovery_service::proto::server::HelloRequest;
 use tonic::{Code, Request};
 
-fn hello(cluster: &str, version: &str) -> HelloRequest {
-    HelloRequest {
-        cluster_id: cluster.into(),
-        client_version: version.into(),
-    }
-}
-
 fn with_header(req: HelloRequest, key: &'static str, value: &str) -> Request<HelloRequest> {
     let mut r = Request::new(req);
     r.metadata_mut().insert(key, value.parse().unwrap());
@@ -42,7 +35,7 @@ async fn loopback_client_ip_and_no_redirect() {
 async fn ipv6_loopback_client_ip_is_16_bytes() {
     let mut cfg = config();
     cfg.addr = "[::1]:0".into();
-    let Ok(server) = discovery_service::Server::start(cfg).await else {
+    let Ok(server) = try_start(cfg).await else {
         eprintln!("no IPv6 loopback on this host; skipping");
         return;
     };
@@ -113,17 +106,7 @@ async fn reporting_disabled_and_redirect() {
     c.affiliate_update(update("c", "af", "d", &[], 60))
         .await
         .unwrap();
-    assert_eq!(
-        c.list(discovery_service::proto::server::ListRequest {
-            cluster_id: "c".into()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .affiliates
-        .len(),
-        1
-    );
+    assert_eq!(list(&mut c, "c").await.len(), 1);
     server.shutdown().await.unwrap();
 }
 

@@ -84,12 +84,7 @@ async fn metrics_have_the_reference_names() {
     cfg.snapshot_path = dir.path().join("s.binpb");
     let server = start(cfg).await;
     let mut c = client(&server).await;
-    c.hello(discovery_service::proto::server::HelloRequest {
-        cluster_id: "c".into(),
-        client_version: "v1.12.3".into(),
-    })
-    .await
-    .unwrap();
+    c.hello(hello("c", "v1.12.3")).await.unwrap();
     c.affiliate_update(update("c", "af", "d", &["e"], 60))
         .await
         .unwrap();

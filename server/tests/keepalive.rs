@@ -30,11 +30,6 @@ async fn ping_flood_gets_goaway_enhance_your_calm() {
 
     // Well-behaved clients are unaffected.
     let mut c = client(&server).await;
-    c.hello(discovery_service::proto::server::HelloRequest {
-        cluster_id: "c".into(),
-        client_version: "v1.0.0".into(),
-    })
-    .await
-    .unwrap();
+    c.hello(hello("c", "v1.0.0")).await.unwrap();
     server.shutdown().await.unwrap();
 }

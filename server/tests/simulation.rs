@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use common::*;
 use discovery_service::proto::server::cluster_client::ClusterClient;
-use discovery_service::proto::server::{Affiliate, HelloRequest, HelloResponse, WatchRequest};
+use discovery_service::proto::server::{Affiliate, HelloResponse};
 use tonic::Code;
 use tonic::transport::Channel;
 
 /// A node's view of its cluster, maintained from a watch stream the way the real
-/// client does: the first message replaces everything, later ones patch it.
+/// client does: each stream builds a fresh view from its first message (the snapshot),
+/// and later ones patch it.
 async fn watch_until(
     addr: SocketAddr,
     cluster: &str,
@@ -23,22 +24,11 @@ async fn watch_until(
 ) -> HashMap<String, Affiliate> {
     let mut c = client_at(addr).await;
     loop {
-        let mut stream = c
-            .watch(WatchRequest {
-                cluster_id: cluster.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = c.watch(watch_req(cluster)).await.unwrap().into_inner();
         let mut view = HashMap::new();
-        let mut first = true;
         loop {
-            match stream.message().await {
+            match next(&mut stream).await {
                 Ok(Some(m)) => {
-                    if first {
-                        view.clear();
-                        first = false;
-                    }
                     for a in m.affiliates {
                         if m.deleted {
                             view.remove(&a.id);
@@ -62,12 +52,7 @@ async fn watch_until(
 /// same internal endpoint again plus a public one), like KubeSpan's harvested endpoints.
 async fn publish(addr: SocketAddr, cluster: String, i: usize, n: usize) {
     let mut c = client_at(addr).await;
-    c.hello(HelloRequest {
-        cluster_id: cluster.clone(),
-        client_version: "v1.12.0".into(),
-    })
-    .await
-    .unwrap();
+    c.hello(hello(&cluster, "v1.12.0")).await.unwrap();
     let own = format!("10.0.0.{i}:51820");
     c.affiliate_update(update(
         &cluster,
@@ -149,11 +134,7 @@ async fn hello_retrying(c: &mut ClusterClient<Channel>, cluster: &str) -> HelloR
     within("hello after the restart", async {
         let mut attempts = 0;
         loop {
-            let req = HelloRequest {
-                cluster_id: cluster.into(),
-                client_version: "v1.12.0".into(),
-            };
-            match c.hello(req).await {
+            match c.hello(hello(cluster, "v1.12.0")).await {
                 Ok(r) => return r.into_inner(),
                 Err(e) if attempts < 20 && e.code() == Code::Unavailable => {
                     attempts += 1;
@@ -188,13 +169,7 @@ async fn restarting_server_one_with_a_redirect_moves_both_clients() {
     // Each client keeps a watch open on server 1, as the real one does.
     let mut streams = Vec::new();
     for c in &mut clients {
-        let mut s = c
-            .watch(WatchRequest {
-                cluster_id: "moving".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut s = c.watch(watch_req("moving")).await.unwrap().into_inner();
         assert_eq!(next(&mut s).await.unwrap().unwrap().affiliates.len(), 2);
         streams.push(s);
     }

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use common::*;
 use discovery_service::limits::MAX_CLUSTER_SNAPSHOT_SIZE;
 use discovery_service::metrics::Metrics;
-use discovery_service::proto::server::ListRequest;
 use discovery_service::proto::storage::{
     AffiliateSnapshot, ClusterSnapshot, EndpointSnapshot, StateSnapshot,
 };
@@ -32,15 +31,7 @@ async fn view(server: &discovery_service::Server, clusters: &[&str]) -> View {
     let mut c = client(server).await;
     let mut out = BTreeMap::new();
     for cl in clusters {
-        for a in c
-            .list(ListRequest {
-                cluster_id: (*cl).into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .affiliates
-        {
+        for a in list(&mut c, cl).await {
             out.insert((cl.to_string(), a.id), (a.data, a.endpoints));
         }
     }
@@ -81,9 +72,7 @@ async fn state_survives_a_graceful_restart() {
 
 #[tokio::test]
 async fn an_upstream_file_loads() {
-    // StateSnapshot{clusters:[{id:"c1", affiliates:[{id:"a1", data:"d",
-    //   endpoints:[{data:"e", ttl:60s}], ttl:120s}]}]}, encoded by hand.
-    let golden = hex::decode("0a1a0a02633112140a0261311a016422071201651a02083c2a020878").unwrap();
+    let golden = upstream_snapshot();
     let decoded = StateSnapshot::decode(golden.as_slice()).unwrap();
     assert_eq!(
         decoded.clusters[0].affiliates[0].endpoints[0]
@@ -236,8 +225,7 @@ fn maximal_cluster_is_exactly_the_limit_and_one_more_affiliate_is_rejected() {
 async fn corrupt_file_keeps_what_decoded_is_moved_aside_and_the_server_starts() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.binpb");
-    let good = hex::decode("0a1a0a02633112140a0261311a016422071201651a02083c2a020878").unwrap();
-    let mut bytes = good.clone();
+    let mut bytes = upstream_snapshot();
     bytes.extend_from_slice(&[0x0a, 0x40, 0x01, 0x02]); // a second record cut short
     std::fs::write(&path, &bytes).unwrap();
 
@@ -256,11 +244,8 @@ async fn corrupt_file_keeps_what_decoded_is_moved_aside_and_the_server_starts() 
     assert_eq!(std::fs::read(dir.path().join(&moved[0])).unwrap(), bytes);
     server.shutdown().await.unwrap();
     // The next save is a clean file again.
-    assert_eq!(std::fs::read(&path).unwrap(), {
-        let s = StateSnapshot::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
-        assert_eq!(s.clusters.len(), 1);
-        std::fs::read(&path).unwrap()
-    });
+    let s = StateSnapshot::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+    assert_eq!(s.clusters.len(), 1);
 
     // Garbage that is not even a record: nothing loads, the server still starts.
     std::fs::write(&path, b"\xff\xff\xff").unwrap();
@@ -285,12 +270,7 @@ async fn saves_run_per_interval_and_once_more_on_shutdown() {
     c.affiliate_update(update("c", "af", "d", &[], 600))
         .await
         .unwrap();
-    within("two periodic saves", async {
-        while saves(&server.metrics) < 2.0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    until("two periodic saves", || saves(&server.metrics) >= 2.0).await;
     let on_disk = StateSnapshot::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
     assert_eq!(on_disk.clusters[0].affiliates[0].id, "af");
     let metrics = server.metrics.clone();

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use discovery_service::proto::server::HelloRequest;
 use discovery_service::proto::server::cluster_client::ClusterClient;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -88,14 +87,7 @@ async fn grpc_over_tls_and_reload_on_change() {
         .await
         .unwrap();
     let mut c = ClusterClient::new(channel);
-    let r = c
-        .hello(HelloRequest {
-            cluster_id: "c".into(),
-            client_version: "v1.0.0".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = c.hello(hello("c", "v1.0.0")).await.unwrap().into_inner();
     assert_eq!(hex::encode(&r.client_ip), "7f000001");
 
     // Replace the pair on disk; new handshakes must present the new certificate.
@@ -113,12 +105,7 @@ async fn grpc_over_tls_and_reload_on_change() {
     })
     .await;
     // The established connection keeps working.
-    c.hello(HelloRequest {
-        cluster_id: "c".into(),
-        client_version: "v1.0.0".into(),
-    })
-    .await
-    .unwrap();
+    c.hello(hello("c", "v1.0.0")).await.unwrap();
     server.shutdown().await.unwrap();
 }
 
@@ -127,7 +114,7 @@ async fn a_missing_certificate_aborts_start() {
     let mut cfg = config();
     cfg.certificate_path = "/nonexistent/tls.crt".into();
     cfg.key_path = "/nonexistent/tls.key".into();
-    let err = discovery_service::Server::start(cfg).await.unwrap_err();
+    let err = try_start(cfg).await.unwrap_err();
     assert!(
         format!("{err:#}").contains("failed to load certificate"),
         "{err:#}"

@@ -85,6 +85,16 @@ pub struct Run {
     pub latencies: Vec<u32>,
 }
 
+impl Run {
+    /// Adds `other`'s calls, errors, time and latencies to this run.
+    pub fn absorb(&mut self, other: Run) {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        self.latencies.extend(other.latencies);
+    }
+}
+
 /// Keeps `in_flight` AffiliateUpdate calls going over `client` until `duration` has
 /// passed (or, with `once`, until every request of `pool` was sent once).
 pub async fn closed_loop(
@@ -125,11 +135,9 @@ pub async fn closed_loop(
         .collect();
     let mut total = Run::default();
     for t in tasks {
-        let r = t.await.unwrap();
-        total.calls += r.calls;
-        total.errors += r.errors;
-        total.latencies.extend(r.latencies);
+        total.absorb(t.await.unwrap());
     }
+    // The tasks ran side by side: the run took the wall time, not the sum of theirs.
     total.elapsed = start.elapsed();
     total
 }

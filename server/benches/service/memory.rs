@@ -46,8 +46,8 @@ pub async fn run(dir: &Path) -> Vec<Figure> {
 
     // Flush other dirty pages (logs, earlier phases) so a save competes with nothing.
     snapshot::sync_all();
-    assert!(server.terminate(), "server did not stop cleanly");
-    let (save_new, size) = logged(&procs::log_lines(&dir.join("memory.log")), "state saved");
+    let lines = server.terminate().expect("server did not stop cleanly");
+    let (save_new, size) = logged(&lines, "state saved");
 
     // Restart from that file (still in the page cache), then stop again: this final
     // save replaces the previous snapshot, as every periodic save does in production.
@@ -55,8 +55,8 @@ pub async fn run(dir: &Path) -> Vec<Figure> {
     let (load_warm, _) = logged(&restarted.log_lines(), "state loaded");
     let (restored_rss, _) = restarted.rss();
     snapshot::sync_all();
-    assert!(restarted.terminate(), "server did not stop cleanly");
-    let (save_replacing, _) = logged(&procs::log_lines(&dir.join("restore.log")), "state saved");
+    let lines = restarted.terminate().expect("server did not stop cleanly");
+    let (save_replacing, _) = logged(&lines, "state saved");
 
     snapshot::evict(&path);
     let cold = real_server(dir, "restore-cold.log", Some(&path));

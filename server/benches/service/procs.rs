@@ -95,17 +95,18 @@ impl ServerProcess {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
-    /// SIGTERM and wait (bounded) for the graceful exit; true if it exited successfully.
-    pub fn terminate(mut self) -> bool {
+    /// SIGTERM and wait (bounded) for the graceful exit; its log lines if it exited
+    /// successfully.
+    pub fn terminate(mut self) -> Option<Vec<serde_json::Value>> {
         let _ = kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + PROCESS_WAIT;
         loop {
             match self.child.try_wait() {
-                Ok(Some(status)) => return status.success(),
+                Ok(Some(status)) => return status.success().then(|| self.log_lines()),
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5))
                 }
-                _ => return false, // Drop kills it.
+                _ => return None, // Drop kills it.
             }
         }
     }

@@ -93,7 +93,7 @@ fn save_by_steps(state: &State, dir: &Path, buf: &mut Vec<u8>, hold: bool) -> St
     let (_, fsync) = timed(|| f.sync_all().unwrap());
     drop(f);
     let (previous, rename) = timed(|| {
-        let previous = File::open(&path).ok().filter(|_| hold);
+        let previous = hold.then(|| File::open(&path).ok()).flatten();
         fs::rename(&tmp, &path).unwrap();
         File::open(dir).unwrap().sync_all().unwrap();
         previous

@@ -28,10 +28,7 @@ struct Totals {
 
 impl Totals {
     fn add(&mut self, r: Run, server_cpu: Duration, client_cpu: Duration) {
-        self.run.calls += r.calls;
-        self.run.errors += r.errors;
-        self.run.elapsed += r.elapsed;
-        self.run.latencies.extend(r.latencies);
+        self.run.absorb(r);
         self.server_cpu += server_cpu;
         self.client_cpu += client_cpu;
     }

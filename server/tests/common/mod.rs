@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use discovery_service::proto::server::cluster_client::ClusterClient;
-use discovery_service::proto::server::{AffiliateUpdateRequest, WatchResponse};
+use discovery_service::proto::server::{
+    Affiliate, AffiliateUpdateRequest, HelloRequest, ListRequest, WatchRequest, WatchResponse,
+};
 use discovery_service::{Config, Server};
 use tonic::transport::Channel;
 
@@ -32,6 +34,16 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
+/// Polls `cond` until it holds, bounded.
+pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    within(what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
 /// Test config: loopback, ephemeral ports, no snapshots, no practical rate limit.
 pub fn config() -> Config {
     let mut c = Config::for_tests();
@@ -40,10 +52,13 @@ pub fn config() -> Config {
     c
 }
 
+/// Starts a server, bounded; the error is the start's own.
+pub async fn try_start(config: Config) -> anyhow::Result<Server> {
+    within("server start", Server::start(config)).await
+}
+
 pub async fn start(config: Config) -> Server {
-    within("server start", Server::start(config))
-        .await
-        .expect("server starts")
+    try_start(config).await.expect("server starts")
 }
 
 pub async fn client_at(addr: SocketAddr) -> ClusterClient<Channel> {
@@ -82,6 +97,40 @@ pub fn update(
             nanos: 0,
         }),
     }
+}
+
+pub fn hello(cluster: &str, version: &str) -> HelloRequest {
+    HelloRequest {
+        cluster_id: cluster.into(),
+        client_version: version.into(),
+    }
+}
+
+pub fn list_req(cluster: &str) -> ListRequest {
+    ListRequest {
+        cluster_id: cluster.into(),
+    }
+}
+
+pub fn watch_req(cluster: &str) -> WatchRequest {
+    WatchRequest {
+        cluster_id: cluster.into(),
+    }
+}
+
+/// The affiliates a List of `cluster` returns; panics if the call fails.
+pub async fn list(c: &mut ClusterClient<Channel>, cluster: &str) -> Vec<Affiliate> {
+    c.list(list_req(cluster))
+        .await
+        .unwrap()
+        .into_inner()
+        .affiliates
+}
+
+/// The upstream snapshot format, encoded by hand: `StateSnapshot{clusters:[{id:"c1",
+/// affiliates:[{id:"a1", data:"d", endpoints:[{data:"e", ttl:60s}], ttl:120s}]}]}`.
+pub fn upstream_snapshot() -> Vec<u8> {
+    hex::decode("0a1a0a02633112140a0261311a016422071201651a02083c2a020878").unwrap()
 }
 
 /// Next message of a watch stream, bounded.
