@@ -51,3 +51,7 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const STATS_CACHE_TTL: Duration = Duration::from_secs(3600);
 /// How often certificate files are checked for changes.
 pub const TLS_RELOAD_POLL: Duration = Duration::from_secs(2);
+/// Distinct `client_version` labels of the Hello counter. The label is derived from
+/// what unauthenticated clients send (up to about 240,000 normalized values);
+/// past this many, new versions count as `unknown` so the metric stays small.
+pub const HELLO_VERSION_LABELS_MAX: usize = 64;

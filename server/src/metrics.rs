@@ -144,6 +144,7 @@ impl MethodMetrics {
 pub struct Metrics {
     registry: Registry,
     pub hello_requests: IntCounterVec,
+    hello_versions: crate::grpc::version::VersionLabels,
     pub gc_runs: IntCounter,
     pub gc_clusters: IntCounter,
     pub gc_affiliates: IntCounter,
@@ -177,6 +178,14 @@ fn gauge_vec(r: &Registry, name: &str, help: &str) -> IntGaugeVec {
 }
 
 impl Metrics {
+    /// Counts one Hello under its client's version label (capped, see
+    /// [`crate::grpc::version::VersionLabels`]).
+    pub fn count_hello(&self, client_version: &str) {
+        self.hello_requests
+            .with_label_values(&[self.hello_versions.label(client_version).as_str()])
+            .inc();
+    }
+
     /// Registers every metric. Storage metrics exist only with snapshots enabled.
     ///
     /// The `expect`s run once at start on constant definitions; they cannot depend on
@@ -353,6 +362,9 @@ impl Metrics {
         Self {
             registry,
             hello_requests,
+            hello_versions: crate::grpc::version::VersionLabels::new(
+                crate::limits::HELLO_VERSION_LABELS_MAX,
+            ),
             gc_runs,
             gc_clusters,
             gc_affiliates,

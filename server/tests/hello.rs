@@ -131,3 +131,31 @@ async fn invalid_hello_is_counted_then_rejected() {
     assert_eq!(m.with_label_values(&["v1.8"]).get(), 1);
     server.shutdown().await.unwrap();
 }
+
+/// Client versions are chosen by unauthenticated clients: past a cap of distinct
+/// labels, new ones count as `unknown`, so the metric cannot grow without bound.
+#[tokio::test]
+async fn distinct_client_version_labels_are_capped() {
+    let server = start(config()).await;
+    let mut c = client(&server).await;
+    let max = discovery_service::limits::HELLO_VERSION_LABELS_MAX;
+    for minor in 0..max + 20 {
+        c.hello(hello("c", &format!("v1.{minor}.0"))).await.unwrap();
+    }
+    let m = server.metrics.hello_requests.clone();
+    let series = server
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("discovery_server_hello_requests_total{"))
+        .count();
+    assert_eq!(
+        series, max,
+        "one series per distinct label, unknown included"
+    );
+    // `unknown` took the first slot, so max - 1 versions got their own label.
+    assert_eq!(m.with_label_values(&["v1.0"]).get(), 1);
+    assert_eq!(m.with_label_values(&[&format!("v1.{}", max - 2)]).get(), 1);
+    assert_eq!(m.with_label_values(&["unknown"]).get(), 21);
+    server.shutdown().await.unwrap();
+}

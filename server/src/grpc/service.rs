@@ -11,7 +11,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Code, Request, Response, Status};
 
 use super::observe::{Call, Describe, Observer, panic_message};
-use super::{peer, validate, version};
+use super::{peer, validate};
 use crate::limits::WATCH_BUFFER;
 use crate::proto::server::cluster_server::Cluster;
 use crate::proto::server::{
@@ -168,11 +168,7 @@ impl Cluster for ClusterService {
     async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
         self.unary("Hello", req, |peer, r| async move {
             // Counted before validation, as upstream (Q24).
-            self.observer
-                .metrics
-                .hello_requests
-                .with_label_values(&[version::label(&r.client_version).as_str()])
-                .inc();
+            self.observer.metrics.count_hello(&r.client_version);
             validate::cluster_id(&r.cluster_id)?;
             let client_ip = if self.options.disable_client_ip_reporting {
                 Vec::new()

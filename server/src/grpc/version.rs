@@ -1,7 +1,42 @@
 //! Normalizes `client_version` into a bounded metric label (§4.3): `vX.Y.Z` → `vX.Y`,
-//! any pre-release or build suffix → `vX.Y-pre`, anything else → `unknown`.
+//! any pre-release or build suffix → `vX.Y-pre`, anything else → `unknown`; and
+//! caps how many distinct labels the server keeps, since clients choose them.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
 
 pub const UNKNOWN: &str = "unknown";
+
+/// The labels handed out so far; at most `max` distinct ones (`unknown` included).
+#[derive(Debug)]
+pub struct VersionLabels {
+    seen: Mutex<HashSet<String>>,
+    max: usize,
+}
+
+impl VersionLabels {
+    pub fn new(max: usize) -> VersionLabels {
+        VersionLabels {
+            seen: Mutex::new(HashSet::from([UNKNOWN.to_string()])),
+            max,
+        }
+    }
+
+    /// The label for `version`: its normalized form while the cap allows a new one
+    /// (or it was seen before), `unknown` after that.
+    pub fn label(&self, version: &str) -> String {
+        let label = label(version);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(&label) {
+            return label;
+        }
+        if seen.len() >= self.max {
+            return UNKNOWN.into();
+        }
+        seen.insert(label.clone());
+        label
+    }
+}
 
 fn digits(s: &str, max: usize) -> bool {
     !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_digit())
@@ -37,6 +72,22 @@ pub fn label(version: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct_labels_are_capped() {
+        let labels = VersionLabels::new(3);
+        assert_eq!(labels.label("v1.12.0"), "v1.12");
+        assert_eq!(labels.label("v1.13.0-alpha.1"), "v1.13-pre");
+        assert_eq!(labels.label("v1.14.0"), "unknown", "the cap counts unknown");
+        assert_eq!(labels.label("v1.12.3"), "v1.12", "labels seen before stay");
+        assert_eq!(labels.label("garbage"), "unknown");
+        for minor in 0..1000 {
+            assert!(
+                ["v1.12", "v1.13-pre", "unknown"]
+                    .contains(&labels.label(&format!("v9.{minor}.0")).as_str())
+            );
+        }
+    }
 
     #[test]
     fn reference_examples() {
