@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use discoveryd::affiliate::{AffiliateSpec, MachineType};
 use discoveryd::config::{self, PluginConfig};
-use discoveryd::runtime::{self, PluginContext, PluginEngine, PluginStatuses};
+use discoveryd::runtime::{self, PluginEngine, PluginStatuses, SharedContext};
 use discoveryd::store::Store;
 use discoveryd::{members, merge};
 use tokio::sync::watch;
@@ -22,10 +22,12 @@ mod common;
 
 use common::{Daemon, plugin};
 
+/// A plugin's config; the CPU share is lifted so throttling does not enter the
+/// figures (the bench measures the boundary, not the sandbox's limits).
 fn plugin_config(name: &str, wasm: &Path, config_json: &str) -> PluginConfig {
     let dir = tempfile::tempdir().unwrap();
     let yaml = format!(
-        "plugins: {{{name}: {{path: {}, config: {config_json}}}}}",
+        "plugins: {{{name}: {{path: {}, config: {config_json}, limits: {{cpuSharePercent: 100}}}}}}",
         wasm.display()
     );
     config::parse(&yaml, dir.path()).unwrap().plugins[name].clone()
@@ -40,24 +42,19 @@ fn local_channel() -> (
     watch::channel(None)
 }
 
-fn context(
-    name: &str,
-    prefix: &str,
+/// The daemon's side of the plugin contexts, as `discoveryd run` builds it.
+fn shared(
     statuses: &Arc<PluginStatuses>,
     shutdown: &CancellationToken,
     local: &watch::Receiver<Option<AffiliateSpec>>,
-) -> Arc<PluginContext> {
-    Arc::new(PluginContext {
-        name: name.into(),
-        prefix: prefix.into(),
+) -> SharedContext {
+    SharedContext {
         store: Store::new(),
         local: local.clone(),
-        local_node_id: "bench-self".into(),
-        cluster_id: None,
-        key: None,
+        node_id: "bench-self".into(),
         statuses: statuses.clone(),
         shutdown: shutdown.clone(),
-    })
+    }
 }
 
 /// Set when a figure misses its target; the bench then exits non-zero.
@@ -84,24 +81,17 @@ async fn plugin_start(engine: &Arc<PluginEngine>) {
     let statuses = Arc::new(PluginStatuses::default());
     let shutdown = CancellationToken::new();
     let (_local_tx, local) = local_channel();
+    let shared = shared(&statuses, &shutdown, &local);
     // Warm the cache once; then every start loads the compiled artifact.
-    runtime::prepare(
-        engine,
-        &config,
-        context("static", "", &statuses, &shutdown, &local),
-    )
-    .await
-    .unwrap();
+    runtime::prepare(engine, &config, shared.context(&config, None))
+        .await
+        .unwrap();
     let mut samples = Vec::new();
     for _ in 0..50 {
         let started = Instant::now();
-        let ready = runtime::prepare(
-            engine,
-            &config,
-            context("static", "", &statuses, &shutdown, &local),
-        )
-        .await
-        .unwrap();
+        let ready = runtime::prepare(engine, &config, shared.context(&config, None))
+            .await
+            .unwrap();
         assert!(ready.loaded.cached);
         samples.push(started.elapsed().as_secs_f64() * 1e3);
     }
@@ -122,16 +112,13 @@ async fn publish_1000(engine: Arc<PluginEngine>) {
     let statuses = Arc::new(PluginStatuses::default());
     let shutdown = CancellationToken::new();
     let (_local_tx, local) = local_channel();
-    let ready = runtime::prepare(
-        &engine,
-        &config,
-        context("bench", "", &statuses, &shutdown, &local),
-    )
-    .await
-    .unwrap();
+    let shared = shared(&statuses, &shutdown, &local);
+    let ready = runtime::prepare(&engine, &config, shared.context(&config, None))
+        .await
+        .unwrap();
     statuses.register("bench", "bench");
     let mut changes = statuses.subscribe();
-    let ctx = context("bench", "bench", &statuses, &shutdown, &local);
+    let ctx = shared.context(&config, Some("bench"));
     let task = tokio::spawn(runtime::supervise(engine, ready, ctx));
     let message = tokio::time::timeout(Duration::from_secs(120), async {
         loop {

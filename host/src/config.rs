@@ -8,10 +8,12 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::affiliate::{IpPrefix, MachineType, check_node_address};
+use crate::capabilities::{ClusterCrypto, FileGrant, Grants};
 use crate::crypto::ClusterKey;
 use crate::limits;
 
@@ -83,17 +85,39 @@ pub struct PluginConfig {
     pub prefix: Option<String>,
     /// The plugin's own config section, handed to it as JSON.
     pub config_json: String,
-    pub files: Vec<FileGrant>,
+    /// What the operator granted it beyond the basic host interface.
+    pub grants: Grants,
     pub enabled: bool,
-    pub memory_limit: usize,
-    pub cpu_budget: std::time::Duration,
+    pub limits: PluginLimits,
 }
 
-/// A host directory the plugin may read, and where it sees it.
+/// The limits of one plugin's sandbox.
 #[derive(Debug, Clone)]
-pub struct FileGrant {
-    pub host: PathBuf,
-    pub guest: String,
+pub struct PluginLimits {
+    /// Bytes of all its memories plus what the host stores for it.
+    pub memory: usize,
+    /// Longest busy stretch between two waits for an event.
+    pub cpu_budget: Duration,
+    /// Busy time allowed over any `cpu_share_window`, in percent of one core.
+    pub cpu_share_percent: u32,
+    pub cpu_share_window: Duration,
+    /// Host resources (files, streams, pollables) it may hold at once.
+    pub resources: usize,
+    /// How long it may keep failing before its raw affiliates are withdrawn.
+    pub withdraw_after: Duration,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            memory: (limits::PLUGIN_MEMORY_MIB as usize) << 20,
+            cpu_budget: Duration::from_millis(limits::PLUGIN_CPU_BUDGET_MS),
+            cpu_share_percent: limits::PLUGIN_CPU_SHARE_PERCENT,
+            cpu_share_window: limits::PLUGIN_CPU_SHARE_WINDOW,
+            resources: limits::PLUGIN_RESOURCES,
+            withdraw_after: limits::PLUGIN_WITHDRAW_AFTER,
+        }
+    }
 }
 
 /// A config problem, naming the field (`plugins.static-file.path`) and the value.
@@ -278,6 +302,8 @@ struct RawPlugin {
 struct RawGrants {
     #[serde(default)]
     files: Vec<RawFileGrant>,
+    /// `cluster-crypto`; by default only the `service` registry has it.
+    crypto: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -293,6 +319,10 @@ struct RawLimits {
     #[serde(rename = "memoryMiB")]
     memory_mib: Option<u64>,
     cpu_budget_ms: Option<u64>,
+    cpu_share_percent: Option<u64>,
+    cpu_share_window_ms: Option<u64>,
+    resources: Option<u64>,
+    withdraw_after_seconds: Option<u64>,
 }
 
 impl RawConfig {
@@ -314,7 +344,7 @@ impl RawConfig {
         let mut plugins = BTreeMap::new();
         for (name, raw) in self.plugins {
             let registry = registries.get(&name);
-            let plugin = raw.validate(&name, registry, base)?;
+            let plugin = raw.validate(&name, registry, cluster.as_ref(), base)?;
             plugins.insert(name, plugin);
         }
         let discovery_enabled =
@@ -458,6 +488,7 @@ impl RawPlugin {
         self,
         name: &str,
         registry: Option<&RawRegistry>,
+        cluster: Option<&ClusterIdentity>,
         base: &Path,
     ) -> Result<PluginConfig, ConfigError> {
         let at = |field: &str| format!("plugins.{name}.{field}");
@@ -525,35 +556,81 @@ impl RawPlugin {
                 guest: grant.guest,
             });
         }
-        let memory_mib = self.limits.memory_mib.unwrap_or(limits::PLUGIN_MEMORY_MIB);
-        if !(1..=limits::PLUGIN_MEMORY_MIB_MAX).contains(&memory_mib) {
-            return Err(err(
-                at("limits.memoryMiB"),
-                format!(
-                    "{memory_mib} is outside 1..={}",
-                    limits::PLUGIN_MEMORY_MIB_MAX
-                ),
-            ));
-        }
-        let cpu_ms = self
-            .limits
-            .cpu_budget_ms
-            .unwrap_or(limits::PLUGIN_CPU_BUDGET_MS);
-        if !(10..=60_000).contains(&cpu_ms) {
-            return Err(err(
-                at("limits.cpuBudgetMs"),
-                format!("{cpu_ms} is outside 10..=60000"),
-            ));
-        }
+        // The discovery service protocol seals everything: its registry gets the
+        // crypto capability unless the operator says otherwise.
+        let crypto = self
+            .grants
+            .crypto
+            .unwrap_or(name == "service")
+            .then(|| ClusterCrypto {
+                cluster_id: cluster.map(|c| c.id.clone()),
+                key: cluster.map(|c| c.key.clone()),
+            });
         Ok(PluginConfig {
             name: name.to_string(),
             path,
             prefix: self.prefix,
             config_json: config.to_string(),
-            files,
+            grants: Grants { files, crypto },
             enabled: !registry.is_some_and(|r| r.disabled),
-            memory_limit: (memory_mib as usize) << 20,
-            cpu_budget: std::time::Duration::from_millis(cpu_ms),
+            limits: self.limits.validate(name)?,
+        })
+    }
+}
+
+impl RawLimits {
+    fn validate(self, plugin: &str) -> Result<PluginLimits, ConfigError> {
+        let defaults = PluginLimits::default();
+        let field = |key: &str| format!("plugins.{plugin}.limits.{key}");
+        let within = |key: &str, value: u64, range: std::ops::RangeInclusive<u64>| {
+            if range.contains(&value) {
+                Ok(value)
+            } else {
+                Err(err(
+                    field(key),
+                    format!("{value} is outside {}..={}", range.start(), range.end()),
+                ))
+            }
+        };
+        let memory_mib = match self.memory_mib {
+            Some(mib) => within("memoryMiB", mib, 1..=limits::PLUGIN_MEMORY_MIB_MAX)?,
+            None => limits::PLUGIN_MEMORY_MIB,
+        };
+        let cpu_budget = match self.cpu_budget_ms {
+            Some(ms) => Duration::from_millis(within("cpuBudgetMs", ms, 10..=60_000)?),
+            None => defaults.cpu_budget,
+        };
+        let cpu_share_percent = match self.cpu_share_percent {
+            Some(p) => within("cpuSharePercent", p, limits::PLUGIN_CPU_SHARE_PERCENT_RANGE)? as u32,
+            None => defaults.cpu_share_percent,
+        };
+        let cpu_share_window = match self.cpu_share_window_ms {
+            Some(ms) => Duration::from_millis(within(
+                "cpuShareWindowMs",
+                ms,
+                limits::PLUGIN_CPU_SHARE_WINDOW_MS_RANGE,
+            )?),
+            None => defaults.cpu_share_window,
+        };
+        let resources = match self.resources {
+            Some(n) => within("resources", n, limits::PLUGIN_RESOURCES_RANGE)? as usize,
+            None => defaults.resources,
+        };
+        let withdraw_after = match self.withdraw_after_seconds {
+            Some(s) => Duration::from_secs(within(
+                "withdrawAfterSeconds",
+                s,
+                limits::PLUGIN_WITHDRAW_AFTER_SECONDS_RANGE,
+            )?),
+            None => defaults.withdraw_after,
+        };
+        Ok(PluginLimits {
+            memory: (memory_mib as usize) << 20,
+            cpu_budget,
+            cpu_share_percent,
+            cpu_share_window,
+            resources,
+            withdraw_after,
         })
     }
 }
@@ -704,8 +781,8 @@ plugins:
         assert_eq!(config.node.api_server_port, Some(6443));
         let plugin = &config.plugins["static"];
         assert_eq!(plugin.config_json, r#"{"path":"/peers/peers.yaml"}"#);
-        assert_eq!(plugin.memory_limit, 32 << 20);
-        assert_eq!(plugin.files[0].guest, "/peers");
+        assert_eq!(plugin.limits.memory, 32 << 20);
+        assert_eq!(plugin.grants.files[0].guest, "/peers");
         assert_eq!(config.enabled_plugins().count(), 1);
     }
 
@@ -774,10 +851,36 @@ plugins:
         // Unlike Talos (false when unset): this daemon exists to discover.
         assert!(config.discovery_enabled);
         let plugin = &config.plugins["static"];
-        assert_eq!(plugin.memory_limit, 64 << 20);
-        assert_eq!(plugin.cpu_budget, std::time::Duration::from_secs(1));
+        assert_eq!(plugin.limits.memory, 64 << 20);
+        assert_eq!(plugin.limits.cpu_budget, Duration::from_secs(1));
+        assert_eq!(plugin.limits.cpu_share_percent, 10);
+        assert_eq!(plugin.limits.cpu_share_window, Duration::from_secs(10));
+        assert_eq!(plugin.limits.resources, 256);
+        assert_eq!(plugin.limits.withdraw_after, Duration::from_secs(300));
         assert_eq!(plugin.config_json, "null");
-        assert!(plugin.files.is_empty());
+        assert!(plugin.grants.files.is_empty());
+        assert!(plugin.grants.crypto.is_none(), "crypto is a grant");
+    }
+
+    #[test]
+    fn crypto_is_granted_to_the_service_registry_by_default_and_to_others_on_request() {
+        let dir = dir_with_plugin();
+        let config = parse_in(
+            &dir,
+            &format!(
+                "cluster: {{id: c1, secret: {SECRET}}}\n\
+                 plugins: {{service: {{path: p.wasm}}, static: {{path: p.wasm}}, \
+                 probe: {{path: p.wasm, grants: {{crypto: true}}}}, \
+                 quiet: {{path: p.wasm, prefix: quiet, grants: {{crypto: false}}}}}}"
+            ),
+        )
+        .unwrap();
+        let crypto = |name: &str| config.plugins[name].grants.crypto.clone();
+        assert_eq!(crypto("service").unwrap().cluster_id.as_deref(), Some("c1"));
+        assert!(crypto("service").unwrap().key.is_some());
+        assert!(crypto("static").is_none());
+        assert!(crypto("probe").is_some());
+        assert!(crypto("quiet").is_none());
     }
 
     #[test]
@@ -867,6 +970,26 @@ plugins:
             (
                 "plugins: {static: {path: p.wasm, limits: {memoryMiB: 0}}}",
                 "plugins.static.limits.memoryMiB: 0 is outside",
+            ),
+            (
+                "plugins: {static: {path: p.wasm, limits: {cpuSharePercent: 0}}}",
+                "plugins.static.limits.cpuSharePercent: 0 is outside 1..=100",
+            ),
+            (
+                "plugins: {static: {path: p.wasm, limits: {cpuShareWindowMs: 100}}}",
+                "plugins.static.limits.cpuShareWindowMs: 100 is outside 1000..=600000",
+            ),
+            (
+                "plugins: {static: {path: p.wasm, limits: {resources: 100000}}}",
+                "plugins.static.limits.resources: 100000 is outside 16..=4096",
+            ),
+            (
+                "plugins: {static: {path: p.wasm, limits: {withdrawAfterSeconds: 0}}}",
+                "plugins.static.limits.withdrawAfterSeconds: 0 is outside 1..=86400",
+            ),
+            (
+                "plugins: {static: {path: p.wasm, grants: {crypto: maybe}}}",
+                "plugins.static.grants.crypto: invalid type",
             ),
             (
                 "plugins: {static: {path: p.wasm, prefix: 'a/b'}}",

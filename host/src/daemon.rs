@@ -13,15 +13,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::affiliate::{AffiliateSpec, IdentitySpec};
+use crate::affiliate::IdentitySpec;
 use crate::api::server::{self as api_server, LocalApi};
 use crate::config::Config;
-use crate::crypto::ClusterKey;
 use crate::identity;
 use crate::limits;
 use crate::local_affiliate::{self, System};
 use crate::reconcile;
-use crate::runtime::{self, PluginContext, PluginEngine, PluginStatuses, RunState};
+use crate::runtime::{self, PluginEngine, PluginStatuses, RunState, SharedContext, plugin_thread};
 use crate::store::{Namespace, Spec, Store};
 
 pub async fn run(config: Config) -> Result<()> {
@@ -57,8 +56,6 @@ pub async fn run(config: Config) -> Result<()> {
         store: store.clone(),
         local: local_rx.clone(),
         node_id: node_id.clone(),
-        cluster_id: config.cluster.as_ref().map(|c| c.id.clone()),
-        key: config.cluster.as_ref().map(|c| c.key.clone()),
         statuses: statuses.clone(),
         shutdown: shutdown.clone(),
     };
@@ -81,9 +78,13 @@ pub async fn run(config: Config) -> Result<()> {
         local_rx,
         shutdown.clone(),
     ));
+    let mut plugin_threads = Vec::new();
     for plugin in prepared {
-        let ctx = shared.context(&plugin.config.name, &plugin.prefix);
-        tasks.spawn(runtime::supervise(engine.clone(), plugin, ctx));
+        let ctx = shared.context(&plugin.config, Some(&plugin.prefix));
+        let (engine, name) = (engine.clone(), plugin.config.name.clone());
+        plugin_threads.push(plugin_thread::spawn(&name, move || {
+            runtime::supervise(engine, plugin, ctx)
+        })?);
     }
     let api = LocalApi {
         store: store.clone(),
@@ -92,7 +93,7 @@ pub async fn run(config: Config) -> Result<()> {
     };
     let socket = config.socket_path();
     let mut api_task = tokio::spawn(api_server::serve(listener, api));
-    tracing::info!(socket = %socket.display(), plugins = tasks.len() - 2, "discoveryd running");
+    tracing::info!(socket = %socket.display(), plugins = plugin_threads.len(), "discoveryd running");
 
     // Every task runs until shutdown; one that ends earlier is a failure.
     let outcome = tokio::select! {
@@ -108,6 +109,14 @@ pub async fn run(config: Config) -> Result<()> {
         Err(e) => tracing::error!("stopping: {e:#}"),
     }
     shutdown.cancel();
+    // Plugins get a bounded time to stop; one that does not is abandoned, so a
+    // stop takes seconds whatever the plugins do.
+    let deadline = tokio::time::Instant::now() + limits::PLUGIN_STOP_DEADLINE;
+    for thread in plugin_threads {
+        thread
+            .join(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await;
+    }
     while tasks.join_next().await.is_some() {}
     if !api_task.is_finished() {
         let _ = api_task.await;
@@ -115,33 +124,6 @@ pub async fn run(config: Config) -> Result<()> {
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");
     outcome
-}
-
-/// What every plugin context shares.
-struct SharedContext {
-    store: Arc<Store>,
-    local: watch::Receiver<Option<AffiliateSpec>>,
-    node_id: String,
-    cluster_id: Option<String>,
-    key: Option<Arc<ClusterKey>>,
-    statuses: Arc<PluginStatuses>,
-    shutdown: CancellationToken,
-}
-
-impl SharedContext {
-    fn context(&self, name: &str, prefix: &str) -> Arc<PluginContext> {
-        Arc::new(PluginContext {
-            name: name.to_string(),
-            prefix: prefix.to_string(),
-            store: self.store.clone(),
-            local: self.local.clone(),
-            local_node_id: self.node_id.clone(),
-            cluster_id: self.cluster_id.clone(),
-            key: self.key.clone(),
-            statuses: self.statuses.clone(),
-            shutdown: self.shutdown.clone(),
-        })
-    }
 }
 
 /// Loads every enabled plugin and learns its prefix; registers the disabled ones
@@ -155,7 +137,7 @@ async fn prepare_plugins(
     let mut prefixes: BTreeMap<String, String> = BTreeMap::new();
     for plugin in config.enabled_plugins() {
         // The probe context has no prefix, so nothing can be published through it.
-        let probe = shared.context(&plugin.name, "");
+        let probe = shared.context(plugin, None);
         let ready = runtime::prepare(engine, plugin, probe).await?;
         if let Some(other) = prefixes.insert(ready.prefix.clone(), plugin.name.clone()) {
             bail!(

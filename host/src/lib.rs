@@ -8,6 +8,7 @@
 pub mod affiliate;
 pub mod api;
 pub mod base62;
+pub mod capabilities;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -10,6 +10,24 @@ pub const PLUGIN_MEMORY_MIB: u64 = 64;
 pub const PLUGIN_MEMORY_MIB_MAX: u64 = 4096;
 /// Default wall-clock time a plugin may be busy between waits for an event.
 pub const PLUGIN_CPU_BUDGET_MS: u64 = 1000;
+/// Default CPU share of one plugin: at most this percentage of one core's time
+/// busy over any window of `PLUGIN_CPU_SHARE_WINDOW`.
+pub const PLUGIN_CPU_SHARE_PERCENT: u32 = 10;
+pub const PLUGIN_CPU_SHARE_PERCENT_RANGE: std::ops::RangeInclusive<u64> = 1..=100;
+pub const PLUGIN_CPU_SHARE_WINDOW: Duration = Duration::from_secs(10);
+pub const PLUGIN_CPU_SHARE_WINDOW_MS_RANGE: std::ops::RangeInclusive<u64> = 1_000..=600_000;
+/// Default cap on the host resources one plugin holds at once (open files,
+/// directory streams, pollables, streams): each may be a host file descriptor.
+pub const PLUGIN_RESOURCES: usize = 256;
+pub const PLUGIN_RESOURCES_RANGE: std::ops::RangeInclusive<u64> = 16..=4096;
+/// Default time a plugin may keep failing before its raw affiliates are withdrawn.
+pub const PLUGIN_WITHDRAW_AFTER: Duration = Duration::from_secs(300);
+pub const PLUGIN_WITHDRAW_AFTER_SECONDS_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
+/// Threads in one plugin's blocking pool (its WASI file operations): what a
+/// plugin whose calls hang can pin at most.
+pub const PLUGIN_BLOCKING_THREADS: usize = 2;
+/// The most random bytes a plugin gets from one WASI call.
+pub const PLUGIN_RANDOM_BYTES_MAX: u64 = 64 << 10;
 /// How often the epoch ticker bumps the engine: the granularity of CPU deadlines,
 /// and how often a busy plugin yields to other tasks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -24,7 +42,13 @@ pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A plugin that ran this long without failing starts over at the first backoff.
 pub const RESTART_BACKOFF_RESET_AFTER: Duration = Duration::from_secs(120);
 /// How long plugins get to return from `run` after the shutdown event.
-pub const PLUGIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+pub const PLUGIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long the daemon waits for every plugin thread to end after the shutdown
+/// event; a plugin still running then is abandoned. With the rest of the
+/// shutdown this keeps a stop under 5 s, whatever the plugins do.
+pub const PLUGIN_STOP_DEADLINE: Duration = Duration::from_millis(3500);
+/// How long the daemon's runtime waits for its own blocking tasks at exit.
+pub const EXIT_BLOCKING_GRACE: Duration = Duration::from_millis(500);
 
 /// How often local addresses are re-read from the interfaces.
 pub const ADDRESS_POLL_INTERVAL: Duration = Duration::from_secs(5);

@@ -38,6 +38,8 @@ fn main() -> std::process::ExitCode {
             Command::Reset { config } => cli::reset(&config).await,
         }
     });
+    // Dropping the runtime would wait for every blocking task, however stuck.
+    runtime.shutdown_timeout(discoveryd::limits::EXIT_BLOCKING_GRACE);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // `discoveryd get ... | head` closing the pipe is not an error.

@@ -293,6 +293,46 @@ impl Store {
     }
 }
 
+/// Write access to one registry's raw affiliates, `cluster-raw/<prefix>/<node-id>`,
+/// and to nothing else: what a plugin's host functions get instead of the store,
+/// so the one-way flow (plugins → cluster-raw → merge → members) holds by type.
+pub struct RawWriter {
+    store: Arc<Store>,
+    /// `<prefix>/`
+    prefix: String,
+}
+
+impl RawWriter {
+    pub fn new(store: Arc<Store>, prefix: &str) -> RawWriter {
+        RawWriter {
+            store,
+            prefix: format!("{prefix}/"),
+        }
+    }
+
+    /// Makes this registry's raw affiliates exactly `affiliates`; returns how
+    /// many resources changed.
+    pub fn publish(&self, affiliates: Vec<AffiliateSpec>) -> usize {
+        let desired = affiliates.into_iter().map(|spec| {
+            (
+                format!("{}{}", self.prefix, spec.node_id),
+                Spec::Affiliate(spec),
+            )
+        });
+        self.store.sync(
+            Namespace::ClusterRaw,
+            Kind::Affiliate,
+            &self.prefix,
+            desired,
+        )
+    }
+
+    /// Removes every raw affiliate of this registry; returns how many there were.
+    pub fn withdraw(&self) -> usize {
+        self.publish(Vec::new())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,6 +417,28 @@ mod tests {
                 (ChangeKind::Destroyed, "b".to_string(), 1),
             ]
         );
+    }
+
+    #[test]
+    fn a_raw_writer_writes_only_under_its_prefix() {
+        let store = Store::new();
+        store.put(Namespace::ClusterRaw, "k8s/a", affiliate("a", "x"));
+        store.put(Namespace::Cluster, "a", affiliate("a", "x"));
+        let writer = RawWriter::new(store.clone(), "static");
+        let spec = |id: &str| AffiliateSpec {
+            node_id: id.into(),
+            ..Default::default()
+        };
+        assert_eq!(writer.publish(vec![spec("a"), spec("b")]), 2);
+        let raw: Vec<String> = store
+            .list(Namespace::ClusterRaw, Kind::Affiliate)
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(raw, ["k8s/a", "static/a", "static/b"]);
+        assert_eq!(writer.withdraw(), 2);
+        assert_eq!(store.list(Namespace::ClusterRaw, Kind::Affiliate).len(), 1);
+        assert_eq!(store.list(Namespace::Cluster, Kind::Affiliate).len(), 1);
     }
 
     #[tokio::test]

@@ -60,6 +60,11 @@ plugins:
     prefix: block-poll
     config: {{mode: poll-loop}}
     limits: {{cpuBudgetMs: 300}}
+  hoard-pollables:
+    path: {hostile}
+    prefix: hoard-pollables
+    config: {{mode: hoard-pollables}}
+    limits: {{resources: 64}}
   escape:
     path: {escape}
     config:
@@ -73,6 +78,7 @@ plugins:
         membomb = plugin("fault-membomb").display(),
         escape = plugin("fault-escape").display(),
         block = plugin("fault-block").display(),
+        hostile = plugin("fault-hostile").display(),
         d = d.display(),
     );
     let mut daemon = Daemon::start_in(dir, &config);
@@ -86,6 +92,10 @@ plugins:
         ("block-sleep", "CPU budget exceeded"),
         ("block-log", "CPU budget exceeded"),
         ("block-poll", "CPU budget exceeded"),
+        (
+            "hoard-pollables",
+            "resource limit exceeded: the plugin holds 64 host resources",
+        ),
         ("escape", "read /granted/../secret.txt"),
     ];
     let (mut watcher, updates) = daemon.cli_stream(&["plugins", "-o", "json", "-w"]);

@@ -364,6 +364,16 @@ fn bad_config_fails_before_anything_starts() {
             "plugins.static.config: unknown field `pth`, expected `path`".to_string(),
         ),
         (
+            // A plugin that declares it cannot work without a capability.
+            format!(
+                "node: {{stateDir: {d}/s6}}\nplugins: {{needy: {{path: {}}}}}",
+                plugin("needs-crypto").display()
+            ),
+            "plugins.needy: the plugin needs the cluster-crypto capability, which is not granted \
+             (set plugins.needy.grants.crypto)"
+                .to_string(),
+        ),
+        (
             format!(
                 "cluster: {{id: x, secret: 'c2hvcnQ='}}\nnode: {{stateDir: {}/s1}}",
                 dir.path().display()

@@ -185,8 +185,32 @@ macro_rules! error {
 }
 
 /// Exports a [`Registry`] implementation as the plugin's entry point.
+///
+/// A plugin that cannot work without a capability the operator must grant says
+/// so, and the daemon refuses to start it without the grant instead of letting it
+/// fail at run time:
+///
+/// ```ignore
+/// export_registry!(MyRegistry, needs = ["cluster-crypto"]);
+/// ```
+///
+/// Capabilities: `cluster-crypto` (the [`crypto`] functions, `grants.crypto`) and
+/// `files` (read-only directories, `grants.files`).
 #[macro_export]
 macro_rules! export_registry {
+    ($registry:ty, needs = [$($need:literal),* $(,)?]) => {
+        $crate::export_registry!($registry);
+
+        // The declaration the daemon reads before compiling the plugin: one
+        // capability name per line, in a custom section.
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            const NEEDS: &str = concat!($($need, "\n"),*);
+            #[unsafe(link_section = "discovery:registry/needs")]
+            #[used]
+            static DISCOVERY_REGISTRY_NEEDS: [u8; NEEDS.len()] = $crate::needs_section(NEEDS);
+        };
+    };
     ($registry:ty) => {
         // Native builds (tests, clippy) type-check the export but do not emit it: the
         // component ABI's symbol names mean nothing to a native linker.
@@ -224,6 +248,19 @@ macro_rules! export_registry {
             let _ = __DiscoveryRegistryExport::describe;
         };
     };
+}
+
+/// The bytes of the needs section, at compile time.
+#[doc(hidden)]
+pub const fn needs_section<const N: usize>(needs: &str) -> [u8; N] {
+    let bytes = needs.as_bytes();
+    let mut out = [0u8; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = bytes[i];
+        i += 1;
+    }
+    out
 }
 
 /// The longest single wait; the loop simply waits again after it.

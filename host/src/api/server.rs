@@ -125,6 +125,8 @@ fn plugins_response(statuses: &PluginStatuses) -> PluginsResponse {
             healthy: s.healthy,
             message: s.message,
             published: s.published as u64,
+            throttled: s.throttled,
+            withdrawn: s.withdrawn,
         })
         .collect();
     PluginsResponse { plugins }

@@ -191,8 +191,8 @@ pub fn print_plugins(
         Format::Table => {
             writeln!(
                 out,
-                "{:<20} {:<10} {:<11} {:>8} {:>9}   LAST ERROR / STATUS",
-                "NAME", "PREFIX", "STATE", "RESTARTS", "PUBLISHED"
+                "{:<20} {:<10} {:<21} {:>8} {:>9} {:>9}   LAST ERROR / STATUS",
+                "NAME", "PREFIX", "STATE", "RESTARTS", "THROTTLED", "PUBLISHED"
             )?;
             for p in plugins {
                 let note = if p.last_error.is_empty() {
@@ -200,10 +200,14 @@ pub fn print_plugins(
                 } else {
                     &p.last_error
                 };
+                let state = match p.withdrawn {
+                    true => format!("{}, withdrawn", p.state),
+                    false => p.state.clone(),
+                };
                 writeln!(
                     out,
-                    "{:<20} {:<10} {:<11} {:>8} {:>9}   {}",
-                    p.name, p.prefix, p.state, p.restarts, p.published, note
+                    "{:<20} {:<10} {:<21} {:>8} {:>9} {:>9}   {}",
+                    p.name, p.prefix, state, p.restarts, p.throttled, p.published, note
                 )?;
             }
         }
@@ -215,6 +219,7 @@ pub fn print_plugins(
                         "name": p.name, "prefix": p.prefix, "state": p.state,
                         "restarts": p.restarts, "lastError": p.last_error,
                         "healthy": p.healthy, "message": p.message, "published": p.published,
+                        "throttled": p.throttled, "withdrawn": p.withdrawn,
                     })
                 })
                 .collect();

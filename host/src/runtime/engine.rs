@@ -13,13 +13,16 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine};
 
 use super::api_version;
-use super::bindings::RegistryPluginPre;
 use super::state::PluginState;
+use super::wit::PluginPre;
+use crate::capabilities::{self, Capability};
 use crate::limits;
 
 /// A compiled plugin ready to be instantiated any number of times.
 pub struct LoadedPlugin {
-    pub pre: RegistryPluginPre<PluginState>,
+    pub pre: PluginPre,
+    /// The capabilities it declares it cannot work without.
+    pub needs: Vec<Capability>,
     /// Whether the compile cache had it.
     pub cached: bool,
     /// Its entry in the compile cache.
@@ -44,10 +47,8 @@ impl PluginEngine {
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        super::bindings::RegistryPlugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
-            &mut linker,
-            |state| state,
-        )?;
+        capabilities::files::add_to_linker(&mut linker)?;
+        super::wit::add_to_linker(&mut linker)?;
         spawn_epoch_ticker(&engine);
         crate::private_dir::ensure(cache_dir)?;
         Ok(PluginEngine {
@@ -65,13 +66,14 @@ impl PluginEngine {
     pub fn load(&self, path: &Path) -> Result<LoadedPlugin> {
         let wasm = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         api_version::check(&wasm)?;
+        let needs = capabilities::needs::declared(&wasm)?;
         let cache_file = self
             .cache_dir
             .join(format!("{}.cwasm", cache_key(&self.engine, &wasm)));
         let (component, cached) = self.compile_cached(&wasm, path, &cache_file)?;
-        let pre = self.linker.instantiate_pre(&component)?;
         Ok(LoadedPlugin {
-            pre: RegistryPluginPre::new(pre)?,
+            pre: PluginPre::new(&self.linker, &component)?,
+            needs,
             cached,
             cache_file,
         })

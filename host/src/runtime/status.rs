@@ -1,4 +1,5 @@
-//! What `discoveryd plugins` shows: each plugin's state, restarts and last error.
+//! What `discoveryd plugins` shows: each plugin's state, restarts, throttling,
+//! withdrawal and last error.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -9,6 +10,8 @@ use tokio::sync::watch;
 pub enum RunState {
     Starting,
     Running,
+    /// Held back because it used more than its CPU share.
+    Throttled,
     /// Waiting out the backoff before the next start.
     Restarting,
     Stopped,
@@ -21,6 +24,7 @@ impl RunState {
         match self {
             RunState::Starting => "starting",
             RunState::Running => "running",
+            RunState::Throttled => "throttled",
             RunState::Restarting => "restarting",
             RunState::Stopped => "stopped",
             RunState::Disabled => "disabled",
@@ -40,6 +44,11 @@ pub struct PluginStatus {
     pub message: String,
     /// Raw affiliates it currently publishes.
     pub published: usize,
+    /// How often it was held back for using more than its CPU share.
+    pub throttled: u32,
+    /// Its raw affiliates were withdrawn because it kept failing; cleared when it
+    /// publishes again.
+    pub withdrawn: bool,
 }
 
 /// Status of every plugin, shared by the supervisors and the API.
@@ -71,6 +80,8 @@ impl PluginStatuses {
                 healthy: true,
                 message: String::new(),
                 published: 0,
+                throttled: 0,
+                withdrawn: false,
             },
         );
         self.changes.send_modify(|g| *g += 1);

@@ -1,23 +1,25 @@
 //! Runs one plugin for the life of the daemon: a fresh sandboxed Store per
 //! incarnation, instantiated from the cached pre-instance; on a trap, a hang, a
 //! memory bomb or an error, the Store is dropped and the plugin restarts after an
-//! exponential backoff, while the other plugins carry on.
+//! exponential backoff (stretched further while it is over its CPU share), while
+//! the other plugins carry on. A plugin that keeps failing for `withdrawAfter`
+//! loses its raw affiliates, so a crash loop cannot keep stale members alive.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
-use wasmtime::{Store, UpdateDeadline};
-use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+use tokio::time::Instant;
+use wasmtime::component::ResourceTableError;
 
-use super::busy::BusyClock;
+use super::cpu_budget::BusyClock;
 use super::engine::{LoadedPlugin, PluginEngine};
-use super::limiter::MemoryCap;
-use super::plugin_log::{PluginLog, sanitize};
-use super::state::{PluginContext, PluginState};
+use super::host_api::throttled;
+use super::plugin_log::sanitize;
+use super::sandbox::{budget_error, new_store};
+use super::state::PluginContext;
 use super::status::RunState;
-use super::stdio::LogOutput;
 use crate::config::PluginConfig;
 use crate::limits;
 
@@ -29,9 +31,11 @@ pub struct PreparedPlugin {
     pub prefix: String,
 }
 
-/// Compiles (or loads from the cache) a plugin and asks it for its prefix.
-/// Errors here are configuration errors: the daemon does not start. `probe` must
-/// have an empty prefix, so the plugin can neither publish nor wait meanwhile.
+/// Compiles (or loads from the cache) a plugin, checks that it was granted what
+/// it declares it needs, and asks it for its prefix. Errors here are
+/// configuration errors: the daemon does not start. `probe` must have no raw
+/// writer and no grants, so the plugin can neither publish, wait nor read
+/// anything meanwhile.
 pub async fn prepare(
     engine: &Arc<PluginEngine>,
     config: &PluginConfig,
@@ -45,19 +49,22 @@ pub async fn prepare(
             .await?
             .with_context(at)?
     };
-    let log = PluginLog::new(&config.name);
-    let (mut store, busy) = new_store(engine, probe, config, &log).with_context(at)?;
-    let info = within_budget(&busy, config.cpu_budget, async {
-        let bindings = loaded
+    config
+        .grants
+        .check_needs(&config.name, &loaded.needs)
+        .map_err(|e| anyhow!(e))?;
+    let mut store = new_store(engine, probe).with_context(at)?;
+    let clock = store.data().clock.clone();
+    let info = within_budget(&clock, config.limits.cpu_budget, async {
+        let instance = loaded
             .pre
-            .instantiate_async(&mut store)
+            .instantiate(&mut store)
             .await
-            .map_err(wasm_error)?;
-        bindings
-            .discovery_registry_registry()
-            .call_describe(&mut store, &config.config_json)
+            .map_err(|e| wasm_error(e, config.limits.resources))?;
+        instance
+            .describe(&mut store, &config.config_json)
             .await
-            .map_err(wasm_error)
+            .map_err(|e| wasm_error(e, config.limits.resources))
             .context("calling describe")
     })
     .await
@@ -85,12 +92,17 @@ pub async fn prepare(
 pub async fn supervise(engine: Arc<PluginEngine>, plugin: PreparedPlugin, ctx: Arc<PluginContext>) {
     let name = ctx.name.clone();
     let statuses = ctx.statuses.clone();
-    // One log for all incarnations, so restarts do not refill its rate limit.
-    let log = PluginLog::new(&name);
     let mut backoff = Backoff::default();
+    let mut failing = FailingSince::default();
     loop {
+        // A plugin over its CPU share does not get to start either.
+        if let Some(until) = ctx.share.held_until()
+            && throttled(&ctx, until).await
+        {
+            break;
+        }
         let started = Instant::now();
-        let outcome = run_once(&engine, &plugin, ctx.clone(), &log).await;
+        let outcome = run_once(&engine, &plugin, ctx.clone()).await;
         if ctx.shutdown.is_cancelled() {
             if let Err(e) = &outcome {
                 tracing::warn!(plugin = %name, "plugin ended badly while stopping: {e:#}");
@@ -101,19 +113,50 @@ pub async fn supervise(engine: Arc<PluginEngine>, plugin: PreparedPlugin, ctx: A
             Ok(()) => "run returned before shutdown".to_string(),
             Err(e) => format!("{e:#}"),
         };
-        let delay = backoff.next(started.elapsed());
+        let ran_for = started.elapsed();
+        let delay = backoff.next(ran_for);
+        let failing_since = failing.failed(started, ran_for);
         tracing::warn!(plugin = %name, error = %error, "plugin failed; restarting in {delay:?}");
         statuses.update(&name, |s| {
             s.state = RunState::Restarting;
             s.restarts += 1;
             s.last_error = Some(error);
         });
+        let restart_at = Instant::now() + delay;
+        let withdraw_at = failing_since + ctx.limits.withdraw_after;
+        if withdraw_at < restart_at {
+            tokio::select! {
+                _ = tokio::time::sleep_until(withdraw_at) => withdraw(&ctx),
+                _ = ctx.shutdown.cancelled() => break,
+            }
+        }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep_until(restart_at) => {}
             _ = ctx.shutdown.cancelled() => break,
         }
     }
     statuses.update(&name, |s| s.state = RunState::Stopped);
+}
+
+/// Removes the raw affiliates of a plugin that keeps failing (again, if an
+/// incarnation published since the last time).
+fn withdraw(ctx: &PluginContext) {
+    let Some(raw) = &ctx.raw else { return };
+    let removed = raw.withdraw();
+    ctx.host_bytes
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    if removed > 0 {
+        tracing::warn!(
+            plugin = %ctx.name,
+            removed,
+            "plugin has been failing for over {:?}; its raw affiliates are withdrawn until it publishes again",
+            ctx.limits.withdraw_after
+        );
+    }
+    ctx.statuses.update(&ctx.name, |s| {
+        s.withdrawn = true;
+        s.published = 0;
+    });
 }
 
 /// One incarnation: instantiate, run, and on shutdown give the plugin a grace
@@ -122,113 +165,76 @@ async fn run_once(
     engine: &PluginEngine,
     plugin: &PreparedPlugin,
     ctx: Arc<PluginContext>,
-    log: &Arc<PluginLog>,
 ) -> Result<()> {
     let (name, statuses, shutdown) = (ctx.name.clone(), ctx.statuses.clone(), ctx.shutdown.clone());
+    let (share, resources) = (ctx.share.clone(), ctx.limits.resources);
+    let budget = ctx.limits.cpu_budget;
     statuses.update(&name, |s| s.state = RunState::Starting);
-    let (mut store, busy) = new_store(engine, ctx, &plugin.config, log)?;
-    let budget = plugin.config.cpu_budget;
-    let bindings = within_budget(&busy, budget, async {
-        plugin
-            .loaded
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(wasm_error)
-    })
-    .await?;
-    statuses.update(&name, |s| s.state = RunState::Running);
-    let run = within_budget(&busy, budget, async {
-        bindings
-            .discovery_registry_registry()
-            .call_run(&mut store, &plugin.config.config_json)
-            .await
-            .map_err(wasm_error)
-    });
-    tokio::pin!(run);
-    let finished = tokio::select! {
-        finished = &mut run => finished,
-        _ = shutdown.cancelled() => {
-            match tokio::time::timeout(limits::PLUGIN_SHUTDOWN_GRACE, &mut run).await {
-                Ok(finished) => finished,
-                Err(_) => return Err(anyhow!("did not stop within {:?}", limits::PLUGIN_SHUTDOWN_GRACE)),
+    let mut store = new_store(engine, ctx)?;
+    let clock = store.data().clock.clone();
+    let outcome = async {
+        let instance = within_budget(&clock, budget, async {
+            plugin
+                .loaded
+                .pre
+                .instantiate(&mut store)
+                .await
+                .map_err(|e| wasm_error(e, resources))
+        })
+        .await?;
+        statuses.update(&name, |s| s.state = RunState::Running);
+        let run = within_budget(&clock, budget, async {
+            instance
+                .run(&mut store, &plugin.config.config_json)
+                .await
+                .map_err(|e| wasm_error(e, resources))
+        });
+        tokio::pin!(run);
+        let finished = tokio::select! {
+            finished = &mut run => finished,
+            _ = shutdown.cancelled() => {
+                match tokio::time::timeout(limits::PLUGIN_SHUTDOWN_GRACE, &mut run).await {
+                    Ok(finished) => finished,
+                    Err(_) => return Err(anyhow!("did not stop within {:?}", limits::PLUGIN_SHUTDOWN_GRACE)),
+                }
             }
+        };
+        match finished? {
+            Ok(()) => Ok(()),
+            Err(message) => Err(anyhow!("run failed: {}", sanitize(&message))),
         }
-    };
-    match finished? {
-        Ok(()) => Ok(()),
-        Err(message) => Err(anyhow!("run failed: {}", sanitize(&message))),
     }
+    .await;
+    // The last busy stretch counts toward the share too.
+    share.add(clock.wait_begins());
+    outcome
 }
 
 /// Runs `call` unless the plugin stays busy longer than `budget` without waiting
 /// for an event, whether in wasm or blocked in a host call; then the call (and
 /// with it the Store) is abandoned.
 async fn within_budget<T>(
-    busy: &BusyClock,
+    clock: &BusyClock,
     budget: Duration,
     call: impl Future<Output = Result<T>>,
 ) -> Result<T> {
     tokio::select! {
         result = call => result,
-        busy_for = busy.exceeded(budget) => Err(budget_error(busy_for, budget)),
+        busy_for = clock.exceeded(budget) => Err(budget_error(busy_for, budget)),
     }
 }
 
-fn budget_error(busy_for: Duration, budget: Duration) -> anyhow::Error {
-    anyhow!(
-        "CPU budget exceeded: busy {busy_for:?} without waiting for an event (limit {budget:?})"
-    )
-}
-
-/// A Store with the plugin's sandbox: no environment, arguments or sockets, its
-/// granted directories read-only, output to the log, memory capped, CPU
-/// deadlines armed.
-fn new_store(
-    engine: &PluginEngine,
-    ctx: Arc<PluginContext>,
-    config: &PluginConfig,
-    log: &Arc<PluginLog>,
-) -> Result<(Store<PluginState>, Arc<BusyClock>)> {
-    let mut wasi = WasiCtxBuilder::new();
-    wasi.stdout(LogOutput::stdout(log))
-        .stderr(LogOutput::stderr(log))
-        .allow_tcp(false)
-        .allow_udp(false)
-        .allow_ip_name_lookup(false);
-    for grant in &config.files {
-        wasi.preopened_dir(&grant.host, &grant.guest, FsPerms::ReadOnly)
-            .map_err(wasm_error)
-            .with_context(|| format!("granting {}", grant.host.display()))?;
+/// Keeps the cause chain of a wasmtime error (trap reason, our limit messages),
+/// and says plainly when the plugin hit its resource limit.
+fn wasm_error(e: wasmtime::Error, resources: usize) -> anyhow::Error {
+    if e.chain()
+        .any(|c| matches!(c.downcast_ref(), Some(ResourceTableError::Full)))
+    {
+        return anyhow!(
+            "resource limit exceeded: the plugin holds {resources} host resources (files, \
+             streams, pollables), its limit"
+        );
     }
-    let state = PluginState::new(
-        ctx,
-        wasi.build(),
-        MemoryCap::new(config.memory_limit),
-        config.cpu_budget,
-        log.clone(),
-    );
-    let busy = state.busy.clone();
-    let mut store = Store::new(engine.engine(), state);
-    store.limiter(|state| &mut state.memory);
-    store.set_hostcall_fuel(limits::PLUGIN_HOSTCALL_BYTES);
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(|ctx| {
-        let state = ctx.data();
-        match state.busy.busy_for() {
-            Some(busy) if busy > state.cpu_budget => Err(wasmtime::Error::from_anyhow(
-                budget_error(busy, state.cpu_budget),
-            )),
-            // Yield every tick so a busy plugin never holds a runtime thread and
-            // its watchdog gets to run.
-            _ => Ok(UpdateDeadline::Yield(1)),
-        }
-    });
-    Ok((store, busy))
-}
-
-/// Keeps the cause chain of a wasmtime error (trap reason, our limit messages).
-fn wasm_error(e: wasmtime::Error) -> anyhow::Error {
     let causes: Vec<String> = e.chain().map(|c| c.to_string()).collect();
     // The first line of wasmtime's outermost message is a backtrace header; the
     // causes underneath say what happened.
@@ -259,6 +265,23 @@ impl Backoff {
     }
 }
 
+/// When the current run of failures began: the start of the first incarnation
+/// that failed since the last one that ran long enough to count as healthy.
+#[derive(Default)]
+struct FailingSince {
+    since: Option<Instant>,
+}
+
+impl FailingSince {
+    /// An incarnation started at `started` failed after `ran_for`.
+    fn failed(&mut self, started: Instant, ran_for: Duration) -> Instant {
+        if ran_for >= limits::RESTART_BACKOFF_RESET_AFTER {
+            self.since = None;
+        }
+        *self.since.get_or_insert(started)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +300,25 @@ mod tests {
         assert_eq!(
             b.next(limits::RESTART_BACKOFF_RESET_AFTER),
             limits::RESTART_BACKOFF_FIRST
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_runs_from_the_first_failure_until_a_healthy_run() {
+        let mut failing = FailingSince::default();
+        let first = Instant::now();
+        assert_eq!(failing.failed(first, Duration::from_secs(1)), first);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(
+            failing.failed(Instant::now(), Duration::from_secs(1)),
+            first
+        );
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        let healthy = Instant::now();
+        assert_eq!(
+            failing.failed(healthy, limits::RESTART_BACKOFF_RESET_AFTER),
+            healthy,
+            "a long run starts a new count"
         );
     }
 }

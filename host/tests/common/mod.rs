@@ -195,6 +195,10 @@ impl Daemon {
             .expect("VmRSS in /proc/<pid>/status")
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }

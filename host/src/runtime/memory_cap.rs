@@ -1,6 +1,10 @@
 //! The memory cap of one plugin, over all its linear memories and tables
-//! together. A guest that grows past it traps with a message that says so,
+//! together, and over what the host keeps on its behalf (the raw affiliates it
+//! published). A guest that grows past it traps with a message that says so,
 //! rather than seeing `memory.grow` fail somewhere in its allocator.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use wasmtime::ResourceLimiter;
 
@@ -16,15 +20,34 @@ pub struct MemoryCap {
     /// Bytes of all linear memories so far.
     memory_bytes: usize,
     table_elements: usize,
+    /// Host memory held for the plugin; outlives an incarnation, as what it
+    /// published does.
+    host_bytes: Arc<AtomicUsize>,
 }
 
 impl MemoryCap {
-    pub fn new(max_bytes: usize) -> MemoryCap {
+    pub fn new(max_bytes: usize, host_bytes: Arc<AtomicUsize>) -> MemoryCap {
         MemoryCap {
             max_bytes,
             memory_bytes: 0,
             table_elements: 0,
+            host_bytes,
         }
+    }
+
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// What the host may still hold for the plugin, beside its memories.
+    pub fn host_room(&self) -> usize {
+        self.max_bytes.saturating_sub(self.memory_bytes)
+    }
+
+    /// Replaces what the host holds for the plugin; the caller checked
+    /// `host_room` first.
+    pub fn set_host_bytes(&self, bytes: usize) {
+        self.host_bytes.store(bytes, Ordering::Relaxed);
     }
 }
 
@@ -36,10 +59,13 @@ impl ResourceLimiter for MemoryCap {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let total = self.memory_bytes - current.min(self.memory_bytes) + desired;
-        if total > self.max_bytes {
+        let host = self.host_bytes.load(Ordering::Relaxed);
+        if total + host > self.max_bytes {
             wasmtime::bail!(
-                "memory limit exceeded: the plugin asked for {} KiB in all, its limit is {} MiB",
+                "memory limit exceeded: the plugin asked for {} KiB in all ({} KiB more held by \
+                 the host for what it published), its limit is {} MiB",
                 total.div_ceil(1024),
+                host.div_ceil(1024),
                 self.max_bytes >> 20
             );
         }
@@ -82,7 +108,7 @@ mod tests {
 
     #[test]
     fn the_cap_covers_all_memories_together() {
-        let mut cap = MemoryCap::new(64 * MIB);
+        let mut cap = MemoryCap::new(64 * MIB, Arc::default());
         assert!(cap.memory_growing(0, 40 * MIB, None).unwrap());
         assert!(cap.memory_growing(40 * MIB, 50 * MIB, None).unwrap());
         // A second memory may only have what the first left.
@@ -92,8 +118,26 @@ mod tests {
     }
 
     #[test]
+    fn what_the_host_holds_counts_too() {
+        let host = Arc::new(AtomicUsize::new(0));
+        let mut cap = MemoryCap::new(64 * MIB, host.clone());
+        assert!(cap.memory_growing(0, 40 * MIB, None).unwrap());
+        assert_eq!(cap.host_room(), 24 * MIB);
+        cap.set_host_bytes(20 * MIB);
+        assert!(cap.memory_growing(40 * MIB, 44 * MIB, None).unwrap());
+        let error = cap
+            .memory_growing(44 * MIB, 45 * MIB, None)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("20480 KiB more held by the host"), "{error}");
+        // A new incarnation starts with what the last one left published.
+        let next = MemoryCap::new(64 * MIB, host);
+        assert_eq!(next.host_bytes.load(Ordering::Relaxed), 20 * MIB);
+    }
+
+    #[test]
     fn table_elements_are_capped_in_total() {
-        let mut cap = MemoryCap::new(64 * MIB);
+        let mut cap = MemoryCap::new(64 * MIB, Arc::default());
         assert!(cap.table_growing(0, TABLE_ELEMENTS_MAX / 2, None).unwrap());
         assert!(cap.table_growing(0, TABLE_ELEMENTS_MAX / 2, None).unwrap());
         assert!(!cap.table_growing(0, 1, None).unwrap());

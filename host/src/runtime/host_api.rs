@@ -1,0 +1,165 @@
+//! The host functions every plugin gets (log, local affiliate, publish, status,
+//! events), in our own types. The WIT modules under `wit/` translate each
+//! version's calls into these; nothing here knows a WIT type.
+
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::cpu_budget::WaitEnd;
+use super::plugin_log::sanitize;
+use super::state::PluginState;
+use super::status::RunState;
+use super::validate::{self, Rejection};
+use crate::affiliate::AffiliateSpec;
+use crate::limits;
+
+/// What `next-event` hands a plugin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    Timeout,
+    LocalChanged,
+    Shutdown,
+    /// A host resource with this handle has data.
+    Ready(u32),
+}
+
+impl PluginState {
+    fn is_probe(&self) -> bool {
+        self.ctx.raw.is_none()
+    }
+
+    pub fn log(&mut self, level: tracing::Level, message: &str) {
+        self.ctx.log.emit(level, "log", message);
+    }
+
+    pub fn local_affiliate(&mut self) -> Option<AffiliateSpec> {
+        self.local.borrow_and_update().clone()
+    }
+
+    /// Replaces the plugin's raw affiliates with the valid entries of `entries`
+    /// (each with the node ID the plugin gave and its conversion into our types);
+    /// returns the rejected ones. What the host stores is charged to the plugin's
+    /// memory cap.
+    pub fn publish(
+        &mut self,
+        entries: impl IntoIterator<Item = (String, Result<AffiliateSpec, String>)>,
+        total: usize,
+    ) -> wasmtime::Result<Vec<Rejection>> {
+        let ctx = self.ctx.clone();
+        let Some(raw) = &ctx.raw else {
+            wasmtime::bail!("publish called from describe: only run may publish");
+        };
+        let published = validate::publish(
+            entries,
+            total,
+            &self.ctx.local_node_id,
+            self.memory.host_room(),
+        );
+        self.memory.set_host_bytes(published.bytes);
+        let rejected = published.rejected;
+        self.log_rejections(&rejected);
+        let count = published.accepted.len();
+        raw.publish(published.accepted);
+        self.ctx.statuses.update(&self.ctx.name, |s| {
+            s.published = count;
+            s.withdrawn = false;
+        });
+        Ok(rejected)
+    }
+
+    /// Logs a publish's rejections when they differ from the last ones, through
+    /// the plugin's rate-limited log and only the first few: a plugin must not
+    /// flood the daemon's log by publishing garbage.
+    fn log_rejections(&mut self, rejected: &[Rejection]) {
+        let summary = {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            for r in rejected {
+                (r.index, &r.reason).hash(&mut hasher);
+            }
+            hasher.finish()
+        };
+        if summary == self.last_rejections {
+            return;
+        }
+        self.last_rejections = summary;
+        for r in rejected.iter().take(limits::REJECTIONS_LOGGED) {
+            let message = format!(
+                "rejected affiliate {} (node-id {:?}): {}",
+                r.index, r.node_id, r.reason
+            );
+            self.ctx.log.emit(tracing::Level::WARN, "publish", &message);
+        }
+        if let Some(more) = rejected.len().checked_sub(limits::REJECTIONS_LOGGED)
+            && more > 0
+        {
+            let message = format!("{more} more affiliates rejected in the same publish");
+            self.ctx.log.emit(tracing::Level::WARN, "publish", &message);
+        }
+    }
+
+    pub fn set_status(&mut self, healthy: bool, message: &str) {
+        let message = sanitize(message);
+        self.ctx.statuses.update(&self.ctx.name, |s| {
+            s.healthy = healthy;
+            s.message = message;
+        });
+    }
+
+    /// Waits for the next event, at most `timeout`. A plugin over its CPU share
+    /// waits longer: until it is back within its share (events that arrive
+    /// meanwhile are delivered after).
+    pub async fn next_event(&mut self, timeout: Duration) -> wasmtime::Result<Event> {
+        if self.is_probe() {
+            wasmtime::bail!("next-event called from describe: describe must return at once");
+        }
+        let deadline = Instant::now() + timeout.min(limits::NEXT_EVENT_MAX_WAIT);
+        self.ctx.share.add(self.clock.wait_begins());
+        if let Some(until) = self.ctx.share.held_until() {
+            let stopping = throttled(&self.ctx, until).await;
+            self.clock.wait_ends(WaitEnd::Paused);
+            if stopping {
+                return Ok(Event::Shutdown);
+            }
+            self.clock.wait_begins();
+        }
+        let event = tokio::select! {
+            biased;
+            _ = self.ctx.shutdown.cancelled() => Event::Shutdown,
+            // The sender lives as long as the daemon; if it is gone we are stopping.
+            changed = self.local.changed() => match changed {
+                Ok(()) => Event::LocalChanged,
+                Err(_) => Event::Shutdown,
+            },
+            _ = tokio::time::sleep_until(deadline) => Event::Timeout,
+        };
+        // A zero timeout that found nothing is a poll, not idle time.
+        let polled = timeout.is_zero() && event == Event::Timeout;
+        self.clock.wait_ends(if polled {
+            WaitEnd::Polled
+        } else {
+            WaitEnd::Idled
+        });
+        Ok(event)
+    }
+}
+
+/// Holds a plugin over its CPU share until `until`, showing it in its status.
+/// Returns whether shutdown interrupted the hold.
+pub async fn throttled(ctx: &super::PluginContext, until: Instant) -> bool {
+    ctx.statuses.update(&ctx.name, |s| {
+        s.state = RunState::Throttled;
+        s.throttled += 1;
+    });
+    let stopping = tokio::select! {
+        _ = ctx.shutdown.cancelled() => true,
+        _ = tokio::time::sleep_until(until) => false,
+    };
+    ctx.statuses.update(&ctx.name, |s| {
+        if s.state == RunState::Throttled {
+            s.state = RunState::Running;
+        }
+    });
+    stopping
+}
