@@ -76,6 +76,18 @@ pub const MESSAGE_MAX: usize = 4096;
 pub const PLUGIN_LOG_PER_SECOND: f64 = 50.0;
 pub const PLUGIN_LOG_BURST: f64 = 200.0;
 
+/// How many changes a store watcher may lag behind before it has to resynchronise.
+pub const STORE_WATCH_BUFFER: usize = 4096;
+/// How many events a slow CLI watcher may have in flight on the local API.
+pub const API_WATCH_QUEUE: usize = 256;
+
+/// Table elements (function references) a plugin may hold in all its tables.
+pub const PLUGIN_TABLE_ELEMENTS_MAX: usize = 100_000;
+/// A Rust wasip2 component has one memory and a few tables and instances.
+pub const PLUGIN_INSTANCES_MAX: usize = 32;
+pub const PLUGIN_TABLES_MAX: usize = 16;
+pub const PLUGIN_MEMORIES_MAX: usize = 4;
+
 /// The local API socket in the state directory.
 pub const SOCKET_NAME: &str = "discoveryd.sock";
 /// The compiled-plugin cache in the state directory.

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{broadcast, watch};
 
 use crate::affiliate::{AffiliateSpec, IdentitySpec, MemberSpec};
+use crate::limits;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Namespace {
@@ -123,9 +124,6 @@ pub struct Change {
     pub resource: Resource,
 }
 
-/// How many changes a watcher may lag behind before it has to resynchronise.
-const WATCH_BUFFER: usize = 4096;
-
 type Table = BTreeMap<String, Resource>;
 
 pub struct Store {
@@ -139,7 +137,7 @@ impl Default for Store {
     fn default() -> Self {
         Store {
             tables: Mutex::new(BTreeMap::new()),
-            changes: broadcast::channel(WATCH_BUFFER).0,
+            changes: broadcast::channel(limits::STORE_WATCH_BUFFER).0,
             raw_generation: watch::channel(0).0,
         }
     }

@@ -55,3 +55,6 @@ pub const TLS_RELOAD_POLL: Duration = Duration::from_secs(2);
 /// what unauthenticated clients send (up to about 240,000 normalized values);
 /// past this many, new versions count as `unknown` so the metric stays small.
 pub const HELLO_VERSION_LABELS_MAX: usize = 64;
+/// Longest ID logged as is: IDs are validated after logging starts, and a 4 MiB
+/// cluster ID must not become a 4 MiB log line.
+pub const LOGGED_ID_MAX: usize = 256;

@@ -17,11 +17,9 @@ use tonic::{Request, Response, Status};
 use super::proto::local_server::{Local, LocalServer};
 use super::proto::{self, ListRequest, ListResponse, PluginsRequest, PluginsResponse, WatchEvent};
 use super::{change_kind_to_proto, resource_to_proto};
+use crate::limits;
 use crate::runtime::PluginStatuses;
 use crate::store::{ChangeKind, Kind, Namespace, Resource, Store};
-
-/// How many events a slow CLI watcher may have in flight.
-const WATCH_QUEUE: usize = 256;
 
 pub struct LocalApi {
     pub store: Arc<Store>,
@@ -66,7 +64,7 @@ impl Local for LocalApi {
         request: Request<ListRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let (namespace, kind) = parse_request(request.get_ref())?;
-        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let (tx, rx) = mpsc::channel(limits::API_WATCH_QUEUE);
         tokio::spawn(forward_changes(
             self.store.clone(),
             namespace,
@@ -90,7 +88,7 @@ impl Local for LocalApi {
         &self,
         _: Request<PluginsRequest>,
     ) -> Result<Response<Self::WatchPluginsStream>, Status> {
-        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let (tx, rx) = mpsc::channel(limits::API_WATCH_QUEUE);
         let statuses = self.statuses.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {

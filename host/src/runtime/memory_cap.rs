@@ -8,12 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use wasmtime::ResourceLimiter;
 
-/// Table elements (function references) a plugin may hold in all its tables.
-const TABLE_ELEMENTS_MAX: usize = 100_000;
-/// A Rust wasip2 component has one memory and a few tables and instances.
-const INSTANCES_MAX: usize = 32;
-const TABLES_MAX: usize = 16;
-const MEMORIES_MAX: usize = 4;
+use crate::limits::{
+    PLUGIN_INSTANCES_MAX as INSTANCES_MAX, PLUGIN_MEMORIES_MAX as MEMORIES_MAX,
+    PLUGIN_TABLE_ELEMENTS_MAX as TABLE_ELEMENTS_MAX, PLUGIN_TABLES_MAX as TABLES_MAX,
+};
 
 pub struct MemoryCap {
     max_bytes: usize,

@@ -10,21 +10,18 @@ use std::time::{Duration, Instant};
 use tonic::{Code, Request, Status};
 
 use super::peer::{self, ConnInfo, Trust};
+use crate::limits;
 use crate::metrics::{GRPC_SERVICE, Metrics, code_name};
 use crate::proto::server::{
     AffiliateDeleteRequest, AffiliateUpdateRequest, HelloRequest, ListRequest, WatchRequest,
 };
 use crate::ratelimit::IpRateLimiter;
 
-/// Longest ID logged as is: IDs are validated after logging starts, and a 4 MiB
-/// cluster ID must not become a 4 MiB log line.
-const LOGGED_ID_MAX: usize = 256;
-
 fn clip(s: &str) -> String {
-    if s.len() <= LOGGED_ID_MAX {
+    if s.len() <= limits::LOGGED_ID_MAX {
         return s.to_owned();
     }
-    let mut end = LOGGED_ID_MAX;
+    let mut end = limits::LOGGED_ID_MAX;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
@@ -325,7 +322,7 @@ mod tests {
     fn long_ids_are_clipped_on_char_boundaries() {
         let s = "é".repeat(300);
         let c = clip(&s);
-        assert!(c.len() <= LOGGED_ID_MAX + "…".len());
+        assert!(c.len() <= limits::LOGGED_ID_MAX + "…".len());
         assert_eq!(clip("short"), "short");
     }
 }
