@@ -1,11 +1,9 @@
 //! The resource specs the daemon keeps, with Talos's field names (`talosctl get
 //! affiliates -o yaml` prints the same keys).
 
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 /// What one node says about itself: the local affiliate, a raw affiliate from one
 /// registry, or the merge of several.
@@ -52,50 +50,8 @@ pub struct ControlPlaneSpec {
     pub port: u16,
 }
 
-/// A node's role, as Talos names it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MachineType {
-    #[default]
-    Unknown,
-    Init,
-    Controlplane,
-    Worker,
-}
-
-impl MachineType {
-    /// Talos's `ParseType`: empty and `join` mean worker (kept for compatibility,
-    /// reference Q19); anything unrecognised is `unknown`.
-    pub fn parse_talos(s: &str) -> MachineType {
-        match s {
-            "init" => MachineType::Init,
-            "controlplane" => MachineType::Controlplane,
-            "" | "worker" | "join" => MachineType::Worker,
-            _ => MachineType::Unknown,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MachineType::Unknown => "unknown",
-            MachineType::Init => "init",
-            MachineType::Controlplane => "controlplane",
-            MachineType::Worker => "worker",
-        }
-    }
-
-    /// Whether this node runs the control plane (its addresses are control-plane
-    /// endpoints).
-    pub fn is_control_plane(self) -> bool {
-        matches!(self, MachineType::Init | MachineType::Controlplane)
-    }
-}
-
-impl fmt::Display for MachineType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// A node's role and an address prefix, with Talos's text forms.
+pub use discovery_common::{IpPrefix, MachineType};
 
 /// An approved node, keyed by nodename.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,52 +89,6 @@ pub fn check_node_address(ip: IpAddr) -> Result<IpAddr, String> {
     Ok(ip)
 }
 
-/// An address prefix, written `10.244.0.0/16` as Talos does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IpPrefix {
-    pub addr: IpAddr,
-    pub bits: u8,
-}
-
-impl IpPrefix {
-    /// Builds a prefix, refusing more bits than the address family has.
-    pub fn new(addr: IpAddr, bits: u8) -> Option<IpPrefix> {
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        (bits <= max).then_some(IpPrefix { addr, bits })
-    }
-}
-
-impl fmt::Display for IpPrefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.bits)
-    }
-}
-
-impl FromStr for IpPrefix {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("invalid IP prefix {s:?}");
-        let (addr, bits) = s.split_once('/').ok_or_else(bad)?;
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let bits: u8 = bits.parse().map_err(|_| bad())?;
-        IpPrefix::new(addr, bits).ok_or_else(bad)
-    }
-}
-
-impl Serialize for IpPrefix {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for IpPrefix {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,13 +116,5 @@ mod tests {
                 "controlPlane": {"port": 6443},
             })
         );
-    }
-
-    #[test]
-    fn prefixes_parse_and_print_like_talos() {
-        let p: IpPrefix = "fd00::/8".parse().unwrap();
-        assert_eq!(p.to_string(), "fd00::/8");
-        assert!("10.0.0.0/33".parse::<IpPrefix>().is_err());
-        assert!("10.0.0.0".parse::<IpPrefix>().is_err());
     }
 }

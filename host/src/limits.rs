@@ -33,8 +33,9 @@ pub const PLUGIN_RANDOM_BYTES_MAX: u64 = 64 << 10;
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Guest-to-host copies allowed per host call (wasmtime's hostcall fuel).
 pub const PLUGIN_HOSTCALL_BYTES: usize = 32 << 20;
-/// The longest a plugin may wait in one `next-event` call.
-pub const NEXT_EVENT_MAX_WAIT: Duration = Duration::from_secs(3600);
+/// The longest a plugin may wait in one `next-event` call, and the most
+/// affiliates one `publish` takes: the plugin boundary's limits, shared with the SDK.
+pub use discovery_common::registry_limits::{NEXT_EVENT_MAX_WAIT, PUBLISH_MAX};
 
 /// Restart backoff of a failing plugin: doubles from the first value up to the cap.
 pub const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -53,14 +54,11 @@ pub const EXIT_BLOCKING_GRACE: Duration = Duration::from_millis(500);
 /// How often local addresses are re-read from the interfaces.
 pub const ADDRESS_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Affiliates one plugin may publish at once (a discovery service holds at most
-/// 1024 per cluster).
-pub const PUBLISH_MAX: usize = 2048;
 /// Rejections of one publish written to the log; the rest are only counted.
 pub const REJECTIONS_LOGGED: usize = 10;
 /// Node IDs become part of resource IDs and of the discovery service's affiliate
 /// IDs, which the service limits to 256 bytes.
-pub const NODE_ID_MAX: usize = 256;
+pub const NODE_ID_MAX: usize = discovery_common::sidero_limits::AFFILIATE_ID_MAX;
 /// Hostnames, nodenames and similar text fields (a DNS name is at most 253).
 pub const NAME_MAX: usize = 253;
 pub const OPERATING_SYSTEM_MAX: usize = 256;
@@ -68,7 +66,7 @@ pub const OPERATING_SYSTEM_MAX: usize = 256;
 /// plugin's accepted output to a few MiB.
 pub const ADDRESSES_MAX: usize = 64;
 /// The discovery service stores at most 64 endpoints per affiliate.
-pub const ENDPOINTS_MAX: usize = 64;
+pub const ENDPOINTS_MAX: usize = discovery_common::sidero_limits::AFFILIATE_ENDPOINTS_MAX;
 /// Plugin log lines and status notes are cut here.
 pub const MESSAGE_MAX: usize = 4096;
 /// Log lines a plugin may write per second, and in one burst; the rest are dropped

@@ -6,8 +6,9 @@
 //! than generated code, and prost's derive already writes canonical proto3 (fields
 //! in ascending order, defaults omitted), byte-equal to what Talos sends.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
+use discovery_common::netip;
 use prost::Message;
 use thiserror::Error;
 
@@ -92,14 +93,18 @@ struct ControlPlane {
 pub fn encode(spec: &AffiliateSpec) -> Vec<u8> {
     let message = Affiliate {
         node_id: spec.node_id.clone(),
-        addresses: spec.addresses.iter().map(|&ip| ip_to_bytes(ip)).collect(),
+        addresses: spec
+            .addresses
+            .iter()
+            .map(|&ip| netip::addr_to_bytes(ip))
+            .collect(),
         hostname: spec.hostname.clone(),
         nodename: spec.nodename.clone(),
         machine_type: spec.machine_type.as_str().to_owned(),
         operating_system: spec.operating_system.clone(),
         kubespan: spec.kubespan.as_ref().map(|k| KubeSpan {
             public_key: k.public_key.clone(),
-            address: k.address.map(ip_to_bytes).unwrap_or_default(),
+            address: k.address.map(netip::addr_to_bytes).unwrap_or_default(),
             additional_addresses: prefixes_to_pb(&k.additional_addresses),
             exclude_advertised_addresses: prefixes_to_pb(&k.exclude_advertised_networks),
         }),
@@ -123,7 +128,7 @@ pub fn decode(data: &[u8]) -> Result<AffiliateSpec, PayloadError> {
         addresses: message
             .addresses
             .iter()
-            .filter_map(|b| ip_from_bytes(b))
+            .filter_map(|b| netip::addr_from_bytes(b))
             .collect(),
         hostname: message.hostname,
         nodename: message.nodename,
@@ -131,7 +136,7 @@ pub fn decode(data: &[u8]) -> Result<AffiliateSpec, PayloadError> {
         machine_type: MachineType::parse_talos(&message.machine_type),
         kubespan: message.kubespan.map(|k| KubeSpanSpec {
             public_key: k.public_key,
-            address: ip_from_bytes(&k.address),
+            address: netip::addr_from_bytes(&k.address),
             additional_addresses: prefixes_from_pb(&k.additional_addresses),
             endpoints: Vec::new(),
             exclude_advertised_networks: prefixes_from_pb(&k.exclude_advertised_addresses),
@@ -147,7 +152,7 @@ pub fn decode(data: &[u8]) -> Result<AffiliateSpec, PayloadError> {
 /// Serializes one KubeSpan endpoint, the plaintext of an ECB endpoint blob.
 pub fn encode_endpoint(addr: SocketAddr) -> Vec<u8> {
     Endpoint {
-        ip: ip_to_bytes(addr.ip()),
+        ip: netip::addr_to_bytes(addr.ip()),
         port: u32::from(addr.port()),
     }
     .encode_to_vec()
@@ -157,42 +162,17 @@ pub fn encode_endpoint(addr: SocketAddr) -> Vec<u8> {
 /// over 65535 is an error: it could not be dialled.
 pub fn decode_endpoint(data: &[u8]) -> Result<SocketAddr, PayloadError> {
     let endpoint = Endpoint::decode(data).map_err(PayloadError::EndpointUnmarshal)?;
-    let ip = ip_from_bytes(&endpoint.ip).ok_or(PayloadError::EndpointIp)?;
+    let ip = netip::addr_from_bytes(&endpoint.ip).ok_or(PayloadError::EndpointIp)?;
     let port =
         u16::try_from(endpoint.port).map_err(|_| PayloadError::EndpointPort(endpoint.port))?;
     Ok(SocketAddr::new(ip, port))
-}
-
-/// Go's `netip.Addr.MarshalBinary`: 4 bytes for IPv4, 16 for IPv6 (IPv4-mapped
-/// addresses stay 16 bytes).
-fn ip_to_bytes(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    }
-}
-
-/// The inverse of [`ip_to_bytes`] for what Go may send (§6.2): more than 16 bytes is
-/// IPv6 with a zone name, which `IpAddr` cannot hold and a peer on another host
-/// could not use, so the zone is dropped. Empty (no address) and any other length
-/// give `None`.
-fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => <[u8; 4]>::try_from(bytes)
-            .ok()
-            .map(|b| Ipv4Addr::from(b).into()),
-        16.. => <[u8; 16]>::try_from(&bytes[..16])
-            .ok()
-            .map(|b| Ipv6Addr::from(b).into()),
-        _ => None,
-    }
 }
 
 fn prefixes_to_pb(prefixes: &[IpPrefix]) -> Vec<IpPrefixPb> {
     prefixes
         .iter()
         .map(|p| IpPrefixPb {
-            ip: ip_to_bytes(p.addr),
+            ip: netip::addr_to_bytes(p.addr),
             bits: u32::from(p.bits),
         })
         .collect()
@@ -202,7 +182,7 @@ fn prefixes_to_pb(prefixes: &[IpPrefix]) -> Vec<IpPrefixPb> {
 fn prefixes_from_pb(prefixes: &[IpPrefixPb]) -> Vec<IpPrefix> {
     prefixes
         .iter()
-        .filter_map(|p| IpPrefix::new(ip_from_bytes(&p.ip)?, u8::try_from(p.bits).ok()?))
+        .filter_map(|p| IpPrefix::new(netip::addr_from_bytes(&p.ip)?, u8::try_from(p.bits).ok()?))
         .collect()
 }
 
@@ -211,7 +191,7 @@ mod tests {
     use super::*;
     use rand::Rng;
 
-    fn ip(s: &str) -> IpAddr {
+    fn ip(s: &str) -> std::net::IpAddr {
         s.parse().unwrap()
     }
 
@@ -330,10 +310,10 @@ mod tests {
             node_id: "n".into(),
             addresses: vec![
                 vec![10, 0, 0, 1],
-                vec![],                                                  // no address: dropped
-                vec![1, 2, 3],                                           // bad length: dropped
-                [ip_to_bytes(ip("fe80::1")), b"eth0".to_vec()].concat(), // zone dropped
-                ip_to_bytes(ip("::ffff:1.2.3.4")),                       // stays v6
+                vec![],        // no address: dropped
+                vec![1, 2, 3], // bad length: dropped
+                [netip::addr_to_bytes(ip("fe80::1")), b"eth0".to_vec()].concat(), // zone dropped
+                netip::addr_to_bytes(ip("::ffff:1.2.3.4")), // stays v6
             ],
             machine_type: String::new(),
             kubespan: Some(KubeSpan {

@@ -75,18 +75,11 @@ impl FromStr for IpPrefix {
 
     /// `10.244.0.0/16` or `fd00::/8`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (ip, bits) = s.split_once('/').ok_or_else(|| invalid("IP prefix", s))?;
-        let address: IpAddress = ip.parse().map_err(|_| invalid("IP prefix", s))?;
-        let bits: u8 = bits.parse().map_err(|_| invalid("IP prefix", s))?;
-        let max = if matches!(address, IpAddress::Ipv4(_)) {
-            32
-        } else {
-            128
-        };
-        if bits > max {
-            return Err(invalid("IP prefix", s));
-        }
-        Ok(IpPrefix { address, bits })
+        let prefix: discovery_common::IpPrefix = s.parse().map_err(|_| invalid("IP prefix", s))?;
+        Ok(IpPrefix {
+            address: prefix.addr.into(),
+            bits: prefix.bits,
+        })
     }
 }
 
@@ -119,21 +112,35 @@ impl MachineType {
     /// Talos's `ParseType`: empty and `join` mean worker; anything unknown is
     /// `unknown`.
     pub fn parse_talos(s: &str) -> MachineType {
-        match s {
-            "init" => MachineType::Init,
-            "controlplane" => MachineType::Controlplane,
-            "" | "worker" | "join" => MachineType::Worker,
-            _ => MachineType::Unknown,
-        }
+        discovery_common::MachineType::parse_talos(s).into()
     }
 
     /// The text Talos shows: `unknown`, `init`, `controlplane` or `worker`.
     pub fn as_str(&self) -> &'static str {
-        match self {
-            MachineType::Unknown => "unknown",
-            MachineType::Init => "init",
-            MachineType::Controlplane => "controlplane",
-            MachineType::Worker => "worker",
+        discovery_common::MachineType::from(*self).as_str()
+    }
+}
+
+impl From<discovery_common::MachineType> for MachineType {
+    fn from(t: discovery_common::MachineType) -> Self {
+        use discovery_common::MachineType as Talos;
+        match t {
+            Talos::Unknown => MachineType::Unknown,
+            Talos::Init => MachineType::Init,
+            Talos::Controlplane => MachineType::Controlplane,
+            Talos::Worker => MachineType::Worker,
+        }
+    }
+}
+
+impl From<MachineType> for discovery_common::MachineType {
+    fn from(t: MachineType) -> Self {
+        use discovery_common::MachineType as Talos;
+        match t {
+            MachineType::Unknown => Talos::Unknown,
+            MachineType::Init => Talos::Init,
+            MachineType::Controlplane => Talos::Controlplane,
+            MachineType::Worker => Talos::Worker,
         }
     }
 }

@@ -137,7 +137,7 @@ pub trait Registry: Sized {
 }
 
 /// The most affiliates one [`publish`] takes; the excess gets one rejection.
-pub const PUBLISH_MAX: usize = 2048;
+pub use discovery_common::registry_limits::PUBLISH_MAX;
 
 /// Replaces this plugin's published view of the other nodes; returns the entries
 /// the daemon refused, with the reason (at most [`PUBLISH_MAX`] entries count).
@@ -264,7 +264,7 @@ pub const fn needs_section<const N: usize>(needs: &str) -> [u8; N] {
 }
 
 /// The longest single wait; the loop simply waits again after it.
-const MAX_WAIT: Duration = Duration::from_secs(3600);
+use discovery_common::registry_limits::NEXT_EVENT_MAX_WAIT as MAX_WAIT;
 
 /// The event loop behind [`export_registry!`].
 #[doc(hidden)]

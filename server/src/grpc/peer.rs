@@ -54,11 +54,8 @@ pub fn client_ip(md: &MetadataMap, conn: Option<&ConnInfo>, trust: Trust) -> Opt
 
 /// `client_ip` bytes of HelloResponse: 4 for IPv4, 16 for IPv6, empty if unknown.
 pub fn ip_bytes(ip: Option<IpAddr>) -> Vec<u8> {
-    match ip {
-        Some(IpAddr::V4(v4)) => v4.octets().to_vec(),
-        Some(IpAddr::V6(v6)) => v6.octets().to_vec(),
-        None => Vec::new(),
-    }
+    ip.map(discovery_common::netip::addr_to_bytes)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
