@@ -146,8 +146,8 @@ pub fn state_dir_of(file: &Path) -> Result<PathBuf, ConfigError> {
             format!("cannot read config: {e}"),
         )
     })?;
-    let parsed: File =
-        serde_yaml::from_str(&text).map_err(|e| err(file.display().to_string(), e.to_string()))?;
+    let parsed: File = serde_norway::from_str(&text)
+        .map_err(|e| err(file.display().to_string(), e.to_string()))?;
     Ok(resolve_state_dir(parsed.node.state_dir, &base_dir(file)))
 }
 
@@ -165,8 +165,8 @@ fn resolve_state_dir(configured: Option<PathBuf>, base: &Path) -> PathBuf {
 
 /// Parses and validates config text; `base` anchors relative paths.
 pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
-    let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
-        // serde_yaml puts the field path first: "cluster.discovery: unknown field ...".
+    let raw: RawConfig = serde_norway::from_str(text).map_err(|e| {
+        // serde_norway puts the field path first: "cluster.discovery: unknown field ...".
         let message = e.to_string();
         match message.split_once(": ") {
             Some((path, rest)) if !path.contains(' ') => err(path, rest),
