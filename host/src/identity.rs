@@ -71,7 +71,7 @@ fn load(path: &Path) -> Result<Option<String>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let file: IdentityFile = serde_yaml::from_str(&text)
+    let file: IdentityFile = serde_norway::from_str(&text)
         .with_context(|| format!("{} is not a node identity file", path.display()))?;
     if file.node_id.is_empty() {
         // Talos's message; the file is kept for the operator to inspect or reset.

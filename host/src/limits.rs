@@ -94,7 +94,7 @@ pub const CACHE_DIR_NAME: &str = "plugin-cache";
 /// Plugin names and raw-affiliate prefixes: lowercase letters, digits and '-'.
 pub fn is_registry_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 63
+        && name.len() <= REGISTRY_NAME_MAX
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -106,3 +106,13 @@ pub fn is_wireguard_key(key: &str) -> bool {
         .decode(key)
         .is_ok_and(|k| k.len() == 32)
 }
+
+/// Plugin names and raw-affiliate prefixes are at most this long (a DNS label's
+/// limit).
+pub const REGISTRY_NAME_MAX: usize = 63;
+/// The smallest memory cap an operator may configure.
+pub const PLUGIN_MEMORY_MIB_MIN: u64 = 1;
+/// The CPU budget an operator may configure, in milliseconds: at least one
+/// `EPOCH_TICK` (the granularity of CPU deadlines), at most a minute.
+pub const PLUGIN_CPU_BUDGET_MS_MIN: u64 = 10;
+pub const PLUGIN_CPU_BUDGET_MS_MAX: u64 = 60_000;

@@ -240,7 +240,7 @@ fn static_file_peers_become_members_and_follow_edits() {
 
     // `-o yaml` is the JSON form as YAML documents.
     let yaml = daemon.cli(&["get", "members", "-o", "yaml"]);
-    let documents: Vec<Value> = serde_yaml::Deserializer::from_str(&yaml)
+    let documents: Vec<Value> = serde_norway::Deserializer::from_str(&yaml)
         .map(|d| Value::deserialize(d).unwrap())
         .collect();
     assert_eq!(

@@ -122,7 +122,7 @@ pub fn print_list(
                 if i > 0 {
                     writeln!(out, "---")?;
                 }
-                write!(out, "{}", serde_yaml::to_string(&resource_value(r))?)?;
+                write!(out, "{}", serde_norway::to_string(&resource_value(r))?)?;
             }
             Ok(())
         }
@@ -174,7 +174,7 @@ pub fn print_event(
             }
             let mut value = resource_value(resource);
             value["event"] = event_name(event).into();
-            write!(out, "{}", serde_yaml::to_string(&value)?)?;
+            write!(out, "{}", serde_norway::to_string(&value)?)?;
         }
     }
     out.flush()?;
@@ -228,7 +228,7 @@ pub fn print_plugins(
                     writeln!(out, "{v}")?;
                 }
             } else {
-                write!(out, "{}", serde_yaml::to_string(&values)?)?;
+                write!(out, "{}", serde_norway::to_string(&values)?)?;
             }
         }
     }

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use discovery_sdk::Affiliate;
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use crate::entry::FileAffiliate;
 
@@ -44,7 +44,7 @@ impl Parsed {
 /// unusable; a bad entry only lands in `skipped`.
 pub fn parse(contents: &[u8]) -> Result<Parsed, String> {
     let document: Value =
-        serde_yaml::from_slice(contents).map_err(|e| format!("not valid YAML or JSON: {e}"))?;
+        serde_norway::from_slice(contents).map_err(|e| format!("not valid YAML or JSON: {e}"))?;
     let entries = match document {
         Value::Null => Vec::new(),
         Value::Sequence(entries) => entries,
@@ -59,7 +59,7 @@ pub fn parse(contents: &[u8]) -> Result<Parsed, String> {
     let mut seen = HashSet::new();
     for (index, entry) in entries.into_iter().enumerate() {
         let name = entry_name(index, &entry);
-        let result = serde_yaml::from_value::<FileAffiliate>(entry)
+        let result = serde_norway::from_value::<FileAffiliate>(entry)
             .map_err(|e| e.to_string())
             .and_then(FileAffiliate::into_affiliate);
         match result {
