@@ -9,9 +9,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use discoveryd::affiliate::{AffiliateSpec, MachineType};
 use discoveryd::config::{self, PluginConfig};
 use discoveryd::runtime::{self, PluginEngine, PluginStatuses, SharedContext};
+use discoveryd::specs::{AffiliateSpec, MachineType};
 use discoveryd::store::Store;
 use discoveryd::{members, merge};
 use tokio::sync::watch;

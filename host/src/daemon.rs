@@ -13,7 +13,6 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::affiliate::IdentitySpec;
 use crate::api::server::{self as api_server, LocalApi};
 use crate::config::Config;
 use crate::identity;
@@ -21,6 +20,7 @@ use crate::limits;
 use crate::local_affiliate::{self, System};
 use crate::reconcile;
 use crate::runtime::{self, PluginEngine, PluginStatuses, RunState, SharedContext, plugin_thread};
+use crate::specs::IdentitySpec;
 use crate::store::{Namespace, Spec, Store};
 
 pub async fn run(config: Config) -> Result<()> {

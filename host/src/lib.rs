@@ -4,8 +4,24 @@
 //!
 //! Data flows one way: config and identity → local affiliate → plugins → raw
 //! affiliates (`cluster-raw`) → merged affiliates → members (`cluster`) → API.
+//!
+//! Where things live:
+//! - [`config`] reads the YAML file; [`identity`] keeps the node ID; [`specs`] are
+//!   the resource types (Talos's field names); [`local_addresses`] and
+//!   [`local_affiliate`] describe this node.
+//! - [`runtime`] runs the plugins: one engine, a sandbox per plugin on its own
+//!   thread, the host API in our own types with one module per WIT version
+//!   (`runtime::wit`), output validation and supervision. [`capabilities`] is the
+//!   one place where what an operator granted a plugin is decided and checked.
+//! - [`store`] holds resources with versions and watches (a plugin writes only its
+//!   own raw prefix, through a `RawWriter`); [`merge`], [`members`] and
+//!   [`reconcile`] turn raw affiliates into members; [`crypto`] and [`payload`] are
+//!   Sidero's sealing and wire encoding.
+//! - [`api`] is the local gRPC API on a unix socket, [`cli`] the commands that use
+//!   it, [`daemon`] wires everything together.
+//! - Named limits and timings are in [`limits`]; those shared with the discovery
+//!   service and the SDK are in the `discovery-common` crate.
 
-pub mod affiliate;
 pub mod api;
 pub mod base62;
 pub mod capabilities;
@@ -14,8 +30,8 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod identity;
-pub mod interfaces;
 pub mod limits;
+pub mod local_addresses;
 pub mod local_affiliate;
 pub mod members;
 pub mod merge;
@@ -23,4 +39,5 @@ pub mod payload;
 pub mod private_dir;
 pub mod reconcile;
 pub mod runtime;
+pub mod specs;
 pub mod store;

@@ -9,10 +9,10 @@ use std::net::{IpAddr, SocketAddr};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::affiliate::{AffiliateSpec, ControlPlaneSpec, KubeSpanSpec};
 use crate::config::NodeConfig;
-use crate::interfaces;
 use crate::limits;
+use crate::local_addresses;
+use crate::specs::{AffiliateSpec, ControlPlaneSpec, KubeSpanSpec};
 
 /// The WireGuard port Talos advertises for KubeSpan.
 const KUBESPAN_PORT: u16 = 51820;
@@ -43,7 +43,7 @@ impl System {
         System {
             hostname,
             operating_system: operating_system(&os_release, &kernel),
-            addresses: interfaces::detect_addresses()
+            addresses: local_addresses::detect_addresses()
                 .map(|mut addresses| {
                     // Peers and the discovery service take a bounded list.
                     addresses.truncate(limits::ADDRESSES_MAX);
@@ -157,8 +157,8 @@ pub fn publish(local: &watch::Sender<Option<AffiliateSpec>>, spec: Option<Affili
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::affiliate::MachineType;
     use crate::config::KubeSpanConfig;
+    use crate::specs::MachineType;
 
     fn node() -> NodeConfig {
         NodeConfig {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::affiliate::{AffiliateSpec, MemberSpec};
+use crate::specs::{AffiliateSpec, MemberSpec};
 
 /// The members, and every nodename that more than one node ID claimed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -101,7 +101,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::affiliate::{ControlPlaneSpec, KubeSpanSpec, MachineType};
+    use crate::specs::{ControlPlaneSpec, KubeSpanSpec, MachineType};
 
     fn ips(list: &[&str]) -> Vec<IpAddr> {
         list.iter().map(|s| s.parse().unwrap()).collect()

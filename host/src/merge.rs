@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::Hash;
 
-use crate::affiliate::{AffiliateSpec, KubeSpanSpec, MachineType};
+use crate::specs::{AffiliateSpec, KubeSpanSpec, MachineType};
 
 /// Up to this many comparisons a linear scan beats building a hash set.
 const LINEAR_UNION_MAX: usize = 256;
@@ -116,7 +116,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
     use super::*;
-    use crate::affiliate::{ControlPlaneSpec, IpPrefix};
+    use crate::specs::{ControlPlaneSpec, IpPrefix};
 
     fn ips(list: &[&str]) -> Vec<IpAddr> {
         list.iter().map(|s| s.parse().unwrap()).collect()

@@ -12,7 +12,7 @@ use discovery_common::netip;
 use prost::Message;
 use thiserror::Error;
 
-use crate::affiliate::{AffiliateSpec, ControlPlaneSpec, IpPrefix, KubeSpanSpec, MachineType};
+use crate::specs::{AffiliateSpec, ControlPlaneSpec, IpPrefix, KubeSpanSpec, MachineType};
 
 /// Why a payload from the network could not be read.
 #[derive(Debug, Error)]

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::affiliate::AffiliateSpec;
 use crate::members::{self, DuplicateNodename};
 use crate::merge;
+use crate::specs::AffiliateSpec;
 use crate::store::{Kind, Namespace, Spec, Store};
 
 /// Runs until shutdown, reconciling after every change of either input.
@@ -96,7 +96,7 @@ fn warn_new_duplicates(warned: &mut BTreeSet<String>, duplicates: Vec<DuplicateN
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::affiliate::MachineType;
+    use crate::specs::MachineType;
 
     fn spec(node_id: &str, nodename: &str, addresses: &[&str]) -> AffiliateSpec {
         AffiliateSpec {

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{broadcast, watch};
 
-use crate::affiliate::{AffiliateSpec, IdentitySpec, MemberSpec};
 use crate::limits;
+use crate::specs::{AffiliateSpec, IdentitySpec, MemberSpec};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Namespace {

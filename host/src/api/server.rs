@@ -239,7 +239,7 @@ pub async fn serve(listener: UnixListener, api: LocalApi) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::affiliate::AffiliateSpec;
+    use crate::specs::AffiliateSpec;
     use crate::store::Spec;
 
     fn affiliate(id: &str, hostname: &str) -> Spec {

@@ -6,10 +6,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::affiliate::AffiliateSpec;
 use crate::crypto::ClusterKey;
 use crate::payload;
 use crate::runtime::validate;
+use crate::specs::AffiliateSpec;
 
 /// The cluster identity as the crypto capability holds it.
 #[derive(Clone, Debug, Default)]

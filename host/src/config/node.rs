@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use super::file::{RawControlPlane, RawKubeSpan, RawNode};
 use super::{ConfigError, err, resolve_state_dir};
-use crate::affiliate::{IpPrefix, MachineType, check_node_address};
 use crate::limits;
+use crate::specs::{IpPrefix, MachineType, check_node_address};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {

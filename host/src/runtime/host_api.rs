@@ -12,8 +12,8 @@ use super::plugin_log::sanitize;
 use super::state::PluginState;
 use super::status::RunState;
 use super::validate::{self, Rejection};
-use crate::affiliate::AffiliateSpec;
 use crate::limits;
+use crate::specs::AffiliateSpec;
 
 /// What `next-event` hands a plugin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

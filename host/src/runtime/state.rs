@@ -15,9 +15,9 @@ use super::cpu_share::CpuShare;
 use super::memory_cap::MemoryCap;
 use super::plugin_log::PluginLog;
 use super::status::PluginStatuses;
-use crate::affiliate::AffiliateSpec;
 use crate::capabilities::{Granter, Grants};
 use crate::config::{PluginConfig, PluginLimits};
+use crate::specs::AffiliateSpec;
 use crate::store::{RawWriter, Store};
 
 /// What a plugin may see and touch, shared by all its incarnations.

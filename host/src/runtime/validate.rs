@@ -5,8 +5,8 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use crate::affiliate::{AffiliateSpec, KubeSpanSpec, check_node_address};
 use crate::limits;
+use crate::specs::{AffiliateSpec, KubeSpanSpec, check_node_address};
 
 /// Why the host refused one entry of a publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,7 +185,7 @@ pub fn footprint(spec: &AffiliateSpec) -> usize {
         size_of::<KubeSpanSpec>()
             + k.public_key.len()
             + (k.additional_addresses.len() + k.exclude_advertised_networks.len())
-                * size_of::<crate::affiliate::IpPrefix>()
+                * size_of::<crate::specs::IpPrefix>()
             + k.endpoints.len() * size_of::<std::net::SocketAddr>()
     });
     STORED_OVERHEAD + size_of::<AffiliateSpec>() + text + addresses + kubespan

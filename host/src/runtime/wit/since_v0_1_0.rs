@@ -1,5 +1,5 @@
 //! `discovery:registry@0.1.0`: its generated bindings, the host side of its
-//! imports (each a thin translation into [`super::super::host_api`] and the
+//! imports (each a thin translation into the host API, `runtime/host_api.rs`, and the
 //! capabilities), and conversions between its types and ours.
 //!
 //! Every import is async (it may wait, like `next-event`) and trappable (the host
@@ -11,9 +11,9 @@ use wasmtime::Store;
 use wasmtime::component::{HasSelf, Linker};
 
 use super::RegistryInfo;
-use crate::affiliate::{AffiliateSpec, ControlPlaneSpec, IpPrefix, KubeSpanSpec, MachineType};
 use crate::runtime::host_api::Event;
 use crate::runtime::state::PluginState;
+use crate::specs::{AffiliateSpec, ControlPlaneSpec, IpPrefix, KubeSpanSpec, MachineType};
 
 wasmtime::component::bindgen!({
     path: "../wit",
