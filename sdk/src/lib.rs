@@ -13,6 +13,15 @@
 //! [`Registry::poll_interval`], and [`Registry::on_shutdown`] before the plugin
 //! stops. Returning an error restarts the plugin with backoff.
 //!
+//! The daemon treats every plugin as hostile, so a plugin lives within limits:
+//! a memory cap (which counts what it publishes), a CPU budget per busy stretch
+//! and a CPU share over a window (a plugin over it is throttled), a cap on open
+//! files and other host resources. Capabilities beyond the basics are granted by
+//! the operator: [`crypto`] needs `grants.crypto`; a plugin that cannot work
+//! without one declares it (`export_registry!(T, needs = ["cluster-crypto"])`) and
+//! is refused at start instead of failing later. Limits shared with the daemon
+//! (such as [`PUBLISH_MAX`]) come from the `discovery-common` crate.
+//!
 //! # Example
 //!
 //! A registry that publishes one fixed peer:

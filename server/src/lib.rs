@@ -5,7 +5,9 @@
 //! Layers, from the inside out: [`state`] (pure, clock passed in), [`snapshot`]
 //! (file format and storage), [`grpc`] (validation, interceptors, service), [`http`]
 //! (listeners, pages, metrics), and [`server::Server`] which wires them together and is
-//! what tests, benchmarks and the binary start.
+//! what tests, benchmarks and the binary start. Sidero's wire limits and Go's
+//! address encoding come from the `discovery-common` crate, shared with the node
+//! daemon and the plugin SDK; [`limits`] re-exports them beside the service's own.
 
 pub mod config;
 pub mod grpc;

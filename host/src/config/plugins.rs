@@ -162,65 +162,63 @@ impl RawPlugin {
 }
 
 impl RawLimits {
+    /// Each limit is the configured value if it is within its range, else the
+    /// default.
     fn validate(self, plugin: &str) -> Result<PluginLimits, ConfigError> {
         let defaults = PluginLimits::default();
-        let within = |key: &str, value: u64, range: RangeInclusive<u64>| {
-            if range.contains(&value) {
-                Ok(value)
-            } else {
-                Err(err(
+        let limit = |key: &str, value: Option<u64>, range: RangeInclusive<u64>, default: u64| {
+            let value = value.unwrap_or(default);
+            if !range.contains(&value) {
+                return Err(err(
                     format!("plugins.{plugin}.limits.{key}"),
                     format!("{value} is outside {}..={}", range.start(), range.end()),
-                ))
+                ));
             }
+            Ok(value)
         };
-        let memory_mib = match self.memory_mib {
-            Some(mib) => within(
-                "memoryMiB",
-                mib,
-                limits::PLUGIN_MEMORY_MIB_MIN..=limits::PLUGIN_MEMORY_MIB_MAX,
-            )?,
-            None => limits::PLUGIN_MEMORY_MIB,
-        };
-        let cpu_budget = match self.cpu_budget_ms {
-            Some(ms) => Duration::from_millis(within(
-                "cpuBudgetMs",
-                ms,
-                limits::PLUGIN_CPU_BUDGET_MS_MIN..=limits::PLUGIN_CPU_BUDGET_MS_MAX,
-            )?),
-            None => defaults.cpu_budget,
-        };
-        let cpu_share_percent = match self.cpu_share_percent {
-            Some(p) => within("cpuSharePercent", p, limits::PLUGIN_CPU_SHARE_PERCENT_RANGE)? as u32,
-            None => defaults.cpu_share_percent,
-        };
-        let cpu_share_window = match self.cpu_share_window_ms {
-            Some(ms) => Duration::from_millis(within(
-                "cpuShareWindowMs",
-                ms,
-                limits::PLUGIN_CPU_SHARE_WINDOW_MS_RANGE,
-            )?),
-            None => defaults.cpu_share_window,
-        };
-        let resources = match self.resources {
-            Some(n) => within("resources", n, limits::PLUGIN_RESOURCES_RANGE)? as usize,
-            None => defaults.resources,
-        };
-        let withdraw_after = match self.withdraw_after_seconds {
-            Some(s) => Duration::from_secs(within(
-                "withdrawAfterSeconds",
-                s,
-                limits::PLUGIN_WITHDRAW_AFTER_SECONDS_RANGE,
-            )?),
-            None => defaults.withdraw_after,
-        };
+        let memory_mib = limit(
+            "memoryMiB",
+            self.memory_mib,
+            limits::PLUGIN_MEMORY_MIB_MIN..=limits::PLUGIN_MEMORY_MIB_MAX,
+            limits::PLUGIN_MEMORY_MIB,
+        )?;
+        let cpu_budget_ms = limit(
+            "cpuBudgetMs",
+            self.cpu_budget_ms,
+            limits::PLUGIN_CPU_BUDGET_MS_MIN..=limits::PLUGIN_CPU_BUDGET_MS_MAX,
+            limits::PLUGIN_CPU_BUDGET_MS,
+        )?;
+        let cpu_share_percent = limit(
+            "cpuSharePercent",
+            self.cpu_share_percent,
+            limits::PLUGIN_CPU_SHARE_PERCENT_RANGE,
+            defaults.cpu_share_percent.into(),
+        )?;
+        let cpu_share_window_ms = limit(
+            "cpuShareWindowMs",
+            self.cpu_share_window_ms,
+            limits::PLUGIN_CPU_SHARE_WINDOW_MS_RANGE,
+            defaults.cpu_share_window.as_millis() as u64,
+        )?;
+        let resources = limit(
+            "resources",
+            self.resources,
+            limits::PLUGIN_RESOURCES_RANGE,
+            defaults.resources as u64,
+        )?;
+        let withdraw_after_seconds = limit(
+            "withdrawAfterSeconds",
+            self.withdraw_after_seconds,
+            limits::PLUGIN_WITHDRAW_AFTER_SECONDS_RANGE,
+            defaults.withdraw_after.as_secs(),
+        )?;
         Ok(PluginLimits {
             memory: (memory_mib as usize) << 20,
-            cpu_budget,
-            cpu_share_percent,
-            cpu_share_window,
-            resources,
-            withdraw_after,
+            cpu_budget: Duration::from_millis(cpu_budget_ms),
+            cpu_share_percent: cpu_share_percent as u32,
+            cpu_share_window: Duration::from_millis(cpu_share_window_ms),
+            resources: resources as usize,
+            withdraw_after: Duration::from_secs(withdraw_after_seconds),
         })
     }
 }

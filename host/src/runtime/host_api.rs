@@ -122,7 +122,7 @@ impl PluginState {
             if stopping {
                 return Ok(Event::Shutdown);
             }
-            self.clock.wait_begins();
+            self.ctx.share.add(self.clock.wait_begins());
         }
         let event = tokio::select! {
             biased;
@@ -148,7 +148,9 @@ impl PluginState {
 /// Holds a plugin over its CPU share until `until`, showing it in its status.
 /// Returns whether shutdown interrupted the hold.
 pub async fn throttled(ctx: &super::PluginContext, until: Instant) -> bool {
+    let mut before = RunState::Running;
     ctx.statuses.update(&ctx.name, |s| {
+        before = s.state;
         s.state = RunState::Throttled;
         s.throttled += 1;
     });
@@ -158,7 +160,7 @@ pub async fn throttled(ctx: &super::PluginContext, until: Instant) -> bool {
     };
     ctx.statuses.update(&ctx.name, |s| {
         if s.state == RunState::Throttled {
-            s.state = RunState::Running;
+            s.state = before;
         }
     });
     stopping

@@ -28,7 +28,9 @@ pub enum PluginPre {
 }
 
 impl PluginPre {
-    /// Links `component` against the version its `api_version` says it uses.
+    /// Type-checks `component` against our WIT package. There is one version so
+    /// far; with more, the version its imports name (see `api_version`) picks the
+    /// module.
     pub fn new(linker: &Linker<PluginState>, component: &Component) -> wasmtime::Result<PluginPre> {
         let pre = linker.instantiate_pre(component)?;
         Ok(PluginPre::V0_1_0(since_v0_1_0::RegistryPluginPre::new(
