@@ -54,6 +54,8 @@ fn shared(
         node_id: "bench-self".into(),
         statuses: statuses.clone(),
         shutdown: shutdown.clone(),
+        leaving: Arc::default(),
+        public_addresses: Arc::default(),
     }
 }
 

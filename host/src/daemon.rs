@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{Result, anyhow, bail};
 use tokio::sync::watch;
@@ -18,6 +19,7 @@ use crate::config::Config;
 use crate::identity;
 use crate::limits;
 use crate::local_affiliate::{self, System};
+use crate::public_addresses::PublicAddresses;
 use crate::reconcile;
 use crate::runtime::{self, PluginEngine, PluginStatuses, RunState, SharedContext, plugin_thread};
 use crate::specs::IdentitySpec;
@@ -48,16 +50,20 @@ pub async fn run(config: Config) -> Result<()> {
         &local_tx,
         config
             .discovery_enabled
-            .then(|| local_affiliate::build(&config.node, &node_id, &System::read())),
+            .then(|| local_affiliate::build(&config.node, &node_id, &System::read(), &[])),
     );
 
     let statuses = Arc::new(PluginStatuses::default());
+    let leaving = Arc::new(AtomicBool::new(false));
+    let public_addresses = Arc::new(PublicAddresses::default());
     let shared = SharedContext {
         store: store.clone(),
         local: local_rx.clone(),
         node_id: node_id.clone(),
         statuses: statuses.clone(),
         shutdown: shutdown.clone(),
+        leaving: leaving.clone(),
+        public_addresses: public_addresses.clone(),
     };
     let engine = Arc::new(PluginEngine::new(&state_dir.join(limits::CACHE_DIR_NAME))?);
     let prepared = prepare_plugins(&config, &engine, &shared).await?;
@@ -69,6 +75,7 @@ pub async fn run(config: Config) -> Result<()> {
         config.node.clone(),
         node_id.clone(),
         config.discovery_enabled,
+        public_addresses.subscribe(),
         local_tx,
         shutdown.clone(),
     ));
@@ -86,10 +93,13 @@ pub async fn run(config: Config) -> Result<()> {
             runtime::supervise(engine, plugin, ctx)
         })?);
     }
+    let stop = CancellationToken::new();
     let api = LocalApi {
         store: store.clone(),
         statuses,
         shutdown: shutdown.clone(),
+        leaving,
+        stop: stop.clone(),
     };
     let socket = config.socket_path();
     let mut api_task = tokio::spawn(api_server::serve(listener, api));
@@ -98,6 +108,7 @@ pub async fn run(config: Config) -> Result<()> {
     // Every task runs until shutdown; one that ends earlier is a failure.
     let outcome = tokio::select! {
         _ = signals.recv() => Ok(()),
+        _ = stop.cancelled() => Ok(()),
         ended = tasks.join_next() => Err(anyhow!("an internal task ended unexpectedly: {ended:?}")),
         ended = &mut api_task => Err(match ended {
             Ok(Err(e)) => e.context("the local API failed"),

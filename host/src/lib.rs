@@ -24,6 +24,7 @@
 
 pub mod api;
 pub mod base62;
+pub mod builtin_plugins;
 pub mod capabilities;
 pub mod cli;
 pub mod config;
@@ -37,6 +38,7 @@ pub mod members;
 pub mod merge;
 pub mod payload;
 pub mod private_dir;
+pub mod public_addresses;
 pub mod reconcile;
 pub mod runtime;
 pub mod specs;

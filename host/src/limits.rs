@@ -48,6 +48,8 @@ pub const PLUGIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// event; a plugin still running then is abandoned. With the rest of the
 /// shutdown this keeps a stop under 5 s, whatever the plugins do.
 pub const PLUGIN_STOP_DEADLINE: Duration = Duration::from_millis(3500);
+/// How long `discoveryd leave` waits for the daemon to stop.
+pub const LEAVE_WAIT: Duration = Duration::from_secs(10);
 /// How long the daemon's runtime waits for its own blocking tasks at exit.
 pub const EXIT_BLOCKING_GRACE: Duration = Duration::from_millis(500);
 
@@ -85,6 +87,18 @@ pub const PLUGIN_TABLE_ELEMENTS_MAX: usize = 100_000;
 pub const PLUGIN_INSTANCES_MAX: usize = 32;
 pub const PLUGIN_TABLES_MAX: usize = 16;
 pub const PLUGIN_MEMORIES_MAX: usize = 4;
+
+/// gRPC for plugins: how long a connection may take to open, the client
+/// keepalive (never faster than the discovery service's 10 s minimum, and the
+/// reference's 20 s ping timeout), and what one plugin may hold at once.
+pub const GRPC_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const GRPC_KEEPALIVE_MIN: Duration = Duration::from_secs(10);
+pub const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+pub const GRPC_CHANNELS_MAX: usize = 8;
+pub const GRPC_CALLS_MAX: usize = 8;
+/// The largest gRPC message either way (grpc-go's default receive limit, which
+/// a full discovery-service snapshot fits in).
+pub const GRPC_MESSAGE_MAX: usize = 4 << 20;
 
 /// The local API socket in the state directory.
 pub const SOCKET_NAME: &str = "discoveryd.sock";

@@ -1,9 +1,11 @@
 //! This node's own affiliate: what it publishes through every registry.
 //!
-//! It is built from the config and the system (hostname, OS, interface
-//! addresses), stored as `cluster/<node-id>`, and handed to plugins. Addresses
-//! are re-read periodically so a new or lost address reaches the peers.
+//! It is built from the config, the system (hostname, OS, interface addresses)
+//! and the public addresses discovery services report, stored as
+//! `cluster/<node-id>`, and handed to plugins. Addresses are re-read
+//! periodically so a new or lost address reaches the peers.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use tokio::sync::watch;
@@ -12,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NodeConfig;
 use crate::limits;
 use crate::local_addresses;
+use crate::public_addresses;
 use crate::specs::{AffiliateSpec, ControlPlaneSpec, KubeSpanSpec};
 
 /// The WireGuard port Talos advertises for KubeSpan.
@@ -78,8 +81,15 @@ pub fn operating_system(os_release: &str, kernel_release: &str) -> String {
     format!("{name} ({version})")
 }
 
-/// The local affiliate for this config and system (a pure function).
-pub fn build(node: &NodeConfig, node_id: &str, system: &System) -> AffiliateSpec {
+/// The local affiliate for this config and system (a pure function). As in
+/// Talos, the public addresses discovery services see this node at join its
+/// KubeSpan endpoints, on the WireGuard port.
+pub fn build(
+    node: &NodeConfig,
+    node_id: &str,
+    system: &System,
+    public: &[IpAddr],
+) -> AffiliateSpec {
     let hostname = node
         .hostname
         .clone()
@@ -90,16 +100,21 @@ pub fn build(node: &NodeConfig, node_id: &str, system: &System) -> AffiliateSpec
         .unwrap_or_else(|| system.addresses.clone());
     let kubespan = node.kubespan.as_ref().map(|k| {
         // Without fixed endpoints, advertise WireGuard on every address, as Talos does.
-        let endpoints = if k.endpoints.is_empty() {
+        let mut endpoints: Vec<SocketAddr> = if k.endpoints.is_empty() {
             addresses
                 .iter()
                 .filter(|ip| Some(**ip) != k.address)
                 .map(|ip| SocketAddr::new(*ip, KUBESPAN_PORT))
-                .take(limits::ENDPOINTS_MAX)
                 .collect()
         } else {
             k.endpoints.clone()
         };
+        for ip in public {
+            if !endpoints.iter().any(|e| e.ip() == *ip) {
+                endpoints.push(SocketAddr::new(*ip, KUBESPAN_PORT));
+            }
+        }
+        endpoints.truncate(limits::ENDPOINTS_MAX);
         KubeSpanSpec {
             public_key: k.public_key.clone(),
             address: k.address,
@@ -121,12 +136,14 @@ pub fn build(node: &NodeConfig, node_id: &str, system: &System) -> AffiliateSpec
 }
 
 /// Keeps the local affiliate up to date until shutdown, re-reading the system
-/// periodically. With discovery disabled there is none. The reconcile loop stores
-/// it as `cluster/<node-id>`; plugins read it from the same channel.
+/// periodically and at once when a public address changes. With discovery
+/// disabled there is none. The reconcile loop stores it as `cluster/<node-id>`;
+/// plugins read it from the same channel.
 pub async fn run(
     node: NodeConfig,
     node_id: String,
     discovery_enabled: bool,
+    mut public: watch::Receiver<BTreeMap<String, IpAddr>>,
     local: watch::Sender<Option<AffiliateSpec>>,
     shutdown: CancellationToken,
 ) {
@@ -135,9 +152,14 @@ pub async fn run(
         return shutdown.cancelled().await;
     }
     loop {
-        publish(&local, Some(build(&node, &node_id, &System::read())));
+        let addresses = public_addresses::ordered(&public.borrow_and_update());
+        publish(
+            &local,
+            Some(build(&node, &node_id, &System::read(), &addresses)),
+        );
         tokio::select! {
             _ = tokio::time::sleep(limits::ADDRESS_POLL_INTERVAL) => {}
+            Ok(()) = public.changed() => {}
             _ = shutdown.cancelled() => return,
         }
     }
@@ -182,7 +204,7 @@ mod tests {
 
     #[test]
     fn defaults_come_from_the_system() {
-        let spec = build(&node(), "id1", &system());
+        let spec = build(&node(), "id1", &system(), &[]);
         assert_eq!(spec.node_id, "id1");
         assert_eq!(spec.hostname, "node-1.example");
         assert_eq!(
@@ -208,7 +230,7 @@ mod tests {
             endpoints: vec![],
             exclude_advertised_networks: vec!["0.0.0.0/0".parse().unwrap()],
         });
-        let spec = build(&node, "id1", &system());
+        let spec = build(&node, "id1", &system(), &[]);
         assert_eq!(spec.nodename, "cp-1");
         assert_eq!(spec.addresses, ["192.168.3.4".parse::<IpAddr>().unwrap()]);
         assert_eq!(spec.control_plane, Some(ControlPlaneSpec { port: 6445 }));
@@ -216,6 +238,27 @@ mod tests {
         assert_eq!(
             kubespan.endpoints,
             ["192.168.3.4:51820".parse::<SocketAddr>().unwrap()]
+        );
+
+        // The public address a discovery service reports joins the endpoints,
+        // once (Talos's "discovered public IPs not yet present").
+        let public: [IpAddr; 2] = [
+            "203.0.113.9".parse().unwrap(),
+            "192.168.3.4".parse().unwrap(),
+        ];
+        let spec = build(&node, "id1", &system(), &public);
+        let endpoints: Vec<String> = spec
+            .kubespan
+            .unwrap()
+            .endpoints
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(endpoints, ["192.168.3.4:51820", "203.0.113.9:51820"]);
+        let without_kubespan = build(&self::node(), "id1", &system(), &public);
+        assert!(
+            without_kubespan.kubespan.is_none(),
+            "no KubeSpan, no endpoints"
         );
     }
 
@@ -240,7 +283,7 @@ mod tests {
     #[test]
     fn publishing_only_wakes_plugins_on_change() {
         let (tx, mut rx) = watch::channel(None);
-        let spec = build(&node(), "id1", &system());
+        let spec = build(&node(), "id1", &system(), &[]);
         publish(&tx, Some(spec.clone()));
         assert!(rx.has_changed().unwrap());
         rx.borrow_and_update();

@@ -35,6 +35,7 @@ fn main() -> std::process::ExitCode {
                 output,
                 watch,
             } => cli::plugins(target, output, watch).await,
+            Command::Leave { target } => cli::leave(target).await,
             Command::Reset { config } => cli::reset(&config).await,
         }
     });

@@ -100,6 +100,8 @@ pub use bindings::discovery::registry::types::{
 };
 pub use convert::ParseError;
 
+pub mod grpc;
+
 /// Sealing and opening through the host: the cluster key never enters the plugin.
 pub mod crypto {
     pub use crate::bindings::discovery::registry::cluster_crypto::{
@@ -141,8 +143,59 @@ pub trait Registry: Sized {
         Ok(())
     }
 
-    /// Called before the plugin stops because the daemon shuts down.
+    /// When [`Registry::on_deadline`] should run next, if ever: for timers that
+    /// change (backoffs, refreshes). Asked again after every callback.
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Called once [`Registry::next_deadline`] has passed.
+    fn on_deadline(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Called when the gRPC call with this ID ([`grpc::Call::id`]) has something:
+    /// take it with [`grpc::Call::next`].
+    fn on_ready(&mut self, call: u32) -> Result<(), String> {
+        let _ = call;
+        Ok(())
+    }
+
+    /// Called before the plugin stops because the daemon shuts down. If
+    /// [`leaving`] is true the node leaves the cluster: withdraw it from the
+    /// registry ([`wait_ready`] delivers call results meanwhile).
     fn on_shutdown(&mut self) {}
+}
+
+/// True when the daemon stops because this node leaves the cluster
+/// (`discoveryd leave`), rather than for a reboot.
+pub fn leaving() -> bool {
+    host::leaving()
+}
+
+/// The daemon's version (`v0.1.0`), to report as a client version.
+pub fn daemon_version() -> String {
+    host::daemon_version()
+}
+
+/// Reports the public address a registry sees this node at (none withdraws it).
+pub fn set_public_address(address: Option<std::net::IpAddr>) {
+    host::set_public_address(address.map(Into::into))
+}
+
+/// Waits up to `max` for a gRPC call to have something, returning its ID: for
+/// [`Registry::on_shutdown`], where the event loop no longer runs.
+pub fn wait_ready(max: Duration) -> Option<u32> {
+    match host::next_event(wait_ms(max)) {
+        Event::Ready(call) => Some(call),
+        _ => None,
+    }
+}
+
+/// A wait in whole milliseconds, rounded up: a zero timeout is a poll, which the
+/// host does not count as idle.
+fn wait_ms(wait: Duration) -> u32 {
+    wait.min(MAX_WAIT).as_micros().div_ceil(1000) as u32
 }
 
 /// The most affiliates one [`publish`] takes; the excess gets one rejection.
@@ -282,19 +335,27 @@ pub fn run<R: Registry>(config: &str) -> Result<(), String> {
     registry.on_local_change(host::local_affiliate())?;
     let mut next_timer = registry.poll_interval().map(|every| Instant::now() + every);
     loop {
-        let wait = next_timer
+        let wake = [next_timer, registry.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        let wait = wake
             .map(|at| at.saturating_duration_since(Instant::now()))
-            .unwrap_or(MAX_WAIT)
-            .min(MAX_WAIT);
-        // Rounded up: a zero timeout is a poll, which the host does not count as idle.
-        let wait_ms = wait.as_micros().div_ceil(1000) as u32;
-        match host::next_event(wait_ms) {
+            .unwrap_or(MAX_WAIT);
+        match host::next_event(wait_ms(wait)) {
             Event::Shutdown => {
                 registry.on_shutdown();
                 return Ok(());
             }
             Event::LocalChanged => registry.on_local_change(host::local_affiliate())?,
-            Event::Timeout | Event::Ready(_) => {}
+            Event::Ready(call) => registry.on_ready(call)?,
+            Event::Timeout => {}
+        }
+        if registry
+            .next_deadline()
+            .is_some_and(|at| Instant::now() >= at)
+        {
+            registry.on_deadline()?;
         }
         if let Some(at) = next_timer
             && Instant::now() >= at

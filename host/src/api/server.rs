@@ -5,6 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use futures::Stream;
@@ -25,6 +26,10 @@ pub struct LocalApi {
     pub store: Arc<Store>,
     pub statuses: Arc<PluginStatuses>,
     pub shutdown: CancellationToken,
+    /// Set by `Leave` before `stop`, so plugins withdraw this node.
+    pub leaving: Arc<AtomicBool>,
+    /// Asks the daemon to stop.
+    pub stop: CancellationToken,
 }
 
 fn parse_request(request: &ListRequest) -> Result<(Namespace, Kind), Status> {
@@ -108,6 +113,15 @@ impl Local for LocalApi {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+    async fn leave(
+        &self,
+        _: Request<proto::LeaveRequest>,
+    ) -> Result<Response<proto::LeaveResponse>, Status> {
+        tracing::info!("leaving the cluster: plugins withdraw this node, then the daemon stops");
+        self.leaving.store(true, Ordering::Release);
+        self.stop.cancel();
+        Ok(Response::new(proto::LeaveResponse {}))
+    }
 }
 
 fn plugins_response(statuses: &PluginStatuses) -> PluginsResponse {
@@ -125,6 +139,7 @@ fn plugins_response(statuses: &PluginStatuses) -> PluginsResponse {
             published: s.published as u64,
             throttled: s.throttled,
             withdrawn: s.withdrawn,
+            public_address: s.public_address.map(|a| a.to_string()).unwrap_or_default(),
         })
         .collect();
     PluginsResponse { plugins }

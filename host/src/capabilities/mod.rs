@@ -14,6 +14,7 @@
 
 pub mod crypto;
 pub mod files;
+pub mod grpc;
 pub mod needs;
 
 use std::collections::BTreeSet;
@@ -22,6 +23,7 @@ use std::sync::Mutex;
 
 pub use crypto::ClusterCrypto;
 pub use files::FileGrant;
+pub use grpc::GrpcGrant;
 
 /// A capability an operator can grant a plugin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -31,16 +33,24 @@ pub enum Capability {
     /// Sealing and opening with the cluster key (`grants.crypto`): the
     /// `cluster-crypto` WIT interface.
     ClusterCrypto,
+    /// gRPC to the registry's endpoints and `grants.endpoints`: the `grpc` WIT
+    /// interface.
+    Grpc,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 2] = [Capability::Files, Capability::ClusterCrypto];
+    pub const ALL: [Capability; 3] = [
+        Capability::Files,
+        Capability::ClusterCrypto,
+        Capability::Grpc,
+    ];
 
     /// The name plugins declare and errors print.
     pub fn name(self) -> &'static str {
         match self {
             Capability::Files => "files",
             Capability::ClusterCrypto => "cluster-crypto",
+            Capability::Grpc => "grpc",
         }
     }
 
@@ -49,6 +59,7 @@ impl Capability {
         match self {
             Capability::Files => "grants.files",
             Capability::ClusterCrypto => "grants.crypto",
+            Capability::Grpc => "grants.endpoints",
         }
     }
 
@@ -70,6 +81,8 @@ pub struct Grants {
     pub files: Vec<FileGrant>,
     /// The cluster identity, when `cluster-crypto` is granted and configured.
     pub crypto: Option<ClusterCrypto>,
+    /// The gRPC endpoints it may call.
+    pub grpc: GrpcGrant,
 }
 
 impl Grants {
@@ -82,6 +95,7 @@ impl Grants {
         match capability {
             Capability::Files => !self.files.is_empty(),
             Capability::ClusterCrypto => self.crypto.is_some(),
+            Capability::Grpc => !self.grpc.is_empty(),
         }
     }
 
@@ -127,6 +141,14 @@ impl Granter {
             .crypto
             .as_ref()
             .ok_or_else(|| self.deny(Capability::ClusterCrypto))
+    }
+
+    /// The gRPC capability, or the error the plugin gets.
+    pub fn grpc(&self) -> Result<&GrpcGrant, String> {
+        match self.grants.grpc.is_empty() {
+            true => Err(self.deny(Capability::Grpc)),
+            false => Ok(&self.grants.grpc),
+        }
     }
 
     /// The error for a use of an ungranted capability; the first one per

@@ -44,6 +44,13 @@ pub enum Command {
         #[arg(long, short)]
         watch: bool,
     },
+    /// Leave the cluster: every registry withdraws this node (the discovery
+    /// services delete its affiliate), then the daemon stops. A plain stop
+    /// (SIGTERM, a reboot) does not withdraw the node, so membership does not flap.
+    Leave {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Forget this node's identity; the next start creates a new one.
     Reset {
         #[arg(long, short)]
@@ -168,6 +175,28 @@ pub async fn plugins(target: Target, format: Format, watch: bool) -> Result<()> 
         first = false;
     }
     Ok(())
+}
+
+/// Asks the daemon to leave, then waits (bounded) until it has stopped.
+pub async fn leave(target: Target) -> Result<()> {
+    let socket = target.socket()?;
+    let mut client = client::connect(&socket).await?;
+    client.leave(proto::LeaveRequest {}).await?;
+    eprintln!("leaving: the registries withdraw this node, then discoveryd stops");
+    let deadline = tokio::time::Instant::now() + crate::limits::LEAVE_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::UnixStream::connect(&socket).await.is_err() {
+            println!("left the cluster; discoveryd stopped");
+            return Ok(());
+        }
+        // Polling the socket: the daemon offers nothing to wait on once it stops.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    bail!(
+        "discoveryd is still running on {} {:?} after being asked to leave",
+        socket.display(),
+        crate::limits::LEAVE_WAIT
+    )
 }
 
 pub async fn reset(config_file: &Path) -> Result<()> {

@@ -195,11 +195,14 @@ pub fn print_plugins(
                 "NAME", "PREFIX", "STATE", "RESTARTS", "THROTTLED", "PUBLISHED"
             )?;
             for p in plugins {
-                let note = if p.last_error.is_empty() {
-                    &p.message
+                let mut note = if p.last_error.is_empty() {
+                    p.message.clone()
                 } else {
-                    &p.last_error
+                    p.last_error.clone()
                 };
+                if !p.public_address.is_empty() {
+                    note = format!("[public {}] {note}", p.public_address);
+                }
                 let state = match p.withdrawn {
                     true => format!("{}, withdrawn", p.state),
                     false => p.state.clone(),
@@ -220,6 +223,7 @@ pub fn print_plugins(
                         "restarts": p.restarts, "lastError": p.last_error,
                         "healthy": p.healthy, "message": p.message, "published": p.published,
                         "throttled": p.throttled, "withdrawn": p.withdrawn,
+                        "publicAddress": p.public_address,
                     })
                 })
                 .collect();

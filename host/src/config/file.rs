@@ -93,10 +93,11 @@ pub(super) struct RawControlPlane {
     pub api_server_port: u16,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawPlugin {
-    pub path: PathBuf,
+    /// Unset: the built-in plugin of that name.
+    pub path: Option<PathBuf>,
     pub prefix: Option<String>,
     #[serde(default)]
     pub config: serde_json::Value,
@@ -107,12 +108,17 @@ pub(super) struct RawPlugin {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawGrants {
     #[serde(default)]
     pub files: Vec<RawFileGrant>,
     /// `cluster-crypto`; by default only the `service` registry has it.
     pub crypto: Option<bool>,
+    /// gRPC endpoints beyond the registry's own (which are always granted).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// PEM CA certificates the plugin trusts for TLS instead of the system roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -132,4 +138,24 @@ pub(super) struct RawLimits {
     pub cpu_share_window_ms: Option<u64>,
     pub resources: Option<u64>,
     pub withdraw_after_seconds: Option<u64>,
+}
+
+/// Talos's `DiscoveryServiceConfig` document, one per discovery service:
+/// ```yaml
+/// apiVersion: v1alpha1
+/// kind: DiscoveryServiceConfig
+/// name: default
+/// endpoint: https://discovery.talos.dev/
+/// ```
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawDiscoveryService {
+    #[allow(dead_code)]
+    pub api_version: Option<String>,
+    #[allow(dead_code)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub endpoint: String,
 }

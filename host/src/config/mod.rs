@@ -4,13 +4,17 @@
 //! Loading is all or nothing: the first problem becomes one error naming the field
 //! and the value, and nothing starts half-configured.
 //!
+//! A file holds one daemon config document and, as Talos's machine configs do,
+//! any number of `DiscoveryServiceConfig` documents (`---` between documents).
+//!
 //! This module holds the validated [`Config`], loading and the errors; the file's
 //! raw shapes are in `file`, and each part of the file is checked in its own
 //! module: `cluster` (identity and secret), `node` (node settings and KubeSpan),
-//! `plugins` (plugins, grants and limits) and `endpoint_url` (Talos's endpoint
-//! URL checks).
+//! `plugins` (plugins, grants and limits), `discovery_services` (the service
+//! registry's endpoints) and `endpoint_url` (Talos's endpoint URL checks).
 
 mod cluster;
+mod discovery_services;
 mod endpoint_url;
 mod file;
 mod node;
@@ -22,10 +26,12 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use self::cluster::ClusterIdentity;
+pub use self::discovery_services::{DEFAULT_ENDPOINT, DiscoveryService};
 pub use self::node::{KubeSpanConfig, NodeConfig};
-pub use self::plugins::{PluginConfig, PluginLimits};
+pub use self::plugins::{PluginConfig, PluginLimits, PluginSource};
+use crate::builtin_plugins;
 use crate::limits;
-use file::RawConfig;
+use file::{RawConfig, RawDiscoveryService, RawPlugin};
 
 /// Where state lives when the config does not say.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/discoveryd";
@@ -125,39 +131,116 @@ fn resolve_state_dir(configured: Option<PathBuf>, base: &Path) -> PathBuf {
 
 /// Parses and validates config text; `base` anchors relative paths.
 pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
-    let raw: RawConfig = serde_norway::from_str(text).map_err(|e| {
-        // serde_norway puts the field path first: "cluster.discovery: unknown field ...".
-        let message = e.to_string();
-        match message.split_once(": ") {
-            Some((path, rest)) if !path.contains(' ') => err(path, rest),
-            _ => err("config", message),
-        }
-    })?;
-    raw.validate(base)
+    let (config, services) = documents(text)?;
+    config.validate(services, base)
 }
 
-impl RawConfig {
-    /// Checks each part in its own module, and that every enabled registry of
-    /// `cluster.discovery` has a plugin to run it.
-    fn validate(self, base: &Path) -> Result<Config, ConfigError> {
-        let cluster = cluster::validate_cluster(self.cluster.id, self.cluster.secret)?;
-        let node = self.node.validate(base)?;
-        let registries = self.cluster.discovery.registries;
-        for (name, registry) in &registries {
-            if !registry.disabled && !self.plugins.contains_key(name) {
+/// Splits the file into the daemon config and the `DiscoveryServiceConfig`
+/// documents. Each document is read twice: once for its `kind`, then into the
+/// type that kind names, so serde's errors keep naming the field.
+fn documents(text: &str) -> Result<(RawConfig, Vec<RawDiscoveryService>), ConfigError> {
+    let mut kinds = Vec::new();
+    for document in serde_norway::Deserializer::from_str(text) {
+        let value = serde_norway::Value::deserialize(document).map_err(yaml_error)?;
+        let kind = match value.get("kind") {
+            None => None,
+            Some(kind) => Some(kind.as_str().map(str::to_string).ok_or_else(|| {
+                err(
+                    format!("document {}", kinds.len() + 1),
+                    "kind must be a string",
+                )
+            })?),
+        };
+        kinds.push((value.is_null(), kind));
+    }
+    let mut config = None;
+    let mut services = Vec::new();
+    let documents = serde_norway::Deserializer::from_str(text).zip(kinds);
+    for (i, (document, (empty, kind))) in documents.enumerate() {
+        match kind.as_deref() {
+            None if empty => {}
+            None if config.is_some() => {
                 return Err(err(
-                    format!("cluster.discovery.registries.{name}"),
+                    format!("document {}", i + 1),
+                    "a second daemon config; other documents need a kind (DiscoveryServiceConfig)",
+                ));
+            }
+            None => config = Some(RawConfig::deserialize(document).map_err(yaml_error)?),
+            Some("DiscoveryServiceConfig") => {
+                services.push(RawDiscoveryService::deserialize(document).map_err(|e| {
+                    err(
+                        format!("DiscoveryServiceConfig[{}]", services.len()),
+                        e.to_string(),
+                    )
+                })?)
+            }
+            Some(other) => {
+                return Err(err(
+                    format!("document {}", i + 1),
                     format!(
-                        "registry {name:?} is enabled but no plugin of that name is configured \
-                         (add plugins.{name}.path, or set disabled: true)"
+                        "unknown kind {other:?} (this daemon reads DiscoveryServiceConfig documents)"
                     ),
                 ));
             }
         }
+    }
+    Ok((config.unwrap_or_default(), services))
+}
+
+/// serde_norway puts the field path first: "cluster.discovery: unknown field ...".
+fn yaml_error(e: serde_norway::Error) -> ConfigError {
+    let message = e.to_string();
+    match message.split_once(": ") {
+        Some((path, rest)) if !path.contains(' ') => err(path, rest),
+        _ => err("config", message),
+    }
+}
+
+impl RawConfig {
+    /// Checks each part in its own module. An enabled registry runs the plugin
+    /// of its name, configured under `plugins` or else built in.
+    fn validate(
+        self,
+        documents: Vec<RawDiscoveryService>,
+        base: &Path,
+    ) -> Result<Config, ConfigError> {
+        let cluster = cluster::validate_cluster(self.cluster.id, self.cluster.secret)?;
+        let node = self.node.validate(base)?;
+        let registries = self.cluster.discovery.registries;
+        let services = discovery_services::resolve(&registries, documents)?;
+        let mut raw_plugins = self.plugins;
+        let enabled_registries = registries
+            .iter()
+            .filter(|(_, r)| !r.disabled)
+            .map(|(name, _)| name.as_str())
+            .chain(services.as_ref().map(|_| "service"));
+        for name in enabled_registries {
+            if raw_plugins.contains_key(name) {
+                continue;
+            }
+            if !builtin_plugins::is_builtin(name) {
+                return Err(err(
+                    format!("cluster.discovery.registries.{name}"),
+                    format!(
+                        "registry {name:?} is enabled but no plugin of that name is configured \
+                         and none is built in (add plugins.{name}.path, or set disabled: true)"
+                    ),
+                ));
+            }
+            raw_plugins.insert(name.to_string(), RawPlugin::default());
+        }
+        if services.is_some() && self.cluster.discovery.enabled && cluster.is_none() {
+            return Err(err(
+                "cluster",
+                "cluster identity is required when discovery service is configured \
+                 (set cluster.id and cluster.secret)",
+            ));
+        }
         let mut plugins = BTreeMap::new();
-        for (name, raw) in self.plugins {
+        for (name, raw) in raw_plugins {
             let registry = registries.get(&name);
-            let plugin = raw.validate(&name, registry, cluster.as_ref(), base)?;
+            let services = services.as_deref().filter(|_| name == "service");
+            let plugin = raw.validate(&name, registry, services, cluster.as_ref(), base)?;
             plugins.insert(name, plugin);
         }
         let discovery_enabled =
@@ -303,7 +386,31 @@ plugins:
             ),
             (
                 "cluster: {discovery: {registries: {service: {}}}}",
-                "cluster.discovery.registries.service: registry \"service\" is enabled but no plugin",
+                "cluster: cluster identity is required when discovery service is configured",
+            ),
+            (
+                "cluster: {discovery: {registries: {kubernetes: {}}}}",
+                "cluster.discovery.registries.kubernetes: registry \"kubernetes\" is enabled but no plugin of that name is configured and none is built in",
+            ),
+            (
+                "plugins: {mine: {config: {}}}",
+                "plugins.mine.path: required: no plugin is built in as \"mine\"",
+            ),
+            (
+                "plugins: {static: {path: p.wasm, grants: {endpoints: ['discovery.example:443']}}}",
+                "plugins.static.grants.endpoints[0]: \"discovery.example:443\": endpoint scheme must be",
+            ),
+            (
+                "plugins: {static: {path: p.wasm, grants: {caFile: peers}}}",
+                "plugins.static.grants.caFile: cannot read",
+            ),
+            (
+                "plugins: {static: {path: p.wasm}}\n---\nkind: Other\n",
+                "document 2: unknown kind \"Other\"",
+            ),
+            (
+                "---\nkind: DiscoveryServiceConfig\nname: a\nendpoint: https://x/\nextra: 1\n",
+                "DiscoveryServiceConfig[0]: unknown field `extra`",
             ),
             (
                 "node: {machineType: boss}",

@@ -11,16 +11,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::ClusterIdentity;
+use super::discovery_services::DiscoveryService;
 use super::endpoint_url::check_endpoint_url;
-use super::file::{RawLimits, RawPlugin, RawRegistry};
+use super::file::{RawGrants, RawLimits, RawPlugin, RawRegistry};
 use super::{ConfigError, err};
-use crate::capabilities::{ClusterCrypto, FileGrant, Grants};
+use crate::builtin_plugins;
+use crate::capabilities::grpc::GrpcTarget;
+use crate::capabilities::{ClusterCrypto, FileGrant, Grants, GrpcGrant};
 use crate::limits;
 
 #[derive(Debug, Clone)]
 pub struct PluginConfig {
     pub name: String,
-    pub path: PathBuf,
+    pub source: PluginSource,
     /// Overrides the prefix the plugin declares for its raw affiliates.
     pub prefix: Option<String>,
     /// The plugin's own config section, handed to it as JSON.
@@ -29,6 +32,23 @@ pub struct PluginConfig {
     pub grants: Grants,
     pub enabled: bool,
     pub limits: PluginLimits,
+}
+
+/// Where a plugin's component comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    File(PathBuf),
+    /// One of the daemon's built-in plugins, by registry name.
+    BuiltIn(String),
+}
+
+impl std::fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginSource::File(path) => path.display().fmt(f),
+            PluginSource::BuiltIn(name) => write!(f, "built-in {name} plugin"),
+        }
+    }
 }
 
 /// The limits of one plugin's sandbox.
@@ -61,10 +81,13 @@ impl Default for PluginLimits {
 }
 
 impl RawPlugin {
+    /// `services` are the discovery services of the `service` registry (for the
+    /// plugin named `service` only).
     pub(super) fn validate(
         self,
         name: &str,
         registry: Option<&RawRegistry>,
+        services: Option<&[DiscoveryService]>,
         cluster: Option<&ClusterIdentity>,
         base: &Path,
     ) -> Result<PluginConfig, ConfigError> {
@@ -78,10 +101,25 @@ impl RawPlugin {
                 ),
             ));
         }
-        let path = base.join(&self.path);
-        if !path.is_file() {
-            return Err(err(at("path"), format!("{} is not a file", path.display())));
-        }
+        let source = match &self.path {
+            Some(path) => {
+                let path = base.join(path);
+                if !path.is_file() {
+                    return Err(err(at("path"), format!("{} is not a file", path.display())));
+                }
+                PluginSource::File(path)
+            }
+            None if builtin_plugins::is_builtin(name) => PluginSource::BuiltIn(name.to_string()),
+            None => {
+                return Err(err(
+                    at("path"),
+                    format!(
+                        "required: no plugin is built in as {name:?} (built in: {})",
+                        builtin_plugins::NAMES.join(", ")
+                    ),
+                ));
+            }
+        };
         if let Some(prefix) = &self.prefix
             && !limits::is_registry_name(prefix)
         {
@@ -94,31 +132,30 @@ impl RawPlugin {
             ));
         }
         let mut config = self.config;
-        // An empty endpoint is unset, as in Talos (where it means the default).
-        let endpoint = registry.and_then(|r| r.endpoint.clone().filter(|e| !e.is_empty()));
-        if let Some(endpoint) = endpoint {
+        // The registry's endpoints reach the plugin in its config, and are granted.
+        let mut endpoints = Vec::new();
+        if let Some(services) = services {
+            inject(
+                &mut config,
+                name,
+                "endpoints",
+                serde_json::to_value(services).unwrap_or_default(),
+            )?;
+            endpoints.extend(services.iter().map(|s| s.endpoint.clone()));
+        } else if let Some(endpoint) =
+            registry.and_then(|r| r.endpoint.clone().filter(|e| !e.is_empty()))
+        {
+            // An empty endpoint is unset, as in Talos (where it means the default).
             check_endpoint_url(&endpoint).map_err(|message| {
                 err(
                     format!("cluster.discovery.registries.{name}.endpoint"),
                     format!("{endpoint:?}: {message}"),
                 )
             })?;
-            // Talos's registries.service.endpoint reaches the plugin as its `endpoint`.
-            match &mut config {
-                serde_json::Value::Null => config = serde_json::json!({ "endpoint": endpoint }),
-                serde_json::Value::Object(map) if !map.contains_key("endpoint") => {
-                    map.insert("endpoint".into(), endpoint.into());
-                }
-                _ => {
-                    return Err(err(
-                        format!("cluster.discovery.registries.{name}.endpoint"),
-                        format!(
-                            "plugins.{name}.config must be a map without `endpoint` to take it"
-                        ),
-                    ));
-                }
-            }
+            inject(&mut config, name, "endpoint", endpoint.clone().into())?;
+            endpoints.push(endpoint);
         }
+        let grpc = grpc_grant(name, &self.grants, endpoints, base)?;
         let mut files = Vec::new();
         for (i, grant) in self.grants.files.into_iter().enumerate() {
             let host = base.join(&grant.host);
@@ -151,14 +188,85 @@ impl RawPlugin {
             });
         Ok(PluginConfig {
             name: name.to_string(),
-            path,
+            source,
             prefix: self.prefix,
             config_json: config.to_string(),
-            grants: Grants { files, crypto },
+            grants: Grants {
+                files,
+                crypto,
+                grpc,
+            },
             enabled: !registry.is_some_and(|r| r.disabled),
             limits: self.limits.validate(name)?,
         })
     }
+}
+
+/// Adds what the daemon config says about a registry to the plugin's own config
+/// section, under `key`.
+fn inject(
+    config: &mut serde_json::Value,
+    name: &str,
+    key: &str,
+    value: serde_json::Value,
+) -> Result<(), ConfigError> {
+    match config {
+        serde_json::Value::Null => *config = serde_json::json!({ key: value }),
+        serde_json::Value::Object(map) if !map.contains_key(key) => {
+            map.insert(key.into(), value);
+        }
+        _ => {
+            return Err(err(
+                format!("plugins.{name}.config"),
+                format!("must be a map without `{key}`, which the registry's config fills in"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The gRPC endpoints a plugin may call: its registry's own, and those granted
+/// in `grants.endpoints`; with the CA it trusts for them.
+fn grpc_grant(
+    name: &str,
+    grants: &RawGrants,
+    registry_endpoints: Vec<String>,
+    base: &Path,
+) -> Result<GrpcGrant, ConfigError> {
+    let mut targets = Vec::new();
+    for endpoint in registry_endpoints {
+        // Checked with Talos's messages already, where the config names it.
+        if let Ok(target) = GrpcTarget::parse(&endpoint) {
+            targets.push(target);
+        }
+    }
+    for (i, endpoint) in grants.endpoints.iter().enumerate() {
+        let field = || format!("plugins.{name}.grants.endpoints[{i}]");
+        check_endpoint_url(endpoint).map_err(|m| err(field(), format!("{endpoint:?}: {m}")))?;
+        targets.push(GrpcTarget::parse(endpoint).map_err(|m| err(field(), m))?);
+    }
+    targets.sort();
+    targets.dedup();
+    let ca_pem = match &grants.ca_file {
+        None => None,
+        Some(file) => {
+            let path = base.join(file);
+            let field = format!("plugins.{name}.grants.caFile");
+            let pem = std::fs::read(&path)
+                .map_err(|e| err(&field, format!("cannot read {}: {e}", path.display())))?;
+            if !pem
+                .windows(b"-----BEGIN CERTIFICATE-----".len())
+                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+            {
+                return Err(err(
+                    field,
+                    format!("{} holds no PEM certificate", path.display()),
+                ));
+            }
+            Some(pem)
+        }
+    };
+    Ok(GrpcGrant { targets, ca_pem })
 }
 
 impl RawLimits {
@@ -227,20 +335,77 @@ impl RawLimits {
 mod tests {
     use std::time::Duration;
 
+    use super::PluginSource;
     use crate::config::tests::{SECRET, dir_with_plugin, parse_in};
 
     #[test]
-    fn the_service_endpoint_reaches_the_plugin_config() {
+    fn registry_endpoints_reach_the_plugin_config_and_are_granted() {
         let dir = dir_with_plugin();
         let config = parse_in(
             &dir,
-            "cluster: {discovery: {registries: {service: {endpoint: 'http://localhost:3000'}}}}\nplugins: {service: {path: p.wasm}}",
+            &format!(
+                "cluster: {{id: c, secret: {SECRET}, discovery: {{registries: {{\
+                 service: {{endpoint: 'http://localhost:3000'}}, \
+                 other: {{endpoint: 'https://other.example/'}}}}}}}}\n\
+                 plugins: {{other: {{path: p.wasm, grants: {{endpoints: ['grpc://extra.example:4000']}}}}}}"
+            ),
         )
         .unwrap();
+        let service = &config.plugins["service"];
+        assert_eq!(service.source, PluginSource::BuiltIn("service".into()));
         assert_eq!(
-            config.plugins["service"].config_json,
-            r#"{"endpoint":"http://localhost:3000"}"#
+            service.config_json,
+            r#"{"endpoints":[{"name":"legacy","endpoint":"http://localhost:3000"}]}"#
         );
+        assert!(service.grants.crypto.is_some());
+        let granted: Vec<String> = service
+            .grants
+            .grpc
+            .targets
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        assert_eq!(granted, ["http://localhost:3000"]);
+        let other = &config.plugins["other"];
+        assert_eq!(
+            other.config_json,
+            r#"{"endpoint":"https://other.example/"}"#
+        );
+        let granted: Vec<String> = other
+            .grants
+            .grpc
+            .targets
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        assert_eq!(
+            granted,
+            ["https://extra.example:4000", "https://other.example:443"]
+        );
+    }
+
+    #[test]
+    fn discovery_service_documents_name_the_services() {
+        let dir = dir_with_plugin();
+        let config = parse_in(
+            &dir,
+            &format!(
+                "cluster: {{id: c, secret: {SECRET}}}\n---\n\
+                 apiVersion: v1alpha1\nkind: DiscoveryServiceConfig\nname: b\nendpoint: http://127.0.0.1:3001\n---\n\
+                 apiVersion: v1alpha1\nkind: DiscoveryServiceConfig\nname: a\nendpoint: http://127.0.0.1:3002\n"
+            ),
+        )
+        .unwrap();
+        assert!(
+            config.discovery_enabled,
+            "the documents enable the service registry"
+        );
+        let service = &config.plugins["service"];
+        assert_eq!(
+            service.config_json,
+            r#"{"endpoints":[{"name":"b","endpoint":"http://127.0.0.1:3001"},{"name":"a","endpoint":"http://127.0.0.1:3002"}]}"#
+        );
+        assert_eq!(service.grants.grpc.targets.len(), 2);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use wasmparser::{Parser, Payload};
 
 /// The package this daemon implements.
 pub const PACKAGE: &str = "discovery:registry";
-pub const VERSION: (u64, u64, u64) = (0, 1, 0);
+pub const VERSION: (u64, u64, u64) = (0, 1, 1);
 
 /// Checks that the component exports our `registry` interface and that every
 /// `discovery:registry` name it imports or exports is a version this host can
@@ -83,9 +83,10 @@ mod tests {
 
     #[test]
     fn versions_within_the_line_are_accepted() {
-        assert!(compatible((0, 1, 0)));
+        assert!(compatible((0, 1, 0)), "0.1.0 plugins keep loading");
+        assert!(compatible((0, 1, 1)));
         assert!(!compatible((0, 2, 0)), "another 0.x minor is another major");
-        assert!(!compatible((0, 1, 1)), "newer than this host");
+        assert!(!compatible((0, 1, 2)), "newer than this host");
         assert!(!compatible((1, 0, 0)));
         assert_eq!(parse_version("0.1.0"), Some((0, 1, 0)));
         assert_eq!(parse_version("0.1"), None);

@@ -15,7 +15,9 @@ use wasmtime::{Config, Engine};
 use super::api_version;
 use super::state::PluginState;
 use super::wit::PluginPre;
+use crate::builtin_plugins;
 use crate::capabilities::{self, Capability};
+use crate::config::PluginSource;
 use crate::limits;
 
 /// A compiled plugin ready to be instantiated any number of times.
@@ -63,14 +65,22 @@ impl PluginEngine {
     }
 
     /// Reads, checks, compiles (or loads from the cache) and type-checks a plugin.
-    pub fn load(&self, path: &Path) -> Result<LoadedPlugin> {
-        let wasm = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        api_version::check(&wasm)?;
-        let needs = capabilities::needs::declared(&wasm)?;
+    pub fn load(&self, source: &PluginSource) -> Result<LoadedPlugin> {
+        let file;
+        let wasm: &[u8] = match source {
+            PluginSource::File(path) => {
+                file = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                &file
+            }
+            PluginSource::BuiltIn(name) => builtin_plugins::wasm(name)
+                .ok_or_else(|| anyhow::anyhow!("no built-in plugin is named {name:?}"))?,
+        };
+        api_version::check(wasm)?;
+        let needs = capabilities::needs::declared(wasm)?;
         let cache_file = self
             .cache_dir
-            .join(format!("{}.cwasm", cache_key(&self.engine, &wasm)));
-        let (component, cached) = self.compile_cached(&wasm, path, &cache_file)?;
+            .join(format!("{}.cwasm", cache_key(&self.engine, wasm)));
+        let (component, cached) = self.compile_cached(wasm, source, &cache_file)?;
         Ok(LoadedPlugin {
             pre: PluginPre::new(&self.linker, &component)?,
             needs,
@@ -104,7 +114,12 @@ impl PluginEngine {
     /// Compiles `wasm`, or loads the artifact a previous run left in the cache.
     /// The key covers the exact bytes and everything that makes an artifact
     /// incompatible (wasmtime version, compiler settings, CPU features).
-    fn compile_cached(&self, wasm: &[u8], source: &Path, path: &Path) -> Result<(Component, bool)> {
+    fn compile_cached(
+        &self,
+        wasm: &[u8],
+        source: &PluginSource,
+        path: &Path,
+    ) -> Result<(Component, bool)> {
         if path.is_file() {
             // SAFETY: only this daemon writes the cache, a directory checked to be
             // owned by this user and writable by nobody else, under a key that
@@ -118,7 +133,7 @@ impl PluginEngine {
         }
         let started = Instant::now();
         let compiled = self.engine.precompile_component(wasm)?;
-        tracing::info!(plugin = %source.display(), elapsed = ?started.elapsed(), "compiled plugin");
+        tracing::info!(plugin = %source, elapsed = ?started.elapsed(), "compiled plugin");
         if let Err(e) = write_atomically(path, &compiled) {
             tracing::warn!(cache = %path.display(), "cannot cache compiled plugin: {e:#}");
         }

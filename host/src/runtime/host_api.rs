@@ -3,6 +3,8 @@
 //! version's calls into these; nothing here knows a WIT type.
 
 use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -12,6 +14,7 @@ use super::plugin_log::sanitize;
 use super::state::PluginState;
 use super::status::RunState;
 use super::validate::{self, Rejection};
+use crate::capabilities::grpc::CallEvent;
 use crate::limits;
 use crate::specs::AffiliateSpec;
 
@@ -55,9 +58,9 @@ impl PluginState {
             entries,
             total,
             &self.ctx.local_node_id,
-            self.memory.host_room(),
+            self.memory.room_to_publish(),
         );
-        self.memory.set_host_bytes(published.bytes);
+        self.memory.set_published_bytes(published.bytes);
         let rejected = published.rejected;
         self.log_rejections(&rejected);
         let count = published.accepted.len();
@@ -109,7 +112,8 @@ impl PluginState {
 
     /// Waits for the next event, at most `timeout`. A plugin over its CPU share
     /// waits longer: until it is back within its share (events that arrive
-    /// meanwhile are delivered after).
+    /// meanwhile are delivered after). Shutdown is delivered once; after it only
+    /// `ready` events and timeouts, so a leaving plugin can finish its calls.
     pub async fn next_event(&mut self, timeout: Duration) -> wasmtime::Result<Event> {
         if self.is_probe() {
             wasmtime::bail!("next-event called from describe: describe must return at once");
@@ -119,21 +123,27 @@ impl PluginState {
         if let Some(until) = self.ctx.share.held_until() {
             let stopping = throttled(&self.ctx, until).await;
             self.clock.wait_ends(WaitEnd::Paused);
-            if stopping {
+            if stopping && !self.shutdown_delivered {
+                self.shutdown_delivered = true;
                 return Ok(Event::Shutdown);
             }
             self.ctx.share.add(self.clock.wait_begins());
         }
+        let stopping = self.shutdown_delivered;
         let event = tokio::select! {
             biased;
-            _ = self.ctx.shutdown.cancelled() => Event::Shutdown,
+            _ = self.ctx.shutdown.cancelled(), if !stopping => Event::Shutdown,
+            handle = self.calls.ready() => Event::Ready(handle),
             // The sender lives as long as the daemon; if it is gone we are stopping.
-            changed = self.local.changed() => match changed {
+            changed = self.local.changed(), if !stopping => match changed {
                 Ok(()) => Event::LocalChanged,
                 Err(_) => Event::Shutdown,
             },
             _ = tokio::time::sleep_until(deadline) => Event::Timeout,
         };
+        if event == Event::Shutdown {
+            self.shutdown_delivered = true;
+        }
         // A zero timeout that found nothing is a poll, not idle time.
         let polled = timeout.is_zero() && event == Event::Timeout;
         self.clock.wait_ends(if polled {
@@ -142,6 +152,59 @@ impl PluginState {
             WaitEnd::Idled
         });
         Ok(event)
+    }
+
+    /// The public address a registry sees this node at, or none.
+    pub fn set_public_address(&mut self, address: Option<IpAddr>) {
+        if self.is_probe() {
+            return;
+        }
+        self.ctx.public_addresses.set(&self.ctx.name, address);
+        self.ctx
+            .statuses
+            .update(&self.ctx.name, |s| s.public_address = address);
+    }
+
+    /// Whether the daemon stops because the node leaves the cluster.
+    pub fn leaving(&self) -> bool {
+        self.ctx.leaving.load(Ordering::Acquire)
+    }
+
+    pub fn daemon_version(&self) -> String {
+        format!("v{}", env!("CARGO_PKG_VERSION"))
+    }
+
+    /// Opens the channel to a granted endpoint.
+    pub fn grpc_open_channel(
+        &mut self,
+        endpoint: &str,
+        keepalive: Duration,
+    ) -> Result<u32, String> {
+        let grant = self.ctx.granter.grpc()?;
+        self.calls
+            .open_channel(grant, &self.ctx.channels, endpoint, keepalive)
+    }
+
+    /// Starts a unary or server-streaming call on an open channel.
+    pub fn grpc_start(
+        &mut self,
+        channel: u32,
+        method: &str,
+        request: Vec<u8>,
+        timeout: Option<Duration>,
+        streaming: bool,
+    ) -> Result<u32, String> {
+        self.ctx.granter.grpc()?;
+        self.calls
+            .start(channel, method, request, timeout, streaming)
+    }
+
+    pub fn grpc_next(&mut self, call: u32) -> Option<CallEvent> {
+        self.calls.next(call)
+    }
+
+    pub fn grpc_close(&mut self, call: u32) {
+        self.calls.close(call)
     }
 }
 

@@ -18,18 +18,32 @@ pub struct MemoryCap {
     /// Bytes of all linear memories so far.
     memory_bytes: usize,
     table_elements: usize,
-    /// Host memory held for the plugin; outlives an incarnation, as what it
-    /// published does.
-    host_bytes: Arc<AtomicUsize>,
+    host: Arc<HostMemory>,
+}
+
+/// Host memory held for one plugin; outlives an incarnation, as what it
+/// published does.
+#[derive(Debug, Default)]
+pub struct HostMemory {
+    /// What its raw affiliates take in the store.
+    pub published: AtomicUsize,
+    /// Messages received for it (gRPC) and not yet taken.
+    pub in_transit: AtomicUsize,
+}
+
+impl HostMemory {
+    pub fn total(&self) -> usize {
+        self.published.load(Ordering::Relaxed) + self.in_transit.load(Ordering::Relaxed)
+    }
 }
 
 impl MemoryCap {
-    pub fn new(max_bytes: usize, host_bytes: Arc<AtomicUsize>) -> MemoryCap {
+    pub fn new(max_bytes: usize, host: Arc<HostMemory>) -> MemoryCap {
         MemoryCap {
             max_bytes,
             memory_bytes: 0,
             table_elements: 0,
-            host_bytes,
+            host,
         }
     }
 
@@ -37,15 +51,17 @@ impl MemoryCap {
         self.max_bytes
     }
 
-    /// What the host may still hold for the plugin, beside its memories.
-    pub fn host_room(&self) -> usize {
-        self.max_bytes.saturating_sub(self.memory_bytes)
+    /// What the plugin's published affiliates may take, beside its memories
+    /// and what is in transit for it.
+    pub fn room_to_publish(&self) -> usize {
+        self.max_bytes
+            .saturating_sub(self.memory_bytes + self.host.in_transit.load(Ordering::Relaxed))
     }
 
-    /// Replaces what the host holds for the plugin; the caller checked
-    /// `host_room` first.
-    pub fn set_host_bytes(&self, bytes: usize) {
-        self.host_bytes.store(bytes, Ordering::Relaxed);
+    /// Records what the plugin's published affiliates take; the caller checked
+    /// `room_to_publish` first.
+    pub fn set_published_bytes(&self, bytes: usize) {
+        self.host.published.store(bytes, Ordering::Relaxed);
     }
 }
 
@@ -57,7 +73,7 @@ impl ResourceLimiter for MemoryCap {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let total = self.memory_bytes - current.min(self.memory_bytes) + desired;
-        let host = self.host_bytes.load(Ordering::Relaxed);
+        let host = self.host.total();
         if total + host > self.max_bytes {
             wasmtime::bail!(
                 "memory limit exceeded: the plugin asked for {} KiB in all ({} KiB more held by \
@@ -117,11 +133,13 @@ mod tests {
 
     #[test]
     fn what_the_host_holds_counts_too() {
-        let host = Arc::new(AtomicUsize::new(0));
+        let host = Arc::new(HostMemory::default());
         let mut cap = MemoryCap::new(64 * MIB, host.clone());
         assert!(cap.memory_growing(0, 40 * MIB, None).unwrap());
-        assert_eq!(cap.host_room(), 24 * MIB);
-        cap.set_host_bytes(20 * MIB);
+        host.in_transit.store(4 * MIB, Ordering::Relaxed);
+        assert_eq!(cap.room_to_publish(), 20 * MIB);
+        host.in_transit.store(0, Ordering::Relaxed);
+        cap.set_published_bytes(20 * MIB);
         assert!(cap.memory_growing(40 * MIB, 44 * MIB, None).unwrap());
         let error = cap
             .memory_growing(44 * MIB, 45 * MIB, None)
@@ -130,7 +148,7 @@ mod tests {
         assert!(error.contains("20480 KiB more held by the host"), "{error}");
         // A new incarnation starts with what the last one left published.
         let next = MemoryCap::new(64 * MIB, host);
-        assert_eq!(next.host_bytes.load(Ordering::Relaxed), 20 * MIB);
+        assert_eq!(next.host.total(), 20 * MIB);
     }
 
     #[test]

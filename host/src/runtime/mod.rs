@@ -20,6 +20,7 @@ pub mod wit;
 
 pub use cpu_share::CpuShare;
 pub use engine::PluginEngine;
+pub use memory_cap::HostMemory;
 pub use plugin_log::PluginLog;
 pub use state::{PluginContext, PluginState, SharedContext};
 pub use status::{PluginStatus, PluginStatuses, RunState};

@@ -2,7 +2,7 @@
 //! [`PluginState`], the data of one incarnation's wasmtime Store.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -12,11 +12,13 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::cpu_budget::BusyClock;
 use super::cpu_share::CpuShare;
-use super::memory_cap::MemoryCap;
+use super::memory_cap::{HostMemory, MemoryCap};
 use super::plugin_log::PluginLog;
 use super::status::PluginStatuses;
+use crate::capabilities::grpc::{Calls, Channels};
 use crate::capabilities::{Granter, Grants};
 use crate::config::{PluginConfig, PluginLimits};
+use crate::public_addresses::PublicAddresses;
 use crate::specs::AffiliateSpec;
 use crate::store::{RawWriter, Store};
 
@@ -34,8 +36,12 @@ pub struct PluginContext {
     pub shutdown: CancellationToken,
     /// Busy time over the CPU-share window, across restarts.
     pub share: Arc<CpuShare>,
-    /// Host memory charged to the plugin (what it published), across restarts.
-    pub host_bytes: Arc<AtomicUsize>,
+    /// Host memory charged to the plugin (what it published, messages for it).
+    pub host_memory: Arc<HostMemory>,
+    /// Its gRPC channels, one per endpoint, kept across restarts.
+    pub channels: Channels,
+    pub leaving: Arc<AtomicBool>,
+    pub public_addresses: Arc<PublicAddresses>,
     /// One log for all incarnations, so restarts do not refill its rate limit.
     pub log: Arc<PluginLog>,
 }
@@ -48,6 +54,9 @@ pub struct SharedContext {
     pub node_id: String,
     pub statuses: Arc<PluginStatuses>,
     pub shutdown: CancellationToken,
+    /// Set before `shutdown` when the node leaves the cluster (`discoveryd leave`).
+    pub leaving: Arc<AtomicBool>,
+    pub public_addresses: Arc<PublicAddresses>,
 }
 
 impl SharedContext {
@@ -71,7 +80,10 @@ impl SharedContext {
                 plugin.limits.cpu_share_percent,
                 plugin.limits.cpu_share_window,
             )),
-            host_bytes: Arc::default(),
+            host_memory: Arc::default(),
+            channels: Channels::default(),
+            leaving: self.leaving.clone(),
+            public_addresses: self.public_addresses.clone(),
             log: PluginLog::new(&plugin.name),
         })
     }
@@ -85,6 +97,10 @@ pub struct PluginState {
     pub memory: MemoryCap,
     /// Busy time since the last wait for an event, against the CPU budget.
     pub clock: Arc<BusyClock>,
+    /// Its gRPC calls; dropped (and cancelled) with the Store.
+    pub(super) calls: Calls,
+    /// `shutdown` was delivered; later waits deliver only `ready` or `timeout`.
+    pub(super) shutdown_delivered: bool,
     pub(super) local: watch::Receiver<Option<AffiliateSpec>>,
     /// A hash of the last publish's rejections, to log them only when they change.
     pub(super) last_rejections: u64,
@@ -96,8 +112,10 @@ impl PluginState {
         let mut table = ResourceTable::new();
         table.set_max_capacity(ctx.limits.resources);
         PluginState {
-            memory: MemoryCap::new(ctx.limits.memory, ctx.host_bytes.clone()),
+            memory: MemoryCap::new(ctx.limits.memory, ctx.host_memory.clone()),
             clock: BusyClock::new(),
+            calls: Calls::new(&ctx.name, ctx.host_memory.clone()),
+            shutdown_delivered: false,
             ctx,
             wasi,
             table,

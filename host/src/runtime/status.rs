@@ -49,6 +49,8 @@ pub struct PluginStatus {
     /// Its raw affiliates were withdrawn because it kept failing; cleared when it
     /// publishes again.
     pub withdrawn: bool,
+    /// The public address a registry sees this node at, as the plugin reports it.
+    pub public_address: Option<std::net::IpAddr>,
 }
 
 /// Status of every plugin, shared by the supervisors and the API.
@@ -82,6 +84,7 @@ impl PluginStatuses {
                 published: 0,
                 throttled: 0,
                 withdrawn: false,
+                public_address: None,
             },
         );
         self.changes.send_modify(|g| *g += 1);

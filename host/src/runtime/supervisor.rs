@@ -41,11 +41,11 @@ pub async fn prepare(
     config: &PluginConfig,
     probe: Arc<PluginContext>,
 ) -> Result<PreparedPlugin> {
-    let at = || format!("plugins.{}: {}", config.name, config.path.display());
+    let at = || format!("plugins.{}: {}", config.name, config.source);
     let loaded = {
         // Compiling is seconds of CPU: keep it off the async workers.
-        let (engine, path) = (engine.clone(), config.path.clone());
-        tokio::task::spawn_blocking(move || engine.load(&path))
+        let (engine, source) = (engine.clone(), config.source.clone());
+        tokio::task::spawn_blocking(move || engine.load(&source))
             .await?
             .with_context(at)?
     };
@@ -143,8 +143,10 @@ pub async fn supervise(engine: Arc<PluginEngine>, plugin: PreparedPlugin, ctx: A
 fn withdraw(ctx: &PluginContext) {
     let Some(raw) = &ctx.raw else { return };
     let removed = raw.withdraw();
-    ctx.host_bytes
+    ctx.host_memory
+        .published
         .store(0, std::sync::atomic::Ordering::Relaxed);
+    ctx.public_addresses.set(&ctx.name, None);
     if removed > 0 {
         tracing::warn!(
             plugin = %ctx.name,
@@ -156,6 +158,7 @@ fn withdraw(ctx: &PluginContext) {
     ctx.statuses.update(&ctx.name, |s| {
         s.withdrawn = true;
         s.published = 0;
+        s.public_address = None;
     });
 }
 

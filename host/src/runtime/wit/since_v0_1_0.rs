@@ -1,4 +1,5 @@
-//! `discovery:registry@0.1.0`: its generated bindings, the host side of its
+//! `discovery:registry@0.1.x` (0.1.1 now; guests built against 0.1.0 link to it by
+//! semver, since 0.1.1 only added imports): its generated bindings, the host side of its
 //! imports (each a thin translation into the host API, `runtime/host_api.rs`, and the
 //! capabilities), and conversions between its types and ours.
 //!
@@ -11,6 +12,7 @@ use wasmtime::Store;
 use wasmtime::component::{HasSelf, Linker};
 
 use super::RegistryInfo;
+use crate::capabilities::grpc::CallEvent;
 use crate::runtime::host_api::Event;
 use crate::runtime::state::PluginState;
 use crate::specs::{AffiliateSpec, ControlPlaneSpec, IpPrefix, KubeSpanSpec, MachineType};
@@ -22,7 +24,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-use discovery::registry::{cluster_crypto, host, types};
+use discovery::registry::{cluster_crypto, grpc, host, types};
 
 pub fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
     RegistryPlugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
@@ -94,6 +96,72 @@ impl host::Host for PluginState {
             Event::Ready(handle) => host::Event::Ready(handle),
         })
     }
+
+    async fn set_public_address(
+        &mut self,
+        address: Option<types::IpAddress>,
+    ) -> wasmtime::Result<()> {
+        PluginState::set_public_address(self, address.map(ip_from_wit));
+        Ok(())
+    }
+
+    async fn leaving(&mut self) -> wasmtime::Result<bool> {
+        Ok(PluginState::leaving(self))
+    }
+
+    async fn daemon_version(&mut self) -> wasmtime::Result<String> {
+        Ok(PluginState::daemon_version(self))
+    }
+}
+
+impl grpc::Host for PluginState {
+    async fn open_channel(
+        &mut self,
+        endpoint: String,
+        keepalive_ms: u32,
+    ) -> wasmtime::Result<Result<u32, String>> {
+        let keepalive = std::time::Duration::from_millis(keepalive_ms.into());
+        Ok(self.grpc_open_channel(&endpoint, keepalive))
+    }
+
+    async fn start_unary(
+        &mut self,
+        channel: u32,
+        method: String,
+        request: Vec<u8>,
+        timeout_ms: u32,
+    ) -> wasmtime::Result<Result<u32, String>> {
+        Ok(self.grpc_start(channel, &method, request, timeout(timeout_ms), false))
+    }
+
+    async fn start_server_stream(
+        &mut self,
+        channel: u32,
+        method: String,
+        request: Vec<u8>,
+        timeout_ms: u32,
+    ) -> wasmtime::Result<Result<u32, String>> {
+        Ok(self.grpc_start(channel, &method, request, timeout(timeout_ms), true))
+    }
+
+    async fn next(&mut self, call: u32) -> wasmtime::Result<Option<grpc::CallEvent>> {
+        Ok(self.grpc_next(call).map(|event| match event {
+            CallEvent::Message(bytes) => grpc::CallEvent::Message(bytes.to_vec()),
+            CallEvent::Finished { code, message } => {
+                grpc::CallEvent::Finished(grpc::Status { code, message })
+            }
+        }))
+    }
+
+    async fn close_call(&mut self, call: u32) -> wasmtime::Result<()> {
+        self.grpc_close(call);
+        Ok(())
+    }
+}
+
+/// A call's timeout; 0 means none.
+fn timeout(ms: u32) -> Option<std::time::Duration> {
+    (ms > 0).then(|| std::time::Duration::from_millis(ms.into()))
 }
 
 impl cluster_crypto::Host for PluginState {
