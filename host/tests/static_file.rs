@@ -442,3 +442,36 @@ fn disabled_registries_disable_discovery() {
     let plugins = json_lines(&daemon.cli(&["plugins", "-o", "json"]));
     assert_eq!(plugins[0]["state"], "disabled");
 }
+
+/// A plugin built against WIT 0.1.0 (static-file as it was built before 0.1.1
+/// added gRPC, kept in `tests/fixtures`) still loads and works; and with no
+/// `path`, `static` is the built-in plugin.
+#[test]
+fn a_plugin_built_for_wit_0_1_0_keeps_loading_and_static_is_built_in() {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/static-file-v0.1.0.wasm");
+    let wasm = std::fs::read(&fixture).unwrap();
+    let needle = b"discovery:registry/host@0.1.0";
+    assert!(
+        wasm.windows(needle.len()).any(|w| w == needle),
+        "the fixture imports host@0.1.0"
+    );
+    for path in [Some(fixture), None] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("peers")).unwrap();
+        write_peers(dir.path(), PEERS);
+        let mut text = config(dir.path());
+        let built = format!("    path: {}\n", plugin("static-file").display());
+        text = match &path {
+            Some(old) => text.replace(&built, &format!("    path: {}\n", old.display())),
+            None => text.replace(&built, ""),
+        };
+        let daemon = Daemon::start_in(dir, &text);
+        daemon.wait_members(
+            &["self-node", "worker-1", "worker-2"],
+            Duration::from_secs(30),
+        );
+        let plugins = json_lines(&daemon.cli(&["plugins", "-o", "json"]));
+        assert_eq!(plugins[0]["restarts"], 0, "{path:?}: {plugins:?}");
+    }
+}

@@ -290,7 +290,7 @@ impl Calls {
             let status = finished.err().unwrap_or_else(|| Status::ok(""));
             out.send(CallEvent::Finished {
                 code: status.code() as u32,
-                message: status.message().to_string(),
+                message: describe(&status),
             })
             .await;
         });
@@ -397,6 +397,21 @@ async fn run_call(
         }
     }
     Ok(())
+}
+
+/// A status's message with the causes under it (tonic's transport errors say
+/// "tcp connect error" on top and "Connection refused" below).
+fn describe(status: &Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Messages as the plugin encoded them: bytes in, bytes out.

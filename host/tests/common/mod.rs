@@ -185,6 +185,37 @@ impl Daemon {
         (status, dir)
     }
 
+    /// SIGKILL: no clean-up, as a crash or power loss.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Follows `get members -w` until the members are exactly `expected`
+    /// (sorted), or panics after `timeout`; returns how long it took.
+    pub fn wait_members(&self, expected: &[&str], timeout: Duration) -> Duration {
+        let started = Instant::now();
+        let (mut watcher, events) = self.cli_stream(&["get", "members", "-o", "json", "-w"]);
+        let mut members = std::collections::BTreeSet::new();
+        let want: std::collections::BTreeSet<String> =
+            expected.iter().map(|s| s.to_string()).collect();
+        events.wait_for(&format!("members {expected:?}"), timeout, |line| {
+            let event = json(line);
+            let id = event["metadata"]["id"].as_str().unwrap().to_string();
+            if event["event"] == "destroyed" {
+                members.remove(&id);
+            } else {
+                members.insert(id);
+            }
+            // The watch starts with the current members, one line each and no
+            // end marker: a partial start may look right, so check the whole list.
+            members == want && ids(&self.cli(&["get", "members", "-o", "json"])) == expected
+        });
+        let _ = watcher.kill();
+        let _ = watcher.wait();
+        started.elapsed()
+    }
+
     /// The daemon's resident memory (VmRSS) in KiB.
     pub fn resident_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -218,6 +249,97 @@ impl Drop for Daemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// The discovery service binary, built beside `discoveryd` (`cargo test
+/// --workspace` and `cargo build` build both).
+pub fn service_binary() -> PathBuf {
+    let path = Path::new(BIN).with_file_name("discovery-service");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build -p discovery-service` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Our discovery service, the real binary, listening on loopback; stopped on drop.
+pub struct Service {
+    child: Child,
+    pub addr: std::net::SocketAddr,
+    pub log: Lines,
+}
+
+impl Service {
+    /// Starts it on a port the system picks, with `args` added (snapshots off
+    /// unless `args` says otherwise).
+    pub fn start(args: &[&str]) -> Service {
+        Service::start_on("127.0.0.1:0", args)
+    }
+
+    /// Starts it on `addr` (to restart one on the port it had).
+    pub fn start_on(addr: &str, args: &[&str]) -> Service {
+        let mut command = Command::new(service_binary());
+        command.args(["--addr", addr, "--landing-addr", "", "--metrics-addr", ""]);
+        if !args.iter().any(|a| a.starts_with("--snapshot")) {
+            command.arg("--snapshots-enabled=false");
+        }
+        let mut child = command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The server logs JSON lines; tracing writes them to stdout.
+        let log = Lines::spawn(child.stdout.take().unwrap());
+        let _stderr = Lines::spawn(child.stderr.take().unwrap());
+        let line = log.wait_for("the service to listen", Duration::from_secs(30), |l| {
+            l.contains("\"listening\"") && l.contains("\"grpc\"")
+        });
+        let logged = json(&line);
+        let addr = logged["address"]
+            .as_str()
+            .or_else(|| logged["fields"]["address"].as_str())
+            .unwrap_or_else(|| panic!("no address in {line}"))
+            .parse()
+            .unwrap();
+        Service { child, addr, log }
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGTERM, and a bounded wait for the exit (a final snapshot is saved).
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        wait_exit(&mut self.child, Duration::from_secs(20));
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (bounded) for a child to exit.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a child did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
