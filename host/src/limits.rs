@@ -48,6 +48,10 @@ pub const PLUGIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// event; a plugin still running then is abandoned. With the rest of the
 /// shutdown this keeps a stop under 5 s, whatever the plugins do.
 pub const PLUGIN_STOP_DEADLINE: Duration = Duration::from_millis(3500);
+/// How long `discoveryd cluster create` waits for every node to see all members,
+/// and how long its processes get to stop before they are killed.
+pub const CLUSTER_CREATE_WAIT: Duration = Duration::from_secs(60);
+pub const CLUSTER_STOP_WAIT: Duration = Duration::from_secs(10);
 /// How long `discoveryd leave` waits for the daemon to stop.
 pub const LEAVE_WAIT: Duration = Duration::from_secs(10);
 /// How long the daemon's runtime waits for its own blocking tasks at exit.

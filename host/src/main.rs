@@ -36,6 +36,7 @@ fn main() -> std::process::ExitCode {
                 watch,
             } => cli::plugins(target, output, watch).await,
             Command::Leave { target } => cli::leave(target).await,
+            Command::Cluster(command) => cli::cluster::run(command).await,
             Command::Reset { config } => cli::reset(&config).await,
         }
     });

@@ -1,5 +1,6 @@
 //! The `discoveryd` command line: run the daemon, query it, reset the identity.
 
+pub mod cluster;
 pub mod output;
 
 use std::io::Write;
@@ -51,6 +52,9 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// A local cluster on loopback: our discovery service and N daemons.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Forget this node's identity; the next start creates a new one.
     Reset {
         #[arg(long, short)]

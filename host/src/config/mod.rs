@@ -351,8 +351,14 @@ plugins:
                 "PLPNBddmTgHJhtw0vxltq1ZBdPP9RNOEUd5JjJZzBRY=",
             )
             .replace("/usr/lib/discoveryd/static-file.wasm", "p.wasm")
-            .replace("/etc/discoveryd/peers", "peers");
+            .replace("/etc/discoveryd/peers", "peers")
+            .replace("/etc/discoveryd/ca.pem", "ca.pem");
         let dir = dir_with_plugin();
+        std::fs::write(
+            dir.path().join("ca.pem"),
+            "-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
         let config = parse_in(&dir, &example).unwrap_or_else(|e| panic!("{e}\n{example}"));
         assert!(config.discovery_enabled);
         assert!(

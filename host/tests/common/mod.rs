@@ -35,7 +35,7 @@ pub struct Lines {
 }
 
 impl Lines {
-    fn spawn(reader: impl std::io::Read + Send + 'static) -> Lines {
+    pub fn spawn(reader: impl std::io::Read + Send + 'static) -> Lines {
         let (tx, rx) = channel();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
