@@ -321,6 +321,8 @@ mod tests {
             id: "a".into(),
             version,
             spec: Arc::new(affiliate("a", hostname)),
+            first_seen: std::time::SystemTime::UNIX_EPOCH,
+            last_seen: std::time::SystemTime::UNIX_EPOCH,
         };
         let known = BTreeMap::from([("a".to_string(), resource(3, "old"))]);
         let kinds: Vec<(ChangeKind, u64)> = resync(&known, vec![resource(1, "new")])
