@@ -184,7 +184,11 @@ fn merge_5000() {
         .map(|_| {
             let started = Instant::now();
             let merged = merge::merge(raw.iter().map(|(id, spec)| (id.as_str(), spec)));
-            let result = members::members(merged.values(), "node-00000", |_| 1);
+            let seen = members::Sighting {
+                first_seen: Some(std::time::SystemTime::UNIX_EPOCH),
+                registries: 1,
+            };
+            let result = members::members(merged.values(), "node-00000", |_| seen);
             assert_eq!(result.members.len(), nodes);
             started.elapsed().as_secs_f64() * 1e3
         })

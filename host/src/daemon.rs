@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::server::{self as api_server, LocalApi};
 use crate::config::Config;
+use crate::first_seen;
 use crate::identity;
 use crate::limits;
 use crate::local_affiliate::{self, System};
@@ -36,6 +37,7 @@ pub async fn run(config: Config) -> Result<()> {
     tracing::info!(node_id = %node_id, created = origin == identity::Origin::Created, "node identity established");
 
     let store = Store::new();
+    let first_seen = first_seen::restore(&store, state_dir);
     store.put(
         Namespace::Cluster,
         "local",
@@ -85,6 +87,7 @@ pub async fn run(config: Config) -> Result<()> {
         local_rx,
         shutdown.clone(),
     ));
+    tasks.spawn(first_seen::run(store.clone(), first_seen, shutdown.clone()));
     let mut plugin_threads = Vec::new();
     for plugin in prepared {
         let ctx = shared.context(&plugin.config, Some(&plugin.prefix));

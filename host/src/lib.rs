@@ -13,10 +13,11 @@
 //!   thread, the host API in our own types with one module per WIT version
 //!   (`runtime::wit`), output validation and supervision. [`capabilities`] is the
 //!   one place where what an operator granted a plugin is decided and checked.
-//! - [`store`] holds resources with versions and watches (a plugin writes only its
-//!   own raw prefix, through a `RawWriter`); [`merge`], [`members`] and
-//!   [`reconcile`] turn raw affiliates into members; [`crypto`] and [`payload`] are
-//!   Sidero's sealing and wire encoding.
+//! - [`store`] holds resources with versions, first/last-seen times and watches (a
+//!   plugin writes only its own raw prefix, through a `RawWriter`); [`first_seen`]
+//!   keeps raw affiliates' first-seen times across restarts; [`merge`], [`members`]
+//!   and [`reconcile`] turn raw affiliates into members; [`crypto`] and [`payload`]
+//!   are Sidero's sealing and wire encoding; [`timestamp`] prints times as RFC 3339.
 //! - [`api`] is the local gRPC API on a unix socket, [`cli`] the commands that use
 //!   it, [`daemon`] wires everything together.
 //! - Named limits and timings are in [`limits`]; those shared with the discovery
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod first_seen;
 pub mod identity;
 pub mod limits;
 pub mod local_addresses;
@@ -43,3 +45,4 @@ pub mod reconcile;
 pub mod runtime;
 pub mod specs;
 pub mod store;
+pub mod timestamp;

@@ -85,6 +85,16 @@ pub const STORE_WATCH_BUFFER: usize = 4096;
 /// How many events a slow CLI watcher may have in flight on the local API.
 pub const API_WATCH_QUEUE: usize = 256;
 
+/// Raw affiliates' first-seen times survive their resources and restarts
+/// (`first-seen.yaml`) for node IDs seen in the last day, at most this many.
+pub const FIRST_SEEN_NODES_MAX: usize = 10_000;
+pub const FIRST_SEEN_FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// The first-seen file is written at most this often (changes in between are
+/// written together), and refreshed at least this often while last-seen times
+/// move on.
+pub const FIRST_SEEN_SAVE_MIN_INTERVAL: Duration = Duration::from_secs(5);
+pub const FIRST_SEEN_REFRESH: Duration = Duration::from_secs(3600);
+
 /// Table elements (function references) a plugin may hold in all its tables.
 pub const PLUGIN_TABLE_ELEMENTS_MAX: usize = 100_000;
 /// A Rust wasip2 component has one memory and a few tables and instances.

@@ -2,11 +2,12 @@
 //! endpoints derived from them.
 //!
 //! Upstream lets two affiliates with one nodename overwrite each other in random
-//! order; here the pick is deterministic (Q15) and the losers are returned, so the
-//! caller can warn about them.
+//! order; here the pick is deterministic (Q15, revised for reinstalled nodes) and
+//! the losers are returned, so the caller can warn about them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use crate::specs::{AffiliateSpec, MemberSpec};
 
@@ -28,16 +29,51 @@ pub struct DuplicateNodename {
     pub dropped: Vec<String>,
 }
 
+/// What the registries say about one node ID: the tie-breakers between nodes that
+/// claim one nodename.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sighting {
+    /// The earliest first-seen over its raw affiliates; `None` if no registry
+    /// reports it.
+    pub first_seen: Option<SystemTime>,
+    /// How many registries report it.
+    pub registries: usize,
+}
+
+/// The sighting of each node ID, from its raw affiliates and their first-seen.
+pub fn sightings<'a>(
+    raw: impl IntoIterator<Item = (&'a AffiliateSpec, SystemTime)>,
+) -> HashMap<String, Sighting> {
+    let mut by_node: HashMap<String, Sighting> = HashMap::new();
+    for (spec, first_seen) in raw {
+        let sighting = by_node.entry(spec.node_id.clone()).or_default();
+        sighting.registries += 1;
+        sighting.first_seen = Some(
+            sighting
+                .first_seen
+                .map_or(first_seen, |t| t.min(first_seen)),
+        );
+    }
+    by_node
+}
+
 /// Turns every affiliate with a nodename (merged ones and the local one) into a
 /// member; KubeSpan data is not part of a member.
 ///
-/// For a nodename claimed more than once the winner is, in order: the local node
-/// (`local_node_id`), the node seen by more registries (`sources`, e.g. from
-/// `merge::source_counts`), the smallest node ID.
+/// For a nodename claimed more than once the winner is, in order:
+/// 1. the local node (`local_node_id`);
+/// 2. the node *first seen most recently* (`sighting`, e.g. from `sightings`): a
+///    node reinstalled with a new identity announces its old nodename while the
+///    old identity lingers in the registries until it expires, and the newer
+///    identity is the live one;
+/// 3. the node seen by more registries;
+/// 4. the smallest node ID.
+///
+/// A node no registry reports (`first_seen: None`) counts as seen longest ago.
 pub fn members<'a>(
     affiliates: impl IntoIterator<Item = &'a AffiliateSpec>,
     local_node_id: &str,
-    sources: impl Fn(&str) -> usize,
+    sighting: impl Fn(&str) -> Sighting,
 ) -> Members {
     let mut by_name: BTreeMap<&str, Vec<&AffiliateSpec>> = BTreeMap::new();
     for spec in affiliates {
@@ -50,9 +86,11 @@ pub fn members<'a>(
     for (nodename, mut claims) in by_name {
         // Stable: identical keys (one node ID given twice) keep the caller's order.
         claims.sort_by_cached_key(|spec| {
+            let seen = sighting(&spec.node_id);
             (
                 spec.node_id != local_node_id,
-                std::cmp::Reverse(sources(&spec.node_id)),
+                std::cmp::Reverse(seen.first_seen),
+                std::cmp::Reverse(seen.registries),
                 spec.node_id.as_str(),
             )
         });
@@ -116,8 +154,19 @@ mod tests {
         }
     }
 
-    fn no_sources(_: &str) -> usize {
-        0
+    fn unseen(_: &str) -> Sighting {
+        Sighting::default()
+    }
+
+    fn at(seconds: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds)
+    }
+
+    fn seen(first_seen: u64, registries: usize) -> Sighting {
+        Sighting {
+            first_seen: Some(at(first_seen)),
+            registries,
+        }
     }
 
     #[test]
@@ -136,7 +185,7 @@ mod tests {
             control_plane: Some(ControlPlaneSpec { port: 6443 }),
         };
         let nameless = affiliate("id2", "");
-        let result = members([&full, &nameless], "local", no_sources);
+        let result = members([&full, &nameless], "local", unseen);
         assert_eq!(result.members.len(), 1);
         assert_eq!(
             result.members["cp1"],
@@ -156,9 +205,14 @@ mod tests {
     fn the_local_affiliate_wins_a_duplicate_nodename() {
         let old = affiliate("aaa-old", "n1");
         let local = affiliate("zzz-local", "n1");
-        // The old identity is seen by more registries and sorts first, yet loses.
+        // The other identity is seen later, by more registries, and sorts first,
+        // yet loses; the local one is reported by no registry at all.
         let result = members([&old, &local], "zzz-local", |id| {
-            if id == "aaa-old" { 3 } else { 0 }
+            if id == "aaa-old" {
+                seen(500, 3)
+            } else {
+                unseen(id)
+            }
         });
         assert_eq!(result.members["n1"].node_id, "zzz-local");
         assert_eq!(
@@ -171,13 +225,36 @@ mod tests {
         );
     }
 
+    /// The reinstalled node: its new identity was first seen after the old one,
+    /// which lingers in more registries and has the smaller ID.
     #[test]
-    fn more_registries_win_next() {
+    fn the_identity_first_seen_most_recently_wins_next() {
+        let sightings = HashMap::from([
+            ("aaa-old".to_owned(), seen(100, 3)),
+            ("zzz-new".to_owned(), seen(200, 1)),
+            ("mmm-unseen".to_owned(), Sighting::default()),
+        ]);
+        let old = affiliate("aaa-old", "n1");
+        let new = affiliate("zzz-new", "n1");
+        let never = affiliate("mmm-unseen", "n1");
+        for order in [[&old, &new, &never], [&never, &new, &old]] {
+            let result = members(order, "local", |id| sightings[id]);
+            assert_eq!(result.members["n1"].node_id, "zzz-new");
+            assert_eq!(
+                result.duplicates[0].dropped,
+                ["aaa-old", "mmm-unseen"],
+                "no sighting counts as the oldest"
+            );
+        }
+    }
+
+    #[test]
+    fn more_registries_win_after_equal_first_seen() {
         let counts = HashMap::from([("aaa".to_owned(), 1), ("bbb".to_owned(), 2)]);
         let a = affiliate("aaa", "n1");
         let b = affiliate("bbb", "n1");
         for order in [[&a, &b], [&b, &a]] {
-            let result = members(order, "local", |id| counts.get(id).copied().unwrap_or(0));
+            let result = members(order, "local", |id| seen(100, counts[id]));
             assert_eq!(result.members["n1"].node_id, "bbb");
             assert_eq!(result.duplicates[0].dropped, ["aaa"]);
         }
@@ -190,7 +267,7 @@ mod tests {
         let c = affiliate("ccc", "n1");
         let other = affiliate("ddd", "n2");
         for order in [[&c, &a, &b, &other], [&other, &b, &c, &a]] {
-            let result = members(order, "local", |_| 2);
+            let result = members(order, "local", |_| seen(100, 2));
             assert_eq!(result.members["n1"].node_id, "aaa");
             assert_eq!(result.members["n2"].node_id, "ddd");
             assert_eq!(
@@ -202,6 +279,16 @@ mod tests {
                 }]
             );
         }
+    }
+
+    #[test]
+    fn a_nodes_sighting_is_its_earliest_raw_affiliate_and_their_count() {
+        let a = affiliate("a", "n1");
+        let b = affiliate("b", "n2");
+        let result = sightings([(&a, at(300)), (&b, at(50)), (&a, at(200))]);
+        assert_eq!(result["a"], seen(200, 2));
+        assert_eq!(result["b"], seen(50, 1));
+        assert!(!result.contains_key("c"));
     }
 
     /// Talos's endpoint test (§11), plus a worker that must not count and an

@@ -5,7 +5,7 @@
 //! A pure function of its input, so the caller recomputes it on every change of the
 //! raw store; it has to stay fast for clusters of thousands of nodes.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::hash::Hash;
 
 use crate::specs::{AffiliateSpec, KubeSpanSpec, MachineType};
@@ -44,18 +44,6 @@ pub fn merge<'a>(
         .into_iter()
         .map(|spec| (spec.node_id.clone(), spec))
         .collect()
-}
-
-/// How many raw affiliates (so, registries) report each node ID: a tie-breaker for
-/// members that claim the same nodename (Q15).
-pub fn source_counts<'a>(
-    raw: impl IntoIterator<Item = (&'a str, &'a AffiliateSpec)>,
-) -> HashMap<String, usize> {
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    for (_, spec) in raw {
-        *counts.entry(spec.node_id.clone()).or_default() += 1;
-    }
-    counts
 }
 
 /// Merges `other` into `base`: non-empty scalars replace, lists are unioned in
@@ -271,14 +259,6 @@ mod tests {
         assert_eq!(merged["a"].hostname, "from-service");
         assert_eq!(merged["a"].operating_system, "Talos (static)");
         assert_eq!(merged["b"], service_b);
-
-        let counts = source_counts([
-            ("service/a", &service_a),
-            ("k8s/a", &k8s_a),
-            ("service/b", &service_b),
-        ]);
-        assert_eq!(counts["a"], 2);
-        assert_eq!(counts["b"], 1);
     }
 
     #[test]

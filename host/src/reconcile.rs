@@ -46,18 +46,18 @@ pub fn reconcile(
 ) -> Vec<DuplicateNodename> {
     let raw = store.list(Namespace::ClusterRaw, Kind::Affiliate);
     let raw_specs = raw.iter().filter_map(|r| match &*r.spec {
-        Spec::Affiliate(spec) => Some((r.id.as_str(), spec)),
+        Spec::Affiliate(spec) => Some((r.id.as_str(), spec, r.first_seen)),
         _ => None,
     });
-    let sources = merge::source_counts(raw_specs.clone());
-    let mut affiliates = merge::merge(raw_specs);
+    let sightings = members::sightings(raw_specs.clone().map(|(_, spec, first)| (spec, first)));
+    let mut affiliates = merge::merge(raw_specs.map(|(id, spec, _)| (id, spec)));
     // The local affiliate is the host's own; a registry echoing it never wins.
     affiliates.remove(local_node_id);
     if let Some(local) = local {
         affiliates.insert(local_node_id.to_string(), local);
     }
     let members = members::members(affiliates.values(), local_node_id, |id| {
-        sources.get(id).copied().unwrap_or(0)
+        sightings.get(id).copied().unwrap_or_default()
     });
     store.sync(
         Namespace::Cluster,
@@ -180,23 +180,47 @@ mod tests {
         assert_eq!(members[0].version, 1);
     }
 
+    /// A node reinstalled with a new identity: the old one lingers in two
+    /// registries, the new one is first seen later in one. The newer identity
+    /// becomes the member, and the duplicate is reported.
     #[test]
-    fn duplicate_nodenames_are_reported() {
-        let store = Store::new();
-        let raw = Namespace::ClusterRaw;
-        store.put(
-            raw,
-            "static/old",
-            Spec::Affiliate(spec("old", "node-x", &[])),
-        );
-        store.put(
-            raw,
-            "static/new",
-            Spec::Affiliate(spec("new", "node-x", &[])),
-        );
-        store.put(raw, "k8s/new", Spec::Affiliate(spec("new", "node-x", &[])));
+    fn a_reinstalled_node_replaces_its_lingering_old_identity() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::time::{Duration, SystemTime};
+        let now = Arc::new(AtomicU64::new(0));
+        let clock = now.clone();
+        let store = Arc::new(Store::with_clock(Box::new(move || {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(clock.load(Ordering::SeqCst))
+        })));
+        let k8s = crate::store::RawWriter::new(store.clone(), "k8s");
+        let service = crate::store::RawWriter::new(store.clone(), "service");
+        now.store(100, Ordering::SeqCst);
+        k8s.publish(vec![spec("old", "node-x", &[])]);
+        service.publish(vec![spec("old", "node-x", &[])]);
         let duplicates = reconcile(&store, "self", None);
-        assert_eq!(duplicates.len(), 1);
-        assert_eq!(duplicates[0].kept, "new", "seen by more registries");
+        assert!(duplicates.is_empty());
+
+        now.store(200, Ordering::SeqCst);
+        service.publish(vec![
+            spec("old", "node-x", &[]),
+            spec("zzz-new", "node-x", &[]),
+        ]);
+        let duplicates = reconcile(&store, "self", None);
+        assert_eq!(
+            duplicates,
+            vec![DuplicateNodename {
+                nodename: "node-x".into(),
+                kept: "zzz-new".into(),
+                dropped: vec!["old".into()],
+            }],
+            "first seen most recently beats more registries and the smaller ID"
+        );
+        let member = store
+            .get(Namespace::Cluster, Kind::Member, "node-x")
+            .unwrap();
+        let Spec::Member(member) = &*member.spec else {
+            panic!()
+        };
+        assert_eq!(member.node_id, "zzz-new");
     }
 }

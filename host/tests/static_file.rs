@@ -231,7 +231,16 @@ fn static_file_peers_become_members_and_follow_edits() {
     let (affiliates_header, table) = header(&["get", "affiliates"]);
     assert_eq!(
         affiliates_header,
-        ["ID", "VERSION", "HOSTNAME", "MACHINE", "TYPE", "ADDRESSES"]
+        [
+            "ID",
+            "VERSION",
+            "HOSTNAME",
+            "MACHINE",
+            "TYPE",
+            "ADDRESSES",
+            "SEEN",
+            "BY"
+        ]
     );
     assert!(table.contains(node_id), "{table}");
     let (identities_header, table) = header(&["get", "identities"]);

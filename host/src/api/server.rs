@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::proto::local_server::{Local, LocalServer};
 use super::proto::{self, ListRequest, ListResponse, PluginsRequest, PluginsResponse, WatchEvent};
-use super::{change_kind_to_proto, resource_to_proto};
+use super::{Sources, change_kind_to_proto, resource_to_proto};
 use crate::limits;
 use crate::runtime::PluginStatuses;
 use crate::store::{ChangeKind, Kind, Namespace, Resource, Store};
@@ -53,11 +53,12 @@ fn parse_request(request: &ListRequest) -> Result<(Namespace, Kind), Status> {
 impl Local for LocalApi {
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let (namespace, kind) = parse_request(request.get_ref())?;
+        let sources = Sources::apply_to(namespace, kind).then(|| Sources::of(&self.store));
         let resources = self
             .store
             .list(namespace, kind)
             .iter()
-            .map(resource_to_proto)
+            .map(|r| resource_to_proto(r, sources.as_ref()))
             .collect();
         Ok(Response::new(ListResponse { resources }))
     }
@@ -161,6 +162,9 @@ async fn forward_changes(
         let (snapshot, mut changes) = store.watch(namespace, kind);
         let mut pending = resync(&known, snapshot);
         loop {
+            // One pass over the raw affiliates per batch, not per event.
+            let sources = (Sources::apply_to(namespace, kind) && !pending.is_empty())
+                .then(|| Sources::of(&store));
             for (change, resource) in pending.drain(..) {
                 match change {
                     ChangeKind::Destroyed => known.remove(&resource.id),
@@ -168,7 +172,7 @@ async fn forward_changes(
                 };
                 let event = WatchEvent {
                     kind: change_kind_to_proto(change).into(),
-                    resource: Some(resource_to_proto(&resource)),
+                    resource: Some(resource_to_proto(&resource, sources.as_ref())),
                 };
                 if tx.send(Ok(event)).await.is_err() {
                     return;
@@ -336,6 +340,8 @@ mod tests {
             id: "a".into(),
             version,
             spec: Arc::new(affiliate("a", hostname)),
+            first_seen: std::time::SystemTime::UNIX_EPOCH,
+            last_seen: std::time::SystemTime::UNIX_EPOCH,
         };
         let known = BTreeMap::from([("a".to_string(), resource(3, "old"))]);
         let kinds: Vec<(ChangeKind, u64)> = resync(&known, vec![resource(1, "new")])

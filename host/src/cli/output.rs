@@ -6,7 +6,7 @@ use anyhow::Result;
 use serde_json::{Value, json};
 
 use crate::api::proto::{self, Resource, watch_event};
-use crate::store::Kind;
+use crate::store::{Kind, Namespace};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -15,37 +15,89 @@ pub enum Format {
     Json,
 }
 
-/// A resource as `-o json` and `-o yaml` print it.
+/// A resource as `-o json` and `-o yaml` print it: `metadata` and `spec` as
+/// talosctl prints them (raw affiliates add `firstSeen` and `lastSeen` to the
+/// metadata), and for merged affiliates `sources` beside them, leaving Talos's
+/// spec keys alone.
 pub fn resource_value(resource: &Resource) -> Value {
     let metadata = resource.metadata.clone().unwrap_or_default();
     let spec: Value = serde_json::from_str(&resource.spec_json).unwrap_or(Value::Null);
-    json!({
-        "metadata": {
-            "namespace": metadata.namespace,
-            "type": metadata.r#type,
-            "id": metadata.id,
-            "version": metadata.version,
-        },
-        "spec": spec,
-    })
+    let merged_affiliate = is_merged_affiliate(&metadata);
+    let mut metadata_value = json!({
+        "namespace": metadata.namespace,
+        "type": metadata.r#type,
+        "id": metadata.id,
+        "version": metadata.version,
+    });
+    if !metadata.first_seen.is_empty() {
+        metadata_value["firstSeen"] = metadata.first_seen.into();
+        metadata_value["lastSeen"] = metadata.last_seen.into();
+    }
+    let mut value = json!({"metadata": metadata_value, "spec": spec});
+    if merged_affiliate {
+        value["sources"] = resource.sources.iter().map(source_value).collect();
+    }
+    value
 }
 
-/// The table columns after ID and VERSION, as talosctl prints them per type.
-fn columns(kind: Kind) -> &'static [(&'static str, &'static str)] {
+fn source_value(source: &proto::Source) -> Value {
+    let mut value = json!({"registry": source.registry});
+    if !source.first_seen.is_empty() {
+        value["firstSeen"] = source.first_seen.clone().into();
+        value["lastSeen"] = source.last_seen.clone().into();
+    }
+    value
+}
+
+fn is_merged_affiliate(metadata: &proto::Metadata) -> bool {
+    metadata.namespace == Namespace::Cluster.as_str()
+        && metadata.r#type == Kind::Affiliate.type_name()
+}
+
+/// Where a table cell comes from.
+#[derive(Clone, Copy)]
+enum Column {
+    /// A key of the spec.
+    Spec(&'static str),
+    /// The registries that report the node (ours, after talosctl's columns).
+    SeenBy,
+}
+
+/// The table columns after ID and VERSION: talosctl's per type, then ours.
+fn columns(kind: Kind) -> &'static [(&'static str, Column)] {
+    use Column::{SeenBy, Spec};
     match kind {
-        Kind::Identity => &[("ID", "nodeId")],
+        Kind::Identity => &[("ID", Spec("nodeId"))],
         Kind::Affiliate => &[
-            ("HOSTNAME", "hostname"),
-            ("MACHINE TYPE", "machineType"),
-            ("ADDRESSES", "addresses"),
+            ("HOSTNAME", Spec("hostname")),
+            ("MACHINE TYPE", Spec("machineType")),
+            ("ADDRESSES", Spec("addresses")),
+            ("SEEN BY", SeenBy),
         ],
         Kind::Member => &[
-            ("HOSTNAME", "hostname"),
-            ("MACHINE TYPE", "machineType"),
-            ("OS", "operatingSystem"),
-            ("ADDRESSES", "addresses"),
+            ("HOSTNAME", Spec("hostname")),
+            ("MACHINE TYPE", Spec("machineType")),
+            ("OS", Spec("operatingSystem")),
+            ("ADDRESSES", Spec("addresses")),
         ],
     }
+}
+
+/// The registries of a merged affiliate (`local` for this node), or a raw
+/// affiliate's own registry, comma-joined.
+fn seen_by(resource: &Resource, metadata: &proto::Metadata) -> String {
+    if metadata.namespace == Namespace::ClusterRaw.as_str() {
+        return metadata
+            .id
+            .split_once('/')
+            .map_or(String::new(), |(prefix, _)| prefix.to_string());
+    }
+    let registries: Vec<&str> = resource
+        .sources
+        .iter()
+        .map(|s| s.registry.as_str())
+        .collect();
+    registries.join(",")
 }
 
 fn cell(spec: &Value, key: &str) -> String {
@@ -87,8 +139,11 @@ fn write_aligned(out: &mut impl Write, rows: &[Vec<String>]) -> Result<()> {
 fn table_row(resource: &Resource, kind: Kind) -> Vec<String> {
     let metadata = resource.metadata.clone().unwrap_or_default();
     let spec: Value = serde_json::from_str(&resource.spec_json).unwrap_or(Value::Null);
-    let mut row = vec![metadata.id, metadata.version.to_string()];
-    row.extend(columns(kind).iter().map(|(_, key)| cell(&spec, key)));
+    let mut row = vec![metadata.id.clone(), metadata.version.to_string()];
+    row.extend(columns(kind).iter().map(|(_, column)| match column {
+        Column::Spec(key) => cell(&spec, key),
+        Column::SeenBy => seen_by(resource, &metadata),
+    }));
     row
 }
 
@@ -251,8 +306,10 @@ mod tests {
                 r#type: Kind::Member.type_name().into(),
                 id: id.into(),
                 version,
+                ..Default::default()
             }),
             spec_json: spec.to_string(),
+            sources: Vec::new(),
         }
     }
 
@@ -301,6 +358,93 @@ mod tests {
             json!({"metadata": {"namespace": "cluster", "type": "Members.cluster.talos.dev", "id": "a", "version": 3},
                    "spec": {"nodeId": "x"}})
         );
+    }
+
+    fn affiliate(namespace: &str, id: &str, sources: &[(&str, &str, &str)]) -> Resource {
+        let raw = namespace == "cluster-raw";
+        Resource {
+            metadata: Some(Metadata {
+                namespace: namespace.into(),
+                r#type: Kind::Affiliate.type_name().into(),
+                id: id.into(),
+                version: 1,
+                first_seen: if raw { "2026-12-01T10:20:30Z".into() } else { String::new() },
+                last_seen: if raw { "2026-12-01T10:25:00Z".into() } else { String::new() },
+            }),
+            spec_json: json!({"nodeId": "new-id", "hostname": "w1", "machineType": "worker", "addresses": ["10.0.0.1"]})
+                .to_string(),
+            sources: sources
+                .iter()
+                .map(|(registry, first_seen, last_seen)| proto::Source {
+                    registry: registry.to_string(),
+                    first_seen: first_seen.to_string(),
+                    last_seen: last_seen.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn affiliates_show_their_sources_beside_the_spec() {
+        let merged = affiliate(
+            "cluster",
+            "new-id",
+            &[
+                ("k8s", "2026-12-01T10:20:30Z", "2026-12-01T10:25:00Z"),
+                ("service", "2026-12-01T10:21:00Z", "2026-12-01T10:25:01Z"),
+            ],
+        );
+        let local = affiliate("cluster", "self-id", &[("local", "", "")]);
+        let raw = affiliate("cluster-raw", "service/new-id", &[]);
+        let mut out = Vec::new();
+        print_list(
+            &mut out,
+            Kind::Affiliate,
+            Format::Json,
+            &[merged.clone(), local.clone()],
+        )
+        .unwrap();
+        let lines: Vec<Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines[0]["sources"],
+            json!([
+                {"registry": "k8s", "firstSeen": "2026-12-01T10:20:30Z", "lastSeen": "2026-12-01T10:25:00Z"},
+                {"registry": "service", "firstSeen": "2026-12-01T10:21:00Z", "lastSeen": "2026-12-01T10:25:01Z"},
+            ])
+        );
+        let keys: Vec<&String> = lines[0].as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["metadata", "spec", "sources"]);
+        assert_eq!(
+            lines[0]["metadata"],
+            json!({"namespace": "cluster", "type": "Affiliates.cluster.talos.dev", "id": "new-id", "version": 1})
+        );
+        assert_eq!(lines[1]["sources"], json!([{"registry": "local"}]));
+
+        let value = resource_value(&raw);
+        assert_eq!(value["metadata"]["firstSeen"], "2026-12-01T10:20:30Z");
+        assert_eq!(value["metadata"]["lastSeen"], "2026-12-01T10:25:00Z");
+        assert!(
+            value.get("sources").is_none(),
+            "a raw affiliate is its own source"
+        );
+
+        let mut out = Vec::new();
+        print_list(&mut out, Kind::Affiliate, Format::Table, &[merged, local]).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "ID        VERSION   HOSTNAME   MACHINE TYPE   ADDRESSES      SEEN BY\n\
+             new-id    1         w1         worker         [\"10.0.0.1\"]   k8s,service\n\
+             self-id   1         w1         worker         [\"10.0.0.1\"]   local\n"
+        );
+        let mut out = Vec::new();
+        print_list(&mut out, Kind::Affiliate, Format::Table, &[raw]).unwrap();
+        assert!(String::from_utf8(out).unwrap().ends_with(
+            "service/new-id   1         w1         worker         [\"10.0.0.1\"]   service\n"
+        ));
     }
 
     #[test]
