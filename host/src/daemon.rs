@@ -81,6 +81,11 @@ pub async fn run(config: Config) -> Result<()> {
         local_tx,
         shutdown.clone(),
     ));
+    tasks.spawn(crate::public_addresses::run(
+        store.clone(),
+        public_addresses.subscribe(),
+        shutdown.clone(),
+    ));
     tasks.spawn(reconcile::run(
         store.clone(),
         node_id.clone(),

@@ -7,7 +7,13 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use std::sync::Arc;
+
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::specs::AddressStatusSpec;
+use crate::store::{Kind, Namespace, Spec, Store};
 
 pub struct PublicAddresses {
     by_plugin: watch::Sender<BTreeMap<String, IpAddr>>,
@@ -48,6 +54,33 @@ pub fn ordered(by_plugin: &BTreeMap<String, IpAddr>) -> Vec<IpAddr> {
     out
 }
 
+/// Mirrors the reported addresses into the store as `AddressStatuses` in the
+/// `cluster` namespace, one per reporting plugin (`cluster/service` for the
+/// service registry, as in Talos), until shutdown.
+pub async fn run(
+    store: Arc<Store>,
+    mut by_plugin: watch::Receiver<BTreeMap<String, IpAddr>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let desired: Vec<(String, Spec)> = by_plugin
+            .borrow_and_update()
+            .iter()
+            .map(|(plugin, ip)| {
+                (
+                    plugin.clone(),
+                    Spec::AddressStatus(AddressStatusSpec::host(*ip)),
+                )
+            })
+            .collect();
+        store.sync_where(Namespace::Cluster, Kind::AddressStatus, |_| true, desired);
+        tokio::select! {
+            changed = by_plugin.changed() => if changed.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +108,26 @@ mod tests {
             ordered(&changes.borrow_and_update()).is_empty(),
             "gone when nobody reports it"
         );
+    }
+
+    #[tokio::test]
+    async fn the_store_shows_what_is_reported_now() {
+        let store = Store::new();
+        let public = PublicAddresses::default();
+        let shutdown = CancellationToken::new();
+        let (_, mut events) = store.watch(Namespace::Cluster, Kind::AddressStatus);
+        let mirror = tokio::spawn(run(store.clone(), public.subscribe(), shutdown.clone()));
+        public.set("service", Some("203.0.113.7".parse().unwrap()));
+        let created = events.recv().await.unwrap();
+        assert_eq!(created.resource.id, "service");
+        assert_eq!(
+            created.resource.spec.to_json(),
+            serde_json::json!({"address": "203.0.113.7/32"})
+        );
+        public.set("service", None);
+        let destroyed = events.recv().await.unwrap();
+        assert_eq!(destroyed.kind, crate::store::ChangeKind::Destroyed);
+        shutdown.cancel();
+        mirror.await.unwrap();
     }
 }

@@ -77,6 +77,22 @@ pub struct IdentitySpec {
     pub node_id: String,
 }
 
+/// Talos's `AddressStatuses.net.talos.dev` `cluster/service`: the public address a
+/// discovery service reports for this node, as a host prefix (`203.0.113.7/32`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressStatusSpec {
+    pub address: IpPrefix,
+}
+
+impl AddressStatusSpec {
+    pub fn host(ip: IpAddr) -> AddressStatusSpec {
+        let bits = if ip.is_ipv4() { 32 } else { 128 };
+        AddressStatusSpec {
+            address: IpPrefix { addr: ip, bits },
+        }
+    }
+}
+
 /// Checks that a peer could reach a node at `ip`: not unspecified, multicast or
 /// broadcast. Applied to configured and plugin-published addresses alike.
 pub fn check_node_address(ip: IpAddr) -> Result<IpAddr, String> {

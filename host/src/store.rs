@@ -27,7 +27,7 @@ use std::time::SystemTime;
 use tokio::sync::{broadcast, watch};
 
 use crate::limits;
-use crate::specs::{AffiliateSpec, IdentitySpec, MemberSpec};
+use crate::specs::{AddressStatusSpec, AffiliateSpec, IdentitySpec, MemberSpec};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Namespace {
@@ -66,6 +66,8 @@ pub enum Kind {
     Identity,
     Affiliate,
     Member,
+    /// The public address a discovery service sees this node at.
+    AddressStatus,
 }
 
 impl Kind {
@@ -74,13 +76,19 @@ impl Kind {
             Kind::Identity => "Identities.cluster.talos.dev",
             Kind::Affiliate => "Affiliates.cluster.talos.dev",
             Kind::Member => "Members.cluster.talos.dev",
+            Kind::AddressStatus => "AddressStatuses.net.talos.dev",
         }
     }
 
     pub fn from_type_name(name: &str) -> Option<Kind> {
-        [Kind::Identity, Kind::Affiliate, Kind::Member]
-            .into_iter()
-            .find(|k| k.type_name() == name)
+        [
+            Kind::Identity,
+            Kind::Affiliate,
+            Kind::Member,
+            Kind::AddressStatus,
+        ]
+        .into_iter()
+        .find(|k| k.type_name() == name)
     }
 }
 
@@ -89,6 +97,7 @@ pub enum Spec {
     Identity(IdentitySpec),
     Affiliate(AffiliateSpec),
     Member(MemberSpec),
+    AddressStatus(AddressStatusSpec),
 }
 
 impl Spec {
@@ -97,6 +106,7 @@ impl Spec {
             Spec::Identity(_) => Kind::Identity,
             Spec::Affiliate(_) => Kind::Affiliate,
             Spec::Member(_) => Kind::Member,
+            Spec::AddressStatus(_) => Kind::AddressStatus,
         }
     }
 
@@ -106,6 +116,7 @@ impl Spec {
             Spec::Identity(s) => serde_json::to_value(s),
             Spec::Affiliate(s) => serde_json::to_value(s),
             Spec::Member(s) => serde_json::to_value(s),
+            Spec::AddressStatus(s) => serde_json::to_value(s),
         };
         value.expect("specs serialize to JSON")
     }

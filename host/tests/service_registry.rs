@@ -51,6 +51,11 @@ fn three_daemons_find_each_other_within_5_s() {
     assert_eq!(status["state"], "running", "{status}");
     assert_eq!(status["restarts"], 0, "{status}");
     assert_eq!(status["publicAddress"], "127.0.0.1", "{status}");
+    // And as Talos's AddressStatus `cluster/service`.
+    let addresses = json_lines(&nodes[0].cli(&["get", "addresses", "-o", "json"]));
+    assert_eq!(addresses.len(), 1, "{addresses:?}");
+    assert_eq!(addresses[0]["metadata"]["id"], "service");
+    assert_eq!(addresses[0]["spec"]["address"], "127.0.0.1/32");
     assert!(
         status["message"]
             .as_str()
@@ -437,4 +442,70 @@ fn broken_servers_do_not_crash_the_daemon() {
         "{status}"
     );
     nodes[0].wait_members(&["node-1", "node-2"], Duration::from_secs(5));
+}
+
+/// A node reinstalled with a new identity and the same nodename, while its old
+/// identity lingers on the service until its TTL: the member is the new one (the
+/// identity first seen most recently), with a `duplicate nodename` warning, and
+/// `get affiliates` shows which registry saw each identity.
+#[test]
+fn a_reinstalled_node_replaces_its_lingering_old_identity() {
+    let service = Service::start(&[]);
+    let nodes = start_nodes(2, &service.endpoint(), "");
+    nodes[0].wait_members(&["node-1", "node-2"], Duration::from_secs(10));
+    let id = |daemon: &Daemon| {
+        json(&daemon.cli(&["get", "identities", "-o", "json"]))["spec"]["nodeId"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut nodes = nodes.into_iter();
+    let (first, mut second) = (nodes.next().unwrap(), nodes.next().unwrap());
+    let old_id = id(&second);
+    // The reinstall: the machine dies (its affiliate stays on the service for
+    // its 30 min TTL), its disk is wiped, it comes back under the same name.
+    second.kill();
+    let (_, dir) = second.shutdown();
+    let config = std::fs::read_to_string(dir.path().join("config.yaml")).unwrap();
+    let reset = std::process::Command::new(common::BIN)
+        .args(["reset", "--config"])
+        .arg(dir.path().join("config.yaml"))
+        .output()
+        .unwrap();
+    assert!(reset.status.success(), "{reset:?}");
+    let reinstalled = Daemon::start_in(dir, &config);
+    let new_id = id(&reinstalled);
+    assert_ne!(old_id, new_id);
+    let (mut watcher, events) = first.cli_stream(&["get", "members", "-o", "json", "-w"]);
+    events.wait_for(
+        "node-2 to be the new identity",
+        Duration::from_secs(10),
+        |line| {
+            let event = json(line);
+            event["metadata"]["id"] == "node-2" && event["spec"]["nodeId"] == new_id.as_str()
+        },
+    );
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    first
+        .log
+        .wait_for("the duplicate warning", Duration::from_secs(10), |l| {
+            l.contains("duplicate nodename") && l.contains("node-2")
+        });
+    // Both identities are still affiliates, each seen by the service.
+    let affiliates = json_lines(&first.cli(&["get", "affiliates", "-o", "json"]));
+    for node_id in [&old_id, &new_id] {
+        let affiliate = affiliates
+            .iter()
+            .find(|a| a["spec"]["nodeId"] == node_id.as_str())
+            .unwrap_or_else(|| panic!("{node_id} in {affiliates:?}"));
+        assert_eq!(
+            affiliate["sources"][0]["registry"], "service",
+            "{affiliate}"
+        );
+        assert!(
+            affiliate["sources"][0]["firstSeen"].is_string(),
+            "{affiliate}"
+        );
+    }
 }

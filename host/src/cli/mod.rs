@@ -87,6 +87,10 @@ pub enum Resources {
     Affiliates,
     #[value(alias = "member")]
     Members,
+    /// The public address a discovery service sees this node at (Talos's
+    /// `addressstatuses`, ID `service`).
+    #[value(alias = "address", alias = "addressstatuses")]
+    Addresses,
 }
 
 impl Resources {
@@ -95,6 +99,7 @@ impl Resources {
             Resources::Identities => Kind::Identity,
             Resources::Affiliates => Kind::Affiliate,
             Resources::Members => Kind::Member,
+            Resources::Addresses => Kind::AddressStatus,
         }
     }
 }

@@ -80,6 +80,7 @@ fn columns(kind: Kind) -> &'static [(&'static str, Column)] {
             ("OS", Spec("operatingSystem")),
             ("ADDRESSES", Spec("addresses")),
         ],
+        Kind::AddressStatus => &[("ADDRESS", Spec("address"))],
     }
 }
 
