@@ -30,7 +30,7 @@ use discoveryd::store::{Kind, Namespace};
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{Daemon, SECRET, json};
+use common::{Daemon, SECRET, cpu_time, json};
 
 const CLUSTER: &str = "bench-cluster";
 
@@ -56,17 +56,6 @@ fn node_config(cluster: &str, name: &str, address: &str, endpoint: &str) -> Stri
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// The daemon's CPU time so far, from `/proc/<pid>/stat`.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .unwrap()
-        .unwrap() as u64;
-    Duration::from_secs_f64(ticks as f64 / per_second as f64)
 }
 
 fn main() {

@@ -8,22 +8,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Daemon, RAW_AFFILIATES, ids, json, json_lines, plugin};
+use common::{Daemon, RAW_AFFILIATES, cpu_time, ids, json, json_lines, plugin};
 
 const PEERS: &str =
     "- {nodeId: peer-a, nodename: peer-a, machineType: worker, addresses: [10.9.0.1]}\n";
-
-/// The daemon's CPU time so far (user + system), from `/proc/<pid>/stat`.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .unwrap()
-        .unwrap() as u64;
-    Duration::from_secs_f64(ticks as f64 / per_second as f64)
-}
 
 fn open_descriptors(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

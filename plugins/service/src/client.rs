@@ -135,6 +135,15 @@ impl Client {
             Phase::Connected { next_refresh, .. } if *next_refresh <= now => {
                 self.dirty = true;
                 self.refresh(me, local);
+                // Nothing to send yet: come back at the next period, not at once.
+                if let Phase::Connected {
+                    refresh: None,
+                    next_refresh,
+                    ..
+                } = &mut self.phase
+                {
+                    *next_refresh = now + me.ttl / 2;
+                }
             }
             _ => {}
         }

@@ -141,6 +141,8 @@ impl Registry for Service {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
+        // Nothing to do before this node's identity is known.
+        self.me.as_ref()?;
         self.clients.iter().filter_map(Client::deadline).min()
     }
 
