@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 /// Built-in plugins: the file `scripts/setup` writes, by the name it is embedded as.
-const BUILTINS: [&str; 2] = ["service.wasm", "static-file.wasm"];
+const BUILTINS: [&str; 3] = ["kubernetes.wasm", "service.wasm", "static-file.wasm"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["../proto/discoveryd/v1/local.proto"];

@@ -114,6 +114,11 @@ pub const GRPC_CALLS_MAX: usize = 8;
 /// a full discovery-service snapshot fits in).
 pub const GRPC_MESSAGE_MAX: usize = 4 << 20;
 
+/// Kubernetes for plugins: calls one plugin may hold open, and how long one
+/// request (list, get, patch) may take.
+pub const KUBE_CALLS_MAX: usize = 8;
+pub const KUBE_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The local API socket in the state directory.
 pub const SOCKET_NAME: &str = "discoveryd.sock";
 /// The compiled-plugin cache in the state directory.

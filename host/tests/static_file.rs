@@ -346,7 +346,7 @@ fn bad_config_fails_before_anything_starts() {
     let wasm = std::fs::read(plugin("static-file")).unwrap();
     let future = replace_all(
         &wasm,
-        b"discovery:registry/host@0.1.1",
+        b"discovery:registry/host@0.1.2",
         b"discovery:registry/host@0.2.0",
     );
     assert_ne!(future, wasm);
@@ -355,7 +355,7 @@ fn bad_config_fails_before_anything_starts() {
     let cases = [
         (
             format!("node: {{stateDir: {d}/s3}}\nplugins: {{future: {{path: {d}/future.wasm}}}}"),
-            "plugin was built for discovery:registry@0.2.0; this daemon serves discovery:registry@0.1.1".to_string(),
+            "plugin was built for discovery:registry@0.2.0; this daemon serves discovery:registry@0.1.2".to_string(),
         ),
         (
             format!(

@@ -100,7 +100,9 @@ pub use bindings::discovery::registry::types::{
 };
 pub use convert::ParseError;
 
+pub mod backoff;
 pub mod grpc;
+pub mod kube;
 
 /// Sealing and opening through the host: the cluster key never enters the plugin.
 pub mod crypto {

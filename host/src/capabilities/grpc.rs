@@ -5,25 +5,23 @@
 //!
 //! Shapes: [`GrpcGrant`] (what was granted, built from config), [`Channels`] (one
 //! lazily connected channel per endpoint, shared by a plugin's incarnations) and
-//! [`Calls`] (one incarnation's calls; dropping it cancels them all, so a
-//! restarted plugin holds nothing). A call runs as a task on the plugin's own
-//! runtime and hands its messages over one at a time; each arrival is a
-//! `ready(call)` event, so a plugin waiting for a slow server is idle.
+//! [`GrpcChannels`] (the channel handles of one incarnation). Calls run as host
+//! calls (`runtime::host_calls`): a task on the plugin's runtime handing its
+//! messages over one at a time, each a `ready(call)` event, all cancelled with
+//! the incarnation.
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
-use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::limits;
-use crate::runtime::HostMemory;
+use crate::runtime::host_calls::{HandOver, HostCalls, Outbox};
 
 /// Where a plugin may connect: `host:port` and whether it is TLS.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -177,74 +175,56 @@ pub enum CallEvent {
     Finished { code: u32, message: String },
 }
 
-/// The calls and opened channels of one plugin incarnation. Dropping it aborts
-/// every call.
-pub struct Calls {
-    plugin: String,
-    channels: HashMap<u32, Channel>,
-    calls: HashMap<u32, Call>,
-    next_handle: u32,
-    ready_tx: mpsc::UnboundedSender<u32>,
-    ready_rx: mpsc::UnboundedReceiver<u32>,
-    /// Counts bytes received and not yet taken by the plugin in its memory cap.
-    memory: Arc<HostMemory>,
-}
-
-struct Call {
-    events: mpsc::Receiver<CallEvent>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Call {
-    fn drop(&mut self) {
-        self.task.abort();
+impl HandOver for CallEvent {
+    fn bytes(&self) -> usize {
+        match self {
+            CallEvent::Message(bytes) => bytes.len(),
+            CallEvent::Finished { message, .. } => message.len(),
+        }
     }
 }
 
-impl Calls {
-    pub fn new(plugin: &str, memory: Arc<HostMemory>) -> Calls {
-        let (ready_tx, ready_rx) = mpsc::unbounded_channel();
-        Calls {
+/// The channels one plugin incarnation opened, by handle.
+pub struct GrpcChannels {
+    plugin: String,
+    open: HashMap<u32, Channel>,
+}
+
+impl GrpcChannels {
+    pub fn new(plugin: &str) -> GrpcChannels {
+        GrpcChannels {
             plugin: plugin.to_string(),
-            channels: HashMap::new(),
-            calls: HashMap::new(),
-            next_handle: 1,
-            ready_tx,
-            ready_rx,
-            memory,
+            open: HashMap::new(),
         }
     }
 
-    fn handle(&mut self) -> u32 {
-        let handle = self.next_handle;
-        self.next_handle = self.next_handle.wrapping_add(1).max(1);
-        handle
-    }
-
     /// Opens (or reuses) the channel to a granted endpoint.
-    pub fn open_channel(
+    pub fn open(
         &mut self,
+        calls: &mut HostCalls,
         grant: &GrpcGrant,
         shared: &Channels,
         url: &str,
         keepalive: Duration,
     ) -> Result<u32, String> {
         let target = grant.check(&self.plugin, url)?;
-        if self.channels.len() >= limits::GRPC_CHANNELS_MAX {
+        if self.open.len() >= limits::GRPC_CHANNELS_MAX {
             return Err(format!(
                 "too many open channels (at most {})",
                 limits::GRPC_CHANNELS_MAX
             ));
         }
         let channel = shared.get(grant, &target, keepalive)?;
-        let handle = self.handle();
-        self.channels.insert(handle, channel);
+        let handle = calls.handle();
+        self.open.insert(handle, channel);
         Ok(handle)
     }
 
-    /// Starts a call; its messages and end arrive on [`Calls::ready`].
+    /// Starts a call on an open channel; its messages and end arrive as
+    /// [`CallEvent`]s through `calls`.
     pub fn start(
-        &mut self,
+        &self,
+        calls: &mut HostCalls,
         channel: u32,
         method: &str,
         request: Vec<u8>,
@@ -252,34 +232,18 @@ impl Calls {
         streaming: bool,
     ) -> Result<u32, String> {
         let channel = self
-            .channels
+            .open
             .get(&channel)
             .ok_or_else(|| format!("no open channel {channel}"))?
             .clone();
-        if self.calls.len() >= limits::GRPC_CALLS_MAX {
-            return Err(format!(
-                "too many open calls (at most {}); close finished ones",
-                limits::GRPC_CALLS_MAX
-            ));
-        }
         let path = http::uri::PathAndQuery::from_str(method)
             .ok()
             .filter(|p| p.as_str().starts_with('/') && p.query().is_none())
             .ok_or_else(|| {
                 format!("{method:?} is not a gRPC method path (/package.Service/Method)")
             })?;
-        let handle = self.handle();
-        // One message at a time: the call reads on only when the plugin has taken
-        // the last one, so the server's flow control holds the rest.
-        let (events_tx, events) = mpsc::channel(1);
-        let out = Outbox {
-            handle,
-            events: events_tx,
-            ready: self.ready_tx.clone(),
-            memory: self.memory.clone(),
-        };
         let request = Bytes::from(request);
-        let task = tokio::spawn(async move {
+        calls.start("gRPC", limits::GRPC_CALLS_MAX, move |out| async move {
             let call = run_call(channel, path, request, streaming, &out);
             let finished = match timeout {
                 Some(timeout) => tokio::time::timeout(timeout, call)
@@ -293,78 +257,7 @@ impl Calls {
                 message: describe(&status),
             })
             .await;
-        });
-        self.calls.insert(handle, Call { events, task });
-        Ok(handle)
-    }
-
-    /// The next thing call `handle` has, if any.
-    pub fn next(&mut self, handle: u32) -> Option<CallEvent> {
-        let event = self.calls.get_mut(&handle)?.events.try_recv().ok()?;
-        if let CallEvent::Message(bytes) = &event {
-            self.memory
-                .in_transit
-                .fetch_sub(bytes.len(), Ordering::Relaxed);
-        }
-        Some(event)
-    }
-
-    pub fn close(&mut self, handle: u32) {
-        if let Some(mut call) = self.calls.remove(&handle) {
-            // Stop it first (on the plugin's single-threaded runtime it is not
-            // running now), then give back what it still held.
-            call.task.abort();
-            while let Ok(event) = call.events.try_recv() {
-                if let CallEvent::Message(bytes) = event {
-                    self.memory
-                        .in_transit
-                        .fetch_sub(bytes.len(), Ordering::Relaxed);
-                }
-            }
-        }
-    }
-
-    /// The next call with something to take.
-    pub async fn ready(&mut self) -> u32 {
-        match self.ready_rx.recv().await {
-            Some(handle) => handle,
-            // Unreachable: `self` holds a sender.
-            None => std::future::pending().await,
-        }
-    }
-}
-
-impl Drop for Calls {
-    fn drop(&mut self) {
-        let handles: Vec<u32> = self.calls.keys().copied().collect();
-        for handle in handles {
-            self.close(handle);
-        }
-    }
-}
-
-/// Where a call task puts what it receives.
-struct Outbox {
-    handle: u32,
-    events: mpsc::Sender<CallEvent>,
-    ready: mpsc::UnboundedSender<u32>,
-    memory: Arc<HostMemory>,
-}
-
-impl Outbox {
-    /// Hands one event over, waiting until the plugin took the previous one.
-    /// False once the plugin closed the call.
-    async fn send(&self, event: CallEvent) -> bool {
-        let size = match &event {
-            CallEvent::Message(bytes) => bytes.len(),
-            CallEvent::Finished { .. } => 0,
-        };
-        let Ok(permit) = self.events.reserve().await else {
-            return false;
-        };
-        self.memory.in_transit.fetch_add(size, Ordering::Relaxed);
-        permit.send(event);
-        self.ready.send(self.handle).is_ok()
+        })
     }
 }
 
@@ -373,7 +266,7 @@ async fn run_call(
     path: http::uri::PathAndQuery,
     request: Bytes,
     streaming: bool,
-    out: &Outbox,
+    out: &Outbox<CallEvent>,
 ) -> Result<(), Status> {
     let mut grpc = tonic::client::Grpc::new(channel)
         .max_decoding_message_size(limits::GRPC_MESSAGE_MAX)
@@ -402,16 +295,13 @@ async fn run_call(
 /// A status's message with the causes under it (tonic's transport errors say
 /// "tcp connect error" on top and "Connection refused" below).
 fn describe(status: &Status) -> String {
-    let mut text = status.message().to_string();
-    let mut source = std::error::Error::source(status);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text = format!("{text}: {cause_text}");
+    let causes = std::error::Error::source(status).map(super::error_chain);
+    match causes {
+        Some(causes) if !status.message().contains(&causes) => {
+            format!("{}: {causes}", status.message())
         }
-        source = cause.source();
+        _ => status.message().to_string(),
     }
-    text
 }
 
 /// Messages as the plugin encoded them: bytes in, bytes out.
@@ -516,16 +406,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn calls_are_bounded_and_closed_on_drop() {
+    async fn calls_are_bounded_and_end_with_a_status() {
         let grant = GrpcGrant {
             targets: vec![target("127.0.0.1:9", false)],
             ca_pem: None,
         };
-        let memory = Arc::new(HostMemory::default());
-        let mut calls = Calls::new("p", memory.clone());
+        let memory = std::sync::Arc::new(crate::runtime::HostMemory::default());
+        let mut calls = HostCalls::new(memory.clone());
+        let mut channels = GrpcChannels::new("p");
         let shared = Channels::default();
-        let channel = calls
-            .open_channel(
+        let channel = channels
+            .open(
+                &mut calls,
                 &grant,
                 &shared,
                 "http://127.0.0.1:9",
@@ -533,13 +425,25 @@ mod tests {
             )
             .unwrap();
         assert!(
-            calls
-                .start(channel, "not a path", vec![], None, false)
+            channels
+                .open(
+                    &mut calls,
+                    &grant,
+                    &shared,
+                    "http://127.0.0.1:10",
+                    Duration::from_secs(10)
+                )
+                .is_err()
+        );
+        assert!(
+            channels
+                .start(&mut calls, channel, "not a path", vec![], None, false)
                 .is_err()
         );
         for _ in 0..limits::GRPC_CALLS_MAX {
-            calls
+            channels
                 .start(
+                    &mut calls,
                     channel,
                     "/x.Y/Z",
                     vec![],
@@ -548,16 +452,19 @@ mod tests {
                 )
                 .unwrap();
         }
-        let error = calls
-            .start(channel, "/x.Y/Z", vec![], None, false)
+        let error = channels
+            .start(&mut calls, channel, "/x.Y/Z", vec![], None, false)
             .unwrap_err();
-        assert!(error.starts_with("too many open calls"), "{error}");
+        assert!(error.starts_with("too many open gRPC calls"), "{error}");
         // Port 9 (discard) refuses: each call ends with a status, as an event.
         let first = tokio::time::timeout(Duration::from_secs(10), calls.ready())
             .await
             .expect("a call ends");
-        match calls.next(first) {
-            Some(CallEvent::Finished { code, .. }) => assert_ne!(code, 0),
+        match calls.next::<CallEvent>(first) {
+            Some(CallEvent::Finished { code, message }) => {
+                assert_ne!(code, 0);
+                assert!(message.contains("refused"), "{message}");
+            }
             other => panic!("{other:?}"),
         }
         calls.close(first);

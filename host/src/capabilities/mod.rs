@@ -15,6 +15,7 @@
 pub mod crypto;
 pub mod files;
 pub mod grpc;
+pub mod kube;
 pub mod needs;
 
 use std::collections::BTreeSet;
@@ -24,6 +25,7 @@ use std::sync::Mutex;
 pub use crypto::ClusterCrypto;
 pub use files::FileGrant;
 pub use grpc::GrpcGrant;
+pub use kube::KubeGrant;
 
 /// A capability an operator can grant a plugin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,13 +38,17 @@ pub enum Capability {
     /// gRPC to the registry's endpoints and `grants.endpoints`: the `grpc` WIT
     /// interface.
     Grpc,
+    /// Kubernetes Nodes with granted credentials (`grants.kubeconfig`, or the
+    /// pod's service account for the `kubernetes` registry): `kube-nodes`.
+    KubeNodes,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 3] = [
+    pub const ALL: [Capability; 4] = [
         Capability::Files,
         Capability::ClusterCrypto,
         Capability::Grpc,
+        Capability::KubeNodes,
     ];
 
     /// The name plugins declare and errors print.
@@ -51,6 +57,7 @@ impl Capability {
             Capability::Files => "files",
             Capability::ClusterCrypto => "cluster-crypto",
             Capability::Grpc => "grpc",
+            Capability::KubeNodes => "kube-nodes",
         }
     }
 
@@ -60,6 +67,7 @@ impl Capability {
             Capability::Files => "grants.files",
             Capability::ClusterCrypto => "grants.crypto",
             Capability::Grpc => "grants.endpoints",
+            Capability::KubeNodes => "grants.kubeconfig",
         }
     }
 
@@ -83,6 +91,8 @@ pub struct Grants {
     pub crypto: Option<ClusterCrypto>,
     /// The gRPC endpoints it may call.
     pub grpc: GrpcGrant,
+    /// Kubernetes Nodes, with these credentials.
+    pub kube: Option<KubeGrant>,
 }
 
 impl Grants {
@@ -96,6 +106,7 @@ impl Grants {
             Capability::Files => !self.files.is_empty(),
             Capability::ClusterCrypto => self.crypto.is_some(),
             Capability::Grpc => !self.grpc.is_empty(),
+            Capability::KubeNodes => self.kube.is_some(),
         }
     }
 
@@ -151,6 +162,14 @@ impl Granter {
         }
     }
 
+    /// The Kubernetes capability, or the error the plugin gets.
+    pub fn kube(&self) -> Result<&KubeGrant, String> {
+        self.grants
+            .kube
+            .as_ref()
+            .ok_or_else(|| self.deny(Capability::KubeNodes))
+    }
+
     /// The error for a use of an ungranted capability; the first one per
     /// capability is logged.
     fn deny(&self, capability: Capability) -> String {
@@ -170,6 +189,20 @@ impl Granter {
         }
         denied_message(&self.plugin, capability)
     }
+}
+
+/// An error and its causes on one line, skipping causes its text already holds.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn denied_message(plugin: &str, capability: Capability) -> String {

@@ -119,6 +119,8 @@ pub(super) struct RawGrants {
     pub endpoints: Vec<String>,
     /// PEM CA certificates the plugin trusts for TLS instead of the system roots.
     pub ca_file: Option<PathBuf>,
+    /// Kubernetes credentials for `kube-nodes`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]

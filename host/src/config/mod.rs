@@ -395,8 +395,8 @@ plugins:
                 "cluster: cluster identity is required when discovery service is configured",
             ),
             (
-                "cluster: {discovery: {registries: {kubernetes: {}}}}",
-                "cluster.discovery.registries.kubernetes: registry \"kubernetes\" is enabled but no plugin of that name is configured and none is built in",
+                "cluster: {discovery: {registries: {consul: {}}}}",
+                "cluster.discovery.registries.consul: registry \"consul\" is enabled but no plugin of that name is configured and none is built in",
             ),
             (
                 "plugins: {mine: {config: {}}}",
@@ -405,6 +405,10 @@ plugins:
             (
                 "plugins: {static: {path: p.wasm, grants: {endpoints: ['discovery.example:443']}}}",
                 "plugins.static.grants.endpoints[0]: \"discovery.example:443\": endpoint scheme must be",
+            ),
+            (
+                "plugins: {static: {path: p.wasm, grants: {kubeconfig: nope.yaml}}}",
+                "plugins.static.grants.kubeconfig:",
             ),
             (
                 "plugins: {static: {path: p.wasm, grants: {caFile: peers}}}",

@@ -17,7 +17,7 @@ use super::file::{RawGrants, RawLimits, RawPlugin, RawRegistry};
 use super::{ConfigError, err};
 use crate::builtin_plugins;
 use crate::capabilities::grpc::GrpcTarget;
-use crate::capabilities::{ClusterCrypto, FileGrant, Grants, GrpcGrant};
+use crate::capabilities::{ClusterCrypto, FileGrant, Grants, GrpcGrant, KubeGrant};
 use crate::limits;
 
 #[derive(Debug, Clone)]
@@ -176,6 +176,21 @@ impl RawPlugin {
                 guest: grant.guest,
             });
         }
+        // The Kubernetes registry reads Nodes: with a granted kubeconfig, else
+        // (for the registry named `kubernetes`) the pod's service account.
+        let kube = match &self.grants.kubeconfig {
+            Some(file) => {
+                let path = base.join(file);
+                if !path.is_file() {
+                    return Err(err(
+                        at("grants.kubeconfig"),
+                        format!("{} is not a file", path.display()),
+                    ));
+                }
+                Some(KubeGrant::Kubeconfig(path))
+            }
+            None => (name == "kubernetes").then_some(KubeGrant::InCluster),
+        };
         // The discovery service protocol seals everything: its registry gets the
         // crypto capability unless the operator says otherwise.
         let crypto = self
@@ -195,6 +210,7 @@ impl RawPlugin {
                 files,
                 crypto,
                 grpc,
+                kube,
             },
             enabled: !registry.is_some_and(|r| r.disabled),
             limits: self.limits.validate(name)?,

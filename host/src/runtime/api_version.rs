@@ -8,7 +8,7 @@ use wasmparser::{Parser, Payload};
 
 /// The package this daemon implements.
 pub const PACKAGE: &str = "discovery:registry";
-pub const VERSION: (u64, u64, u64) = (0, 1, 1);
+pub const VERSION: (u64, u64, u64) = (0, 1, 2);
 
 /// Checks that the component exports our `registry` interface and that every
 /// `discovery:registry` name it imports or exports is a version this host can
@@ -85,8 +85,9 @@ mod tests {
     fn versions_within_the_line_are_accepted() {
         assert!(compatible((0, 1, 0)), "0.1.0 plugins keep loading");
         assert!(compatible((0, 1, 1)));
+        assert!(compatible((0, 1, 2)));
         assert!(!compatible((0, 2, 0)), "another 0.x minor is another major");
-        assert!(!compatible((0, 1, 2)), "newer than this host");
+        assert!(!compatible((0, 1, 3)), "newer than this host");
         assert!(!compatible((1, 0, 0)));
         assert_eq!(parse_version("0.1.0"), Some((0, 1, 0)));
         assert_eq!(parse_version("0.1"), None);

@@ -10,11 +10,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::cpu_budget::WaitEnd;
+use super::host_calls::HandOver;
 use super::plugin_log::sanitize;
 use super::state::PluginState;
 use super::status::RunState;
 use super::validate::{self, Rejection};
-use crate::capabilities::grpc::CallEvent;
+use crate::capabilities::kube::{self, KubeRequest};
 use crate::limits;
 use crate::specs::AffiliateSpec;
 
@@ -181,8 +182,13 @@ impl PluginState {
         keepalive: Duration,
     ) -> Result<u32, String> {
         let grant = self.ctx.granter.grpc()?;
-        self.calls
-            .open_channel(grant, &self.ctx.channels, endpoint, keepalive)
+        self.grpc.open(
+            &mut self.calls,
+            grant,
+            &self.ctx.channels,
+            endpoint,
+            keepalive,
+        )
     }
 
     /// Starts a unary or server-streaming call on an open channel.
@@ -195,15 +201,28 @@ impl PluginState {
         streaming: bool,
     ) -> Result<u32, String> {
         self.ctx.granter.grpc()?;
-        self.calls
-            .start(channel, method, request, timeout, streaming)
+        self.grpc.start(
+            &mut self.calls,
+            channel,
+            method,
+            request,
+            timeout,
+            streaming,
+        )
     }
 
-    pub fn grpc_next(&mut self, call: u32) -> Option<CallEvent> {
+    /// Starts a Kubernetes Nodes call with the plugin's granted credentials.
+    pub fn kube_start(&mut self, request: KubeRequest) -> Result<u32, String> {
+        let grant = self.ctx.granter.kube()?.clone();
+        kube::start(&mut self.calls, self.ctx.kube.clone(), grant, request)
+    }
+
+    /// The next result of a host call (gRPC or Kubernetes), of the type asked.
+    pub fn call_next<E: HandOver>(&mut self, call: u32) -> Option<E> {
         self.calls.next(call)
     }
 
-    pub fn grpc_close(&mut self, call: u32) {
+    pub fn call_close(&mut self, call: u32) {
         self.calls.close(call)
     }
 }

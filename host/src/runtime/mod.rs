@@ -7,6 +7,7 @@ mod cpu_budget;
 mod cpu_share;
 pub mod engine;
 mod host_api;
+pub mod host_calls;
 mod memory_cap;
 mod plugin_log;
 pub mod plugin_thread;

@@ -12,10 +12,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::cpu_budget::BusyClock;
 use super::cpu_share::CpuShare;
+use super::host_calls::HostCalls;
 use super::memory_cap::{HostMemory, MemoryCap};
 use super::plugin_log::PluginLog;
 use super::status::PluginStatuses;
-use crate::capabilities::grpc::{Calls, Channels};
+use crate::capabilities::grpc::{Channels, GrpcChannels};
+use crate::capabilities::kube::KubeClient;
 use crate::capabilities::{Granter, Grants};
 use crate::config::{PluginConfig, PluginLimits};
 use crate::public_addresses::PublicAddresses;
@@ -40,6 +42,8 @@ pub struct PluginContext {
     pub host_memory: Arc<HostMemory>,
     /// Its gRPC channels, one per endpoint, kept across restarts.
     pub channels: Channels,
+    /// Its Kubernetes client, made on first use, kept across restarts.
+    pub kube: Arc<KubeClient>,
     pub leaving: Arc<AtomicBool>,
     pub public_addresses: Arc<PublicAddresses>,
     /// One log for all incarnations, so restarts do not refill its rate limit.
@@ -82,6 +86,7 @@ impl SharedContext {
             )),
             host_memory: Arc::default(),
             channels: Channels::default(),
+            kube: Arc::default(),
             leaving: self.leaving.clone(),
             public_addresses: self.public_addresses.clone(),
             log: PluginLog::new(&plugin.name),
@@ -97,8 +102,9 @@ pub struct PluginState {
     pub memory: MemoryCap,
     /// Busy time since the last wait for an event, against the CPU budget.
     pub clock: Arc<BusyClock>,
-    /// Its gRPC calls; dropped (and cancelled) with the Store.
-    pub(super) calls: Calls,
+    /// Its host calls (gRPC, Kubernetes); dropped (and cancelled) with the Store.
+    pub(super) calls: HostCalls,
+    pub(super) grpc: GrpcChannels,
     /// `shutdown` was delivered; later waits deliver only `ready` or `timeout`.
     pub(super) shutdown_delivered: bool,
     pub(super) local: watch::Receiver<Option<AffiliateSpec>>,
@@ -114,7 +120,8 @@ impl PluginState {
         PluginState {
             memory: MemoryCap::new(ctx.limits.memory, ctx.host_memory.clone()),
             clock: BusyClock::new(),
-            calls: Calls::new(&ctx.name, ctx.host_memory.clone()),
+            calls: HostCalls::new(ctx.host_memory.clone()),
+            grpc: GrpcChannels::new(&ctx.name),
             shutdown_delivered: false,
             ctx,
             wasi,

@@ -14,9 +14,9 @@ use discovery_sdk::grpc::{Call, CallEvent, Channel, OK};
 use discovery_sdk::{info, warn};
 use prost::Message;
 
-use crate::backoff::Backoff;
 use crate::messages::{self, AffiliateDeleteRequest, AffiliateUpdateRequest, HelloRequest};
 use crate::peers::Peer;
+use discovery_sdk::backoff::Backoff;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(30);

@@ -14,7 +14,6 @@
 //! sorted service-name order ([`peers`]) and published as `service/<node-id>`.
 //! Sealing goes through the host (`cluster-crypto`): the key never enters here.
 
-pub mod backoff;
 pub mod client;
 pub mod messages;
 pub mod peers;

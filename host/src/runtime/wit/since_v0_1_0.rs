@@ -13,6 +13,7 @@ use wasmtime::component::{HasSelf, Linker};
 
 use super::RegistryInfo;
 use crate::capabilities::grpc::CallEvent;
+use crate::capabilities::kube::{KubeError, KubeEvent, KubeRequest, NodeView};
 use crate::runtime::host_api::Event;
 use crate::runtime::state::PluginState;
 use crate::specs::{AffiliateSpec, ControlPlaneSpec, IpPrefix, KubeSpanSpec, MachineType};
@@ -24,7 +25,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-use discovery::registry::{cluster_crypto, grpc, host, types};
+use discovery::registry::{cluster_crypto, grpc, host, kube_nodes, types};
 
 pub fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
     RegistryPlugin::add_to_linker::<_, HasSelf<_>>(linker, |state| state)
@@ -145,7 +146,7 @@ impl grpc::Host for PluginState {
     }
 
     async fn next(&mut self, call: u32) -> wasmtime::Result<Option<grpc::CallEvent>> {
-        Ok(self.grpc_next(call).map(|event| match event {
+        Ok(self.call_next::<CallEvent>(call).map(|event| match event {
             CallEvent::Message(bytes) => grpc::CallEvent::Message(bytes.to_vec()),
             CallEvent::Finished { code, message } => {
                 grpc::CallEvent::Finished(grpc::Status { code, message })
@@ -154,8 +155,67 @@ impl grpc::Host for PluginState {
     }
 
     async fn close_call(&mut self, call: u32) -> wasmtime::Result<()> {
-        self.grpc_close(call);
+        self.call_close(call);
         Ok(())
+    }
+}
+
+impl kube_nodes::Host for PluginState {
+    async fn start_list(&mut self) -> wasmtime::Result<Result<u32, String>> {
+        Ok(self.kube_start(KubeRequest::List))
+    }
+
+    async fn start_get(&mut self, name: String) -> wasmtime::Result<Result<u32, String>> {
+        Ok(self.kube_start(KubeRequest::Get(name)))
+    }
+
+    async fn start_patch_annotations(
+        &mut self,
+        name: String,
+        changes: Vec<(String, Option<String>)>,
+    ) -> wasmtime::Result<Result<u32, String>> {
+        Ok(self.kube_start(KubeRequest::PatchAnnotations(name, changes)))
+    }
+
+    async fn start_watch(&mut self) -> wasmtime::Result<Result<u32, String>> {
+        Ok(self.kube_start(KubeRequest::Watch))
+    }
+
+    async fn next(&mut self, call: u32) -> wasmtime::Result<Option<kube_nodes::KubeEvent>> {
+        let nodes = |list: Vec<NodeView>| list.into_iter().map(node_to_wit).collect();
+        Ok(self.call_next::<KubeEvent>(call).map(|event| match event {
+            KubeEvent::Nodes(list) => kube_nodes::KubeEvent::Nodes(nodes(list)),
+            KubeEvent::Synced(list) => kube_nodes::KubeEvent::Synced(nodes(list)),
+            KubeEvent::Applied(node) => kube_nodes::KubeEvent::Applied(node_to_wit(node)),
+            KubeEvent::Deleted(node) => kube_nodes::KubeEvent::Deleted(node_to_wit(node)),
+            KubeEvent::Failed(e) => kube_nodes::KubeEvent::Failed(kube_error_to_wit(e)),
+            KubeEvent::Done(result) => {
+                kube_nodes::KubeEvent::Done(result.map_err(kube_error_to_wit))
+            }
+        }))
+    }
+
+    async fn close_call(&mut self, call: u32) -> wasmtime::Result<()> {
+        self.call_close(call);
+        Ok(())
+    }
+}
+
+fn node_to_wit(node: NodeView) -> kube_nodes::Node {
+    kube_nodes::Node {
+        name: node.name,
+        resource_version: node.resource_version,
+        labels: node.labels,
+        annotations: node.annotations,
+        addresses: node.addresses,
+        os_image: node.os_image,
+    }
+}
+
+fn kube_error_to_wit(e: KubeError) -> kube_nodes::KubeError {
+    kube_nodes::KubeError {
+        status: e.status,
+        message: e.message,
     }
 }
 

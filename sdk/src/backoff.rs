@@ -1,6 +1,7 @@
-//! The reconnect backoff of Sidero's client (cenkalti/backoff v4 defaults,
-//! reference §8.2): 500 ms growing ×1.5 to at most 60 s, each delay randomized
-//! by ±50 %, never giving up; reset only after a successful refresh.
+//! A retry backoff for plugins: Sidero's client's (cenkalti/backoff v4
+//! defaults, reference §8.2), which Talos also uses to restart its registries:
+//! 500 ms growing ×1.5 to at most 60 s, each delay randomized by ±50 %, never
+//! giving up. Reset it after a success.
 
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
