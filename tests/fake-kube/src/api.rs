@@ -64,6 +64,7 @@ fn error_response(e: ApiError) -> Response<Body> {
 /// Entry point for every request.
 pub(crate) async fn handle(
     ctx: Arc<Ctx>,
+    conn: u64,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let method = req.method().to_string();
@@ -79,7 +80,7 @@ pub(crate) async fn handle(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let (verb, response) = route(&ctx, req, &path, &query).await;
+    let (verb, response) = route(&ctx, conn, req, &path, &query).await;
     let status = response.status().as_u16();
     ctx.shared.write(|s| {
         s.requests.push(RequestRecord {
@@ -110,6 +111,7 @@ fn authenticated(ctx: &Ctx, req: &Request<Incoming>) -> bool {
 
 async fn route(
     ctx: &Arc<Ctx>,
+    conn: u64,
     req: Request<Incoming>,
     path: &str,
     query: &str,
@@ -141,7 +143,7 @@ async fn route(
         (["api", "v1", "nodes"], &Method::GET) => {
             let q = parse_query(query);
             match go_bool(q.get("watch")) {
-                Ok(true) => (Some(Verb::Watch), watch(ctx, &q)),
+                Ok(true) => (Some(Verb::Watch), watch(ctx, conn, &q)),
                 Ok(false) => (
                     Some(Verb::List),
                     list(ctx, &q).unwrap_or_else(error_response),
@@ -612,8 +614,8 @@ struct WatchStream {
     guard: Option<WatchGuard>,
 }
 
-fn watch(ctx: &Arc<Ctx>, q: &HashMap<String, String>) -> Response<Body> {
-    match start_watch(ctx, q) {
+fn watch(ctx: &Arc<Ctx>, conn: u64, q: &HashMap<String, String>) -> Response<Body> {
+    match start_watch(ctx, conn, q) {
         Ok(stream) => {
             let body = futures::stream::unfold(stream, next_frame)
                 .map(Ok::<_, Infallible>)
@@ -633,7 +635,11 @@ fn error_event(e: &ApiError) -> Bytes {
     event_line("ERROR", &e.body)
 }
 
-fn start_watch(ctx: &Arc<Ctx>, q: &HashMap<String, String>) -> Result<WatchStream, ApiError> {
+fn start_watch(
+    ctx: &Arc<Ctx>,
+    conn: u64,
+    q: &HashMap<String, String>,
+) -> Result<WatchStream, ApiError> {
     let opts = parse_list_opts(q, true)?;
     authorize(ctx, Verb::Watch, opts.filter.pinned_name())?;
     let start_rv = match opts.rv.as_deref() {
@@ -697,6 +703,8 @@ fn start_watch(ctx: &Arc<Ctx>, q: &HashMap<String, String>) -> Result<WatchStrea
                 tx,
                 filter: opts.filter.clone(),
                 bookmarks: opts.bookmarks,
+                conn,
+                cut: false,
             },
         );
         (initial, Some(id))

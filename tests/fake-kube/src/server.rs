@@ -111,7 +111,7 @@ async fn serve_connection(
     let _ = tcp.set_nodelay(true);
     if let Ok(tls) = acceptor.accept(tcp).await {
         let service_ctx = ctx.clone();
-        let service = service_fn(move |req| handle(service_ctx.clone(), req));
+        let service = service_fn(move |req| handle(service_ctx.clone(), id, req));
         let _ = http1::Builder::new()
             .serve_connection(TokioIo::new(tls), service)
             .await;
@@ -457,8 +457,17 @@ impl FakeApiServer {
     /// Cuts every open connection (watch streams end without their final chunk, requests in
     /// flight get no answer). Returns how many connections were cut.
     pub fn drop_connections(&self) -> usize {
-        let cut: Vec<AbortHandle> = self.conns.lock().drain().map(|(_, h)| h).collect();
-        for h in &cut {
+        let cut: Vec<(u64, AbortHandle)> = self.conns.lock().drain().collect();
+        // An abort takes effect at the task's next poll; silence the watches on those
+        // connections now so that no change made after this call reaches them.
+        self.ctx.shared.write(|s| {
+            for w in s.watchers.values_mut() {
+                if cut.iter().any(|(id, _)| *id == w.conn) {
+                    w.cut = true;
+                }
+            }
+        });
+        for (_, h) in &cut {
             h.abort();
         }
         cut.len()

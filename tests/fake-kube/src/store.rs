@@ -58,6 +58,11 @@ pub(crate) struct Watcher {
     pub tx: mpsc::UnboundedSender<WatchMsg>,
     pub filter: Filter,
     pub bookmarks: bool,
+    /// The connection serving this watch.
+    pub conn: u64,
+    /// Set when that connection is being cut: nothing more is sent, even by a poll that was
+    /// already running when the cut was asked for.
+    pub cut: bool,
 }
 
 /// A request the fake answered.
@@ -184,9 +189,14 @@ impl Store {
     }
 
     fn dispatch(&mut self, ev: &HistEvent) {
-        self.watchers.retain(|_, w| match translate(&w.filter, ev) {
-            Some(line) => w.tx.send(WatchMsg::Line(line)).is_ok(),
-            None => true,
+        self.watchers.retain(|_, w| {
+            if w.cut {
+                return true;
+            }
+            match translate(&w.filter, ev) {
+                Some(line) => w.tx.send(WatchMsg::Line(line)).is_ok(),
+                None => true,
+            }
         });
     }
 
@@ -228,6 +238,7 @@ impl Store {
         let rv = self.rv;
         if let Some(w) = self.watchers.get(&id)
             && w.bookmarks
+            && !w.cut
         {
             let _ = w.tx.send(WatchMsg::Line(bookmark_line(rv, false)));
         }

@@ -58,8 +58,9 @@ pub(crate) fn make() -> std::io::Result<Pki> {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
         .map_err(other)?;
-    // Like kube-apiserver: HTTP/2 when the client offers it, else HTTP/1.1.
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only (kube-apiserver also offers h2; clients fall back to HTTP/1.1). One
+    // connection per watch keeps "cut the connections" exact.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Pki {
         ca_pem: ca_cert.pem(),
         server_config: Arc::new(config),

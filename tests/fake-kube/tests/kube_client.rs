@@ -616,7 +616,8 @@ async fn watcher_resumes_after_a_dropped_stream_without_relisting() {
         .await
         .expect("watch open");
 
-    assert!(fake.drop_connections() >= 1);
+    let cut = fake.drop_connections();
+    assert!(cut >= 1);
     fake.put_node(n("n2"));
     assert_eq!(describe(&next_event(&mut stream).await), "Apply(n2)");
 
@@ -633,7 +634,10 @@ async fn watcher_resumes_after_a_dropped_stream_without_relisting() {
         .iter()
         .filter(|r| r.verb == Some(Verb::Watch))
         .collect();
-    assert!(watches.len() >= 2, "the watch was restarted: {watches:?}");
+    assert!(
+        watches.len() >= 2,
+        "the watch was restarted (cut {cut}): {requests:?}"
+    );
     assert!(
         watches
             .iter()
@@ -831,4 +835,45 @@ async fn slow_responses_and_restart_on_the_same_port() {
         list.items.iter().map(name_of).collect::<Vec<_>>(),
         ["n1", "n2"]
     );
+}
+
+/// The fake from a plain `#[test]`: `start_blocking`, and the blocking `wait_for`.
+#[test]
+fn usable_from_synchronous_tests() {
+    let fake = FakeApiServer::start_blocking(FakeOptions::default());
+    fake.put_node(n("n1"));
+    let from = fake.resource_version().to_string();
+    let kubeconfig = fake.kubeconfig();
+    let token = fake.token().to_string();
+    assert!(kubeconfig.contains(&format!("token: {token}")));
+    assert!(kubeconfig.contains(&format!("server: {}", fake.url())));
+    let watcher = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            common::install_crypto();
+            let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig).unwrap();
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .unwrap();
+            let api: Api<Node> = Api::all(kube::Client::try_from(config).unwrap());
+            let mut s = api
+                .watch(&WatchParams::default(), &from)
+                .await
+                .unwrap()
+                .boxed();
+            match within("ADDED", s.next()).await {
+                Some(Ok(WatchEvent::Added(node))) => name_of(&node),
+                other => panic!("expected ADDED, got {other:?}"),
+            }
+        })
+    });
+    fake.wait_for(common::WAIT, |o| o.open_watches == 1)
+        .expect("the watch opened");
+    fake.put_node(n("n2"));
+    assert_eq!(watcher.join().unwrap(), "n2");
+    let closed = fake.wait_for(common::WAIT, |o| o.open_watches == 0);
+    assert!(closed.is_ok(), "the watch closed when the client went away");
 }
