@@ -58,7 +58,19 @@ fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
 }
 
 fn error_response(e: ApiError) -> Response<Body> {
-    json_response(e.code, &e.body)
+    let retry_after = e
+        .body
+        .pointer("/details/retryAfterSeconds")
+        .and_then(Value::as_u64);
+    let mut response = json_response(e.code, &e.body);
+    // As the real server does for a Status with details.retryAfterSeconds.
+    if let Some(secs) = retry_after {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            http::HeaderValue::from_str(&secs.to_string()).expect("header"),
+        );
+    }
+    response
 }
 
 /// Entry point for every request.

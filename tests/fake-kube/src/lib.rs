@@ -19,6 +19,23 @@
 //! runtime, and waits come in a blocking ([`wait_for`](FakeApiServer::wait_for)) and an async
 //! ([`wait_for_async`](FakeApiServer::wait_for_async)) flavour.
 //!
+//! ```no_run
+//! use fake_kube_apiserver::{AuthMode, FakeApiServer, FakeOptions, NodeBuilder, Verb};
+//! # async fn demo(dir: &std::path::Path) {
+//! let fake = FakeApiServer::start(FakeOptions::default()).await;
+//! fake.put_node(NodeBuilder::new("n1").internal_ip("10.0.0.1").hostname("n1").os_image("Talos"));
+//! fake.write_kubeconfig(dir.join("kubeconfig")).unwrap();
+//! // ... run the code under test against that kubeconfig, then look at what it did:
+//! let seen = fake
+//!     .wait_for_async(std::time::Duration::from_secs(10), |o| !o.patches.is_empty())
+//!     .await
+//!     .expect("a PATCH");
+//! assert_eq!(seen.patches[0].content_type, "application/strategic-merge-patch+json");
+//! // Faults: a kubelet credential on Kubernetes >= 1.32 may not list Nodes.
+//! fake.set_auth(Verb::List, AuthMode::NodeCredential { node: "n1".into() });
+//! # }
+//! ```
+//!
 //! # What it implements
 //! - `GET /api/v1/nodes` → `NodeList` (`metadata.resourceVersion`; items without
 //!   `kind`/`apiVersion`, as the real server sends them). `limit`/`continue` paging with

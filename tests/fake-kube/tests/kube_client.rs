@@ -877,3 +877,127 @@ fn usable_from_synchronous_tests() {
     let closed = fake.wait_for(common::WAIT, |o| o.open_watches == 0);
     assert!(closed.is_ok(), "the watch closed when the client went away");
 }
+
+/// Wire details a typed client hides: list shape, option validation, content types.
+#[tokio::test]
+async fn raw_wire_shapes_and_option_checks() {
+    let fake = fake_with(&["n1", "n2"]).await;
+    let client = client(&fake).await;
+    let get = |uri: &str| http::Request::get(uri).body(Vec::new()).unwrap();
+
+    // NodeList: typed list metadata; items carry no kind/apiVersion.
+    let list: serde_json::Value = client.request(get("/api/v1/nodes")).await.unwrap();
+    assert_eq!(list["kind"], "NodeList");
+    assert_eq!(list["apiVersion"], "v1");
+    assert_eq!(
+        list["metadata"]["resourceVersion"],
+        fake.resource_version().to_string()
+    );
+    assert!(list["items"][0].get("kind").is_none());
+    assert_eq!(list["items"][0]["metadata"]["name"], "n1");
+    // A single GET does carry them.
+    let node: serde_json::Value = client.request(get("/api/v1/nodes/n1")).await.unwrap();
+    assert_eq!(
+        (node["kind"].as_str(), node["apiVersion"].as_str()),
+        (Some("Node"), Some("v1"))
+    );
+
+    // watch=1 is a watch too; from "0" it starts with the current Nodes.
+    let events = client
+        .request_events::<Node>(get(
+            "/api/v1/nodes?watch=1&resourceVersion=0&timeoutSeconds=5",
+        ))
+        .await
+        .unwrap();
+    let mut events = std::pin::pin!(events);
+    use futures::TryStreamExt;
+    for want in ["n1", "n2"] {
+        match within("ADDED", events.try_next()).await {
+            Ok(Some(WatchEvent::Added(node))) => assert_eq!(name_of(&node), want),
+            other => panic!("expected ADDED {want}, got {other:?}"),
+        }
+    }
+
+    let failure = |r: Result<serde_json::Value, kube::Error>| api_status(r.unwrap_err());
+    let s = failure(
+        client
+            .request(get("/api/v1/nodes?resourceVersionMatch=Exact"))
+            .await,
+    );
+    assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        s.message,
+        "ListOptions.meta.k8s.io \"\" is invalid: resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided"
+    );
+    let s = failure(
+        client
+            .request(get("/api/v1/nodes?fieldSelector=status.phase%3DRunning"))
+            .await,
+    );
+    assert_eq!(
+        (s.code, s.message.as_str()),
+        (400, "field label not supported: status.phase")
+    );
+    // kube retries a 504 (by default for minutes); ask once.
+    let once = common::client_without_retry(&fake).await;
+    let s = failure(
+        once.request(get(
+            "/api/v1/nodes?resourceVersion=999999&resourceVersionMatch=NotOlderThan",
+        ))
+        .await,
+    );
+    assert_eq!((s.code, s.reason.as_str()), (504, "Timeout"));
+    assert!(
+        s.message.starts_with("Too large resource version: 999999"),
+        "{}",
+        s.message
+    );
+
+    let old = fake.resource_version();
+    fake.put_node(n("n3"));
+    let at_old: serde_json::Value = client
+        .request(get(&format!(
+            "/api/v1/nodes?resourceVersion={old}&resourceVersionMatch=Exact"
+        )))
+        .await
+        .unwrap();
+    assert_eq!(
+        at_old["items"].as_array().unwrap().len(),
+        2,
+        "the list as of {old}"
+    );
+    fake.compact();
+    let s = failure(
+        client
+            .request(get(&format!(
+                "/api/v1/nodes?resourceVersion={old}&resourceVersionMatch=Exact"
+            )))
+            .await,
+    );
+    assert_eq!((s.code, s.reason.as_str()), (410, "Expired"));
+
+    let patch = |ct: &str| {
+        http::Request::patch("/api/v1/nodes/n1")
+            .header("Content-Type", ct)
+            .body(br#"{"metadata":{"annotations":{"a":"b"}}}"#.to_vec())
+            .unwrap()
+    };
+    let s = failure(client.request(patch("text/plain")).await);
+    assert_eq!((s.code, s.reason.as_str()), (415, "UnsupportedMediaType"));
+    let ok: serde_json::Value = client
+        .request(patch("application/merge-patch+json; charset=utf-8"))
+        .await
+        .unwrap();
+    assert_eq!(ok["metadata"]["annotations"]["a"], "b");
+    let json_patch = http::Request::patch("/api/v1/nodes/n1")
+        .header("Content-Type", "application/json-patch+json")
+        .body(br#"[{"op":"remove","path":"/metadata/annotations/a"}]"#.to_vec())
+        .unwrap();
+    let ok: serde_json::Value = client.request(json_patch).await.unwrap();
+    assert!(ok["metadata"].get("annotations").is_none());
+    let delete = http::Request::delete("/api/v1/nodes/n1")
+        .body(Vec::new())
+        .unwrap();
+    let s = failure(client.request(delete).await);
+    assert_eq!(s.code, 405);
+}

@@ -30,6 +30,18 @@ pub async fn client(fake: &FakeApiServer) -> Client {
     Client::try_from(config).expect("client")
 }
 
+/// A client without kube's default retries of 429/503/504 (which retry a 504 for minutes).
+pub async fn client_without_retry(fake: &FakeApiServer) -> Client {
+    install_crypto();
+    let kubeconfig = Kubeconfig::from_yaml(&fake.kubeconfig()).expect("parse kubeconfig");
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("config from kubeconfig");
+    config.default_retry = false;
+    Client::try_from(config).expect("client")
+}
+
 /// A client with a token the fake does not accept.
 pub async fn client_with_token(fake: &FakeApiServer, token: &str) -> Client {
     install_crypto();
