@@ -1,370 +1,279 @@
-//! Log output: the same JSON lines on stdout, cheap enough for one line per RPC.
+//! Log output: JSON lines on stdout, with repeated lines sampled the way upstream's
+//! logger (zap's production configuration) samples them.
 //!
-//! Every RPC logs a line (reference §4.12, "Logging"). With tracing-subscriber's JSON
-//! formatter and one `write(2)` per line, that line cost about a fifth of the server's
-//! CPU per AffiliateUpdate (`cargo bench`). Two changes keep the lines byte for byte:
+//! Every RPC logs a line (reference §4.12, "Logging"). Written in full, that is hundreds
+//! of megabytes an hour under ordinary load; upstream's zap logger keeps, per one-second
+//! window and per (level, message), the first [`FIRST`] lines and then every
+//! [`THEREAFTER`]th. [`Sampler`] is that rule as a tracing-subscriber [`Layer`], with
+//! one change: WARN and ERROR are never sampled (zap samples them too). The per-RPC
+//! lines all carry the method name as their message, so each method is one key.
 //!
-//! - [`FastJson`] writes the JSON itself: the keys, their order and the escaping of
-//!   `json().flatten_event(true).with_current_span(false)`, without going through serde
-//!   one token at a time. Events inside a span and `log` records, which the server does
-//!   not emit on its hot paths, go to the stock formatter.
-//! - [`Stdout`] batches lines: WARN and ERROR lines (with everything before them), and any
-//!   batch over [`BATCH_MAX`], are written at once; other lines at most [`FLUSH_DELAY`]
-//!   later, from a background thread; all of them when [`Flush`] is dropped on exit.
-//!   A SIGKILL can lose at most that delay's worth of INFO lines.
+//! The lines themselves are tracing-subscriber's own JSON (`flatten_event`, so
+//! `message` and the fields sit at the top level of the object). `--debug` or
+//! `MODE=dev` switches to human-readable text at debug level, unsampled (zap's
+//! development logger does not sample either). `RUST_LOG` filters both; sampling
+//! applies only to what the filter lets through.
 
 use std::fmt::{self, Write as _};
-use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tracing::field::{Field, Visit};
-use tracing::{Event, Level, Metadata, Subscriber};
-use tracing_subscriber::fmt::format::{Format, Json, Writer};
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
-use tracing_subscriber::registry::LookupSpan;
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
+use tracing_subscriber::util::SubscriberInitExt as _;
 
-/// Longest a buffered INFO line waits before it is written.
-pub const FLUSH_DELAY: Duration = Duration::from_millis(10);
-/// A batch this large is written at once by the thread that filled it.
-pub const BATCH_MAX: usize = 64 * 1024;
+/// Lines kept at the start of each window, per (level, message).
+pub const FIRST: u64 = 100;
+/// After [`FIRST`], one line in this many is kept.
+pub const THEREAFTER: u64 = 100;
+/// The sampling window.
+pub const TICK: Duration = Duration::from_secs(1);
+/// Counters per level; messages are hashed onto them (zap's number).
+const COUNTERS_PER_LEVEL: usize = 4096;
+/// INFO, DEBUG and TRACE; WARN and ERROR are never sampled.
+const SAMPLED_LEVELS: usize = 3;
 
-/// The stock formatter [`FastJson`] reproduces (and falls back to).
-pub fn stock_json<T>(timer: T) -> Format<Json, T> {
-    tracing_subscriber::fmt::format()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_timer(timer)
-}
-
-/// JSON event formatter with the output of [`stock_json`].
-#[derive(Debug)]
-pub struct FastJson<T = SystemTime> {
-    timer: T,
-    stock: Format<Json, T>,
-}
-
-impl FastJson {
-    pub fn new() -> Self {
-        Self::with_timer(SystemTime)
+/// Sets up the process-wide subscriber (see the module docs).
+pub fn init(debug: bool) {
+    let dev = debug || std::env::var("MODE").is_ok_and(|m| m == "dev");
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(if dev { "debug" } else { "info" }));
+    if dev {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(Sampler::new())
+            .with(json_layer())
+            .init();
     }
 }
 
-impl Default for FastJson {
+/// The JSON lines: `timestamp`, `level`, `message` and the event's fields, `target`,
+/// all at the top level of one object per line, written to stdout.
+pub fn json_layer<S>() -> tracing_subscriber::fmt::Layer<
+    S,
+    tracing_subscriber::fmt::format::JsonFields,
+    tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Json>,
+>
+where
+    S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+}
+
+/// One (level, message hash) slot: how many lines its window has seen, and when the
+/// window ends (nanoseconds on the sampler's clock).
+#[derive(Debug, Default)]
+struct Counter {
+    reset_at: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Counter {
+    /// Counts one line and returns its number within the current window, starting a new
+    /// window if the last one is over. Concurrent callers may race at a window's start
+    /// and miscount by a line or two, as zap's counter does; nothing is lost but
+    /// precision.
+    fn inc_check_reset(&self, now: u64, tick: u64) -> u64 {
+        let reset_at = self.reset_at.load(Ordering::Acquire);
+        if reset_at > now {
+            return self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        }
+        self.count.store(1, Ordering::Relaxed);
+        let next = now.saturating_add(tick);
+        if self
+            .reset_at
+            .compare_exchange(reset_at, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Another thread started the window (and reset the count) first.
+            return self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        }
+        1
+    }
+}
+
+/// FNV-1a (32 bits) over everything written to it: zap's key hash, fed the formatted
+/// message without building a string.
+struct Fnv32a(u32);
+
+impl Fnv32a {
+    fn new() -> Self {
+        Self(0x811c_9dc5)
+    }
+}
+
+impl fmt::Write for Fnv32a {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            self.0 ^= u32::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0193);
+        }
+        Ok(())
+    }
+}
+
+impl Visit for Fnv32a {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            let _ = self.write_str(value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        // A formatted message (`"{method}"`) arrives here; its Debug is its Display.
+        if field.name() == "message" {
+            let _ = write!(self, "{value:?}");
+        }
+    }
+}
+
+/// Nanoseconds on a monotonic clock (since the first call).
+fn monotonic_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let elapsed = START.get_or_init(Instant::now).elapsed();
+    u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// zap's sampler as a [`Layer`]: drops an INFO, DEBUG or TRACE event that is past the
+/// [`FIRST`] of its (level, message) in the current [`TICK`] and not a multiple of
+/// [`THEREAFTER`] beyond it. Placed before the formatting layer, a dropped event is never
+/// formatted.
+pub struct Sampler<C = fn() -> u64> {
+    counters: Box<[Counter]>,
+    clock: C,
+    dropped: AtomicU64,
+}
+
+impl Sampler {
+    pub fn new() -> Self {
+        Self::with_clock(monotonic_ns)
+    }
+}
+
+impl Default for Sampler {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<T: FormatTime + Clone> FastJson<T> {
-    pub fn with_timer(timer: T) -> Self {
+impl<C: Fn() -> u64> Sampler<C> {
+    /// A sampler reading `clock` (nanoseconds, never going back) for each event.
+    pub fn with_clock(clock: C) -> Self {
         Self {
-            stock: stock_json(timer.clone()),
-            timer,
+            counters: (0..SAMPLED_LEVELS * COUNTERS_PER_LEVEL)
+                .map(|_| Counter::default())
+                .collect(),
+            clock,
+            dropped: AtomicU64::new(0),
         }
     }
-}
 
-/// Writes `s` as the inside of a JSON string, escaped exactly as serde_json does.
-fn escape(w: &mut impl fmt::Write, s: &str) -> fmt::Result {
-    // Nearly every string needs no escaping: check with a branch-free scan (which the
-    // compiler vectorizes) and write it whole.
-    let special = s.bytes().fold(false, |any, b| {
-        any | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if !special {
-        return w.write_str(s);
+    /// Events dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
-    let mut start = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let short = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            0..=0x1f => "",
-            _ => continue,
+
+    /// Whether an event of `level` whose message hashes to `hash`, seen at `now`, is kept.
+    fn keep(&self, level: Level, hash: u32, now: u64) -> bool {
+        let row = match level {
+            Level::INFO => 0,
+            Level::DEBUG => 1,
+            Level::TRACE => 2,
+            _ => return true, // WARN and ERROR: always.
         };
-        w.write_str(&s[start..i])?;
-        if short.is_empty() {
-            write!(w, "\\u{b:04x}")?;
-        } else {
-            w.write_str(short)?;
+        let slot = row * COUNTERS_PER_LEVEL + hash as usize % COUNTERS_PER_LEVEL;
+        let tick = u64::try_from(TICK.as_nanos()).unwrap_or(u64::MAX);
+        let n = self.counters[slot].inc_check_reset(now, tick);
+        let keep = n <= FIRST || (n - FIRST).is_multiple_of(THEREAFTER);
+        if !keep {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        start = i + 1;
-    }
-    w.write_str(&s[start..])
-}
-
-/// `fmt::Write` adapter escaping everything written through it.
-struct Escaped<'a, W>(&'a mut W);
-
-impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        escape(self.0, s)
+        keep
     }
 }
 
-/// Writes each field as `,"name":value` with serde_json's rendering of each type, as
-/// tracing-serde's map visitor does.
-struct Fields<'a, 'w> {
-    w: &'a mut Writer<'w>,
-    result: fmt::Result,
-}
-
-impl Fields<'_, '_> {
-    fn entry(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
-        if self.result.is_ok() {
-            self.result = (|| {
-                self.w.write_str(",\"")?;
-                escape(self.w, field.name())?;
-                self.w.write_str("\":")?;
-                value(self.w)
-            })();
-        }
+impl<C> fmt::Debug for Sampler<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sampler")
+            .field("dropped", &self.dropped.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
     }
 }
 
-impl Visit for Fields<'_, '_> {
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.entry(field, |w| {
-            w.write_char('"')?;
-            write!(Escaped(w), "{value:?}")?;
-            w.write_char('"')
-        });
-    }
-
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.entry(field, |w| {
-            w.write_char('"')?;
-            escape(w, value)?;
-            w.write_char('"')
-        });
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.entry(field, |w| write!(w, "{value}"));
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.entry(field, |w| write!(w, "{value}"));
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.entry(field, |w| write!(w, "{value}"));
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        // serde_json's float rendering (ryu, `null` for NaN and infinities); rare.
-        self.entry(field, |w| {
-            w.write_str(&serde_json::to_string(&value).map_err(|_| fmt::Error)?)
-        });
-    }
-}
-
-impl<S, N, T> FormatEvent<S, N> for FastJson<T>
+impl<S, C> Layer<S> for Sampler<C>
 where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-    T: FormatTime,
+    S: Subscriber,
+    C: Fn() -> u64 + Send + Sync + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut w: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        let meta = event.metadata();
-        let in_span = event
-            .parent()
-            .and_then(|id| ctx.span(id))
-            .or_else(|| ctx.lookup_current())
-            .is_some();
-        // `log` records carry their real target and level in fields (tracing-log).
-        let from_log = meta.fields().field("log.target").is_some();
-        if in_span || from_log {
-            return self.stock.format_event(ctx, w, event);
+    fn event_enabled(&self, event: &Event<'_>, _: Context<'_, S>) -> bool {
+        let level = *event.metadata().level();
+        if level <= Level::WARN {
+            return true;
         }
-        w.write_str("{\"timestamp\":\"")?;
-        self.timer.format_time(&mut w)?;
-        write!(w, "\",\"level\":\"{}\"", meta.level())?;
-        let mut fields = Fields {
-            w: &mut w,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        w.write_str(",\"target\":\"")?;
-        escape(&mut w, meta.target())?;
-        w.write_str("\"}\n")
-    }
-}
-
-#[derive(Debug, Default)]
-struct Pending {
-    buf: Vec<u8>,
-    stopped: bool,
-}
-
-#[derive(Debug)]
-struct Shared {
-    pending: Mutex<Pending>,
-    wake: Condvar,
-    /// Where batches go: stdout, or a capture in tests.
-    sink: fn(&[u8]),
-}
-
-fn stdout_sink(batch: &[u8]) {
-    // Nowhere to report a failed log write; the lines are dropped, as before.
-    let _ = io::stdout().lock().write_all(batch);
-}
-
-impl Shared {
-    fn new(sink: fn(&[u8])) -> Self {
-        Self {
-            pending: Mutex::default(),
-            wake: Condvar::new(),
-            sink,
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Writes the batch out. Called with the lock held, so batches keep their order.
-    fn write_out(&self, p: &mut Pending) {
-        if !p.buf.is_empty() {
-            (self.sink)(&p.buf);
-            p.buf.clear();
-        }
-    }
-
-    fn push(&self, line: &[u8], urgent: bool) {
-        let mut p = self.lock();
-        let was_empty = p.buf.is_empty();
-        p.buf.extend_from_slice(line);
-        if urgent || p.stopped || p.buf.len() >= BATCH_MAX {
-            self.write_out(&mut p);
-        } else if was_empty {
-            self.wake.notify_one();
-        }
-    }
-
-    /// Background flusher: waits for a first line, lets more arrive for
-    /// [`FLUSH_DELAY`], writes them all.
-    fn run(&self) {
-        loop {
-            let mut p = self.lock();
-            while p.buf.is_empty() && !p.stopped {
-                p = self.wake.wait(p).unwrap_or_else(|e| e.into_inner());
-            }
-            if p.stopped {
-                return;
-            }
-            drop(p);
-            std::thread::sleep(FLUSH_DELAY);
-            self.write_out(&mut self.lock());
-        }
-    }
-}
-
-/// Batched stdout for tracing (see the module docs).
-#[derive(Debug, Clone)]
-pub struct Stdout {
-    shared: Arc<Shared>,
-}
-
-/// Writes whatever is still buffered and stops the background thread; lines logged
-/// afterwards are written at once.
-#[derive(Debug)]
-pub struct Flush {
-    shared: Arc<Shared>,
-}
-
-impl Drop for Flush {
-    fn drop(&mut self) {
-        let mut p = self.shared.lock();
-        p.stopped = true;
-        self.shared.write_out(&mut p);
-        self.shared.wake.notify_one();
-    }
-}
-
-impl Stdout {
-    /// The writer and the guard that flushes it; keep the guard until exit.
-    pub fn new() -> (Self, Flush) {
-        let shared = Arc::new(Shared::new(stdout_sink));
-        let s = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("log-flush".into())
-            .spawn(move || s.run());
-        if spawned.is_err() {
-            // No thread: write every line at once rather than never.
-            shared.lock().stopped = true;
-        }
-        (
-            Self {
-                shared: shared.clone(),
-            },
-            Flush { shared },
-        )
-    }
-}
-
-/// One event's writer; tracing-subscriber writes each formatted line in one call.
-#[derive(Debug)]
-pub struct LineWriter<'a> {
-    shared: &'a Shared,
-    urgent: bool,
-}
-
-impl Write for LineWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.shared.push(buf, self.urgent);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Stdout {
-    type Writer = LineWriter<'a>;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        LineWriter {
-            shared: &self.shared,
-            urgent: true,
-        }
-    }
-
-    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Self::Writer {
-        LineWriter {
-            shared: &self.shared,
-            urgent: *meta.level() <= Level::WARN,
-        }
+        let mut hash = Fnv32a::new();
+        event.record(&mut hash);
+        self.keep(level, hash.0, (self.clock)())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
-    use tracing_subscriber::fmt::format::{JsonFields, Writer};
+    use std::io;
+    use std::sync::{Arc, Mutex};
 
     use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn kept_of(s: &Sampler<impl Fn() -> u64>, level: Level, key: &str, n: u64, now: u64) -> u64 {
+        let mut h = Fnv32a::new();
+        h.write_str(key).unwrap();
+        (0..n).filter(|_| s.keep(level, h.0, now)).count() as u64
+    }
+
+    #[test]
+    fn first_hundred_then_one_in_a_hundred_per_window() {
+        let s = Sampler::with_clock(|| 0);
+        // Lines 1–100 and then 200, 300, … 1000 of the same second.
+        assert_eq!(kept_of(&s, Level::INFO, "m", 1000, 5), 109);
+        assert_eq!(s.dropped(), 891);
+        // Still the same window just before its end: 1001..=1100 adds one (1100).
+        assert_eq!(kept_of(&s, Level::INFO, "m", 100, 5 + SECOND - 1), 1);
+        // A new window starts with the first line at or after the end.
+        assert_eq!(kept_of(&s, Level::INFO, "m", 150, 5 + SECOND), 100);
+    }
+
+    #[test]
+    fn keys_are_level_and_message() {
+        let s = Sampler::with_clock(|| 0);
+        assert_eq!(kept_of(&s, Level::INFO, "a", 100, 0), 100);
+        assert_eq!(kept_of(&s, Level::INFO, "a", 99, 0), 0);
+        // Another message, the same message at another level: their own windows.
+        assert_eq!(kept_of(&s, Level::INFO, "b", 100, 0), 100);
+        assert_eq!(kept_of(&s, Level::DEBUG, "a", 100, 0), 100);
+        assert_eq!(kept_of(&s, Level::TRACE, "a", 100, 0), 100);
+    }
+
+    #[test]
+    fn warnings_and_errors_are_never_sampled() {
+        let s = Sampler::with_clock(|| 0);
+        assert_eq!(kept_of(&s, Level::WARN, "w", 10_000, 0), 10_000);
+        assert_eq!(kept_of(&s, Level::ERROR, "e", 10_000, 0), 10_000);
+        assert_eq!(s.dropped(), 0);
+    }
 
     #[derive(Clone, Default)]
     struct Capture(Arc<Mutex<Vec<u8>>>);
 
-    impl Write for Capture {
+    impl io::Write for Capture {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(buf);
             Ok(buf.len())
@@ -375,128 +284,63 @@ mod tests {
         }
     }
 
-    fn fixed_time(w: &mut Writer<'_>) -> fmt::Result {
-        w.write_str("2024-01-02T03:04:05.678901Z")
-    }
-
-    #[derive(Debug)]
-    struct Weird {
-        #[allow(dead_code)]
-        text: &'static str,
-    }
-
-    fn events() {
-        let peer: std::net::IpAddr = "::ffff:10.0.0.1".parse().unwrap();
-        tracing::info!(
-            grpc.method = "/sidero.discovery.server.Cluster/AffiliateUpdate",
-            duration = ?Duration::from_micros(1234),
-            code = "OK",
-            peer.address = %peer,
-            cluster_id = "c\"l\\u\n\r\t\u{8}\u{c}\u{1}\u{1f}\u{7f}é€𝄞",
-            affiliate_id = Some("a"),
-            client_version = None::<&str>,
-            "finished call"
-        );
-        tracing::error!(
-            n = 18_446_744_073_709_551_615u64,
-            i = -42i64,
-            yes = true,
-            f = 1.5f64,
-            big = 1e21f64,
-            nan = f64::NAN,
-            wide = u128::MAX,
-            weird = ?Weird { text: "q\"\\\u{0}" },
-            error = &io::Error::other("bad \"thing\"\n") as &dyn std::error::Error,
-            "a {} message with \"quotes\"",
-            "formatted"
-        );
-        tracing::warn!(target: "custom::target\"x", "only a message");
-        tracing::info!(message = "explicit", extra = 1);
-        let span = tracing::info_span!("outer", id = 7, name = "s\"p");
-        let _g = span.enter();
-        tracing::info!(inside = "a span", "delegated");
-    }
-
-    fn render<E>(format: E) -> String
-    where
-        E: FormatEvent<tracing_subscriber::Registry, JsonFields> + Send + Sync + 'static,
-    {
+    /// The production stack (filter, sampler, JSON) writing to a capture, on a clock the
+    /// test moves.
+    fn lines_of(emit: impl FnOnce(&AtomicU64)) -> Vec<serde_json::Value> {
         let out = Capture::default();
         let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_writer(move || writer.clone())
-            .event_format(format)
-            .finish();
-        tracing::subscriber::with_default(subscriber, events);
+        let clock = Arc::new(AtomicU64::new(0));
+        let c = clock.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(EnvFilter::new("info"))
+            .with(Sampler::with_clock(move || c.load(Ordering::Relaxed)))
+            .with(json_layer().with_writer(move || writer.clone()));
+        tracing::subscriber::with_default(subscriber, || emit(&clock));
         let bytes = out.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
+        String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     #[test]
-    fn fast_json_writes_exactly_the_stock_lines() {
-        let t = fixed_time as fn(&mut Writer<'_>) -> fmt::Result;
-        let stock = render(stock_json(t));
-        let fast = render(FastJson::with_timer(t));
-        assert_eq!(stock.lines().count(), 5, "{stock}");
-        for (s, f) in stock.lines().zip(fast.lines()) {
-            assert_eq!(f, s);
-            serde_json::from_str::<serde_json::Value>(f).unwrap();
-        }
-        assert_eq!(fast, stock);
-    }
-
-    #[test]
-    fn escaping_matches_serde_json() {
-        let all: String = (0u32..0x80).filter_map(char::from_u32).collect::<String>() + "é𝄞";
-        let mut ours = String::from("\"");
-        escape(&mut ours, &all).unwrap();
-        ours.push('"');
-        assert_eq!(ours, serde_json::to_string(&all).unwrap());
-    }
-
-    static WRITTEN: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-    fn capture_sink(batch: &[u8]) {
-        WRITTEN.lock().unwrap().extend_from_slice(batch);
-    }
-
-    #[test]
-    fn lines_are_batched_in_order_and_urgent_ones_flush_everything_before_them() {
-        let shared = Arc::new(Shared::new(capture_sink));
-        let written = || WRITTEN.lock().unwrap().clone();
-        let mut want = String::new();
-        for i in 0..1000 {
-            let line = format!("{i}\n");
-            shared.push(line.as_bytes(), false);
-            want.push_str(&line);
-        }
-        assert!(written().is_empty(), "INFO lines wait for the flusher");
-        shared.push(b"warn\n", true);
-        want.push_str("warn\n");
-        assert_eq!(written(), want.as_bytes());
-
-        let s = shared.clone();
-        let flusher = std::thread::spawn(move || s.run());
-        shared.push(b"late\n", false);
-        want.push_str("late\n");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while written().len() < want.len() {
-            assert!(std::time::Instant::now() < deadline, "the flusher writes");
-            std::thread::sleep(FLUSH_DELAY);
-        }
-        assert_eq!(written(), want.as_bytes());
-
-        drop(Flush {
-            shared: shared.clone(),
+    fn the_layer_samples_formatted_messages_and_keeps_fields_at_the_top_level() {
+        let method = |m: &str| format!("/sidero.discovery.server.Cluster/{m}");
+        let lines = lines_of(|clock| {
+            tracing::info!(server = "grpc", address = "127.0.0.1:3000", "listening");
+            for i in 0..1000 {
+                let m = method(if i % 2 == 0 { "Hello" } else { "List" });
+                tracing::info!(code = "OK", n = i, "{m}");
+                tracing::debug!("filtered out, never counted");
+                tracing::error!(code = "Internal", n = i, "{m}");
+            }
+            clock.store(SECOND, Ordering::Relaxed);
+            tracing::info!(code = "OK", n = 1000, "{}", method("Hello"));
         });
-        flusher.join().unwrap();
-        shared.push(b"after\n", false);
-        want.push_str("after\n");
-        assert_eq!(
-            written(),
-            want.as_bytes(),
-            "written at once after the flush"
-        );
+
+        let listening = &lines[0];
+        assert_eq!(listening["message"], "listening");
+        assert_eq!(listening["server"], "grpc");
+        assert_eq!(listening["address"], "127.0.0.1:3000");
+        assert_eq!(listening["level"], "INFO");
+        assert!(listening.get("fields").is_none(), "{listening}");
+
+        let of = |level: &str, m: &str| -> Vec<i64> {
+            lines
+                .iter()
+                .filter(|v| v["level"] == level && v["message"] == method(m))
+                .map(|v| v["n"].as_i64().unwrap())
+                .collect()
+        };
+        // 500 each: the first 100, then the 200th, 300th, 400th and 500th.
+        let hello = of("INFO", "Hello");
+        assert_eq!(hello.len(), 100 + 4 + 1, "{hello:?}");
+        assert_eq!(hello[99], 198);
+        assert_eq!(hello[100..104], [398, 598, 798, 998]);
+        assert_eq!(hello[104], 1000, "a new window keeps the next line");
+        assert_eq!(of("INFO", "List").len(), 104);
+        assert_eq!(of("ERROR", "Hello").len(), 500);
+        assert_eq!(of("ERROR", "List").len(), 500);
     }
 }

@@ -4,30 +4,10 @@
 use std::process::ExitCode;
 
 use discovery_service::{Config, Server, logging, shutdown};
-use tracing_subscriber::EnvFilter;
-
-/// JSON lines on stdout (human-readable in dev mode), batched (see `logging`); the
-/// returned guard writes out what is still buffered when dropped.
-fn init_logging(debug: bool) -> logging::Flush {
-    let dev = debug || std::env::var("MODE").is_ok_and(|m| m == "dev");
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(if dev { "debug" } else { "info" }));
-    let (stdout, flush) = logging::Stdout::new();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(stdout);
-    if dev {
-        builder.init();
-    } else {
-        builder.json().event_format(logging::FastJson::new()).init();
-    }
-    flush
-}
 
 fn main() -> ExitCode {
     let config = Config::from_args(std::env::args());
-    // Declared before the runtime, so dropped after it: the last lines get written.
-    let _flush = init_logging(config.debug);
+    logging::init(config.debug);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,6 +1,6 @@
 //! Tests through the real binary: SIGTERM and SIGINT save everything, SIGKILL loses at
 //! most what came after the last snapshot, and the file on disk is never torn; every RPC
-//! logs one structured JSON line.
+//! logs one structured JSON line, sampled as upstream's logger samples (failures never).
 
 mod common;
 
@@ -12,6 +12,7 @@ use std::process::{ExitStatus, Stdio};
 use common::*;
 use discovery_service::proto::server::Affiliate;
 use discovery_service::proto::storage::StateSnapshot;
+use futures::StreamExt;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use prost::Message;
@@ -110,7 +111,7 @@ impl Proc {
     }
 }
 
-/// Every line the process writes until it exits (INFO lines are flushed on exit).
+/// Every line the process writes until it exits.
 async fn rest_of_logs(p: &mut Proc) -> Vec<Value> {
     within("end of logs", async {
         let mut lines = Vec::new();
@@ -344,4 +345,56 @@ async fn every_rpc_logs_one_structured_line() {
     assert_eq!(failed["cluster_id"], "log-c");
     assert_eq!(failed["affiliate_id"], "log-af");
     assert!(!failed["duration"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn repeated_rpc_lines_are_sampled_and_failures_never_are() {
+    const HELLOS: usize = 1000;
+    const FAILURES: usize = 150;
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Proc::spawn(&dir.path().join("state.binpb"), "1h").await;
+    let c = client_at(p.addr).await;
+    // 64 in flight, so the burst takes a fraction of the one-second window.
+    let calls = futures::stream::iter(0..HELLOS + FAILURES).map(|i| {
+        let mut c = c.clone();
+        async move {
+            if i < HELLOS {
+                c.hello(hello("burst", "v1.12.0")).await.map(|_| ())
+            } else {
+                let mut bad = update("burst", &format!("af-{i}"), "", &[], 60);
+                bad.affiliate_data = Some(bytes::Bytes::from(vec![0; 2049]));
+                c.affiliate_update(bad).await.map(|_| ())
+            }
+        }
+    });
+    let results: Vec<_> = within("burst", calls.buffer_unordered(64).collect()).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), HELLOS);
+    p.terminate().await;
+
+    let lines = rest_of_logs(&mut p).await;
+    let count = |level: &str, method: &str| {
+        lines
+            .iter()
+            .filter(|v| {
+                v["level"] == level
+                    && v["message"] == format!("/sidero.discovery.server.Cluster/{method}")
+            })
+            .count()
+    };
+    // The first 100 of a second, then 1 in 100: 109 if the burst fits in one second.
+    // Keeping half would take the burst over five seconds.
+    let hellos = count("INFO", "Hello");
+    assert!((100..=HELLOS / 2).contains(&hellos), "{hellos} Hello lines");
+    // Every failure has its ERROR line, with its affiliate.
+    assert_eq!(count("ERROR", "AffiliateUpdate"), FAILURES);
+    let failed: BTreeSet<&str> = lines
+        .iter()
+        .filter(|v| v["level"] == "ERROR")
+        .filter_map(|v| v["affiliate_id"].as_str())
+        .collect();
+    assert_eq!(failed.len(), FAILURES);
+    // The rest of the process's lines are still there.
+    for message in ["shutting down", "state saved", "stopped"] {
+        assert!(lines.iter().any(|v| v["message"] == message), "{message}");
+    }
 }

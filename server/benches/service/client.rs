@@ -83,6 +83,9 @@ pub struct Run {
     pub elapsed: Duration,
     /// Per-call latency in microseconds.
     pub latencies: Vec<u32>,
+    /// When each successful call completed, and its latency (what a server logs as the
+    /// call's `duration`, give or take the loopback); for the log volume model.
+    pub completions: Vec<(Instant, Duration)>,
 }
 
 impl Run {
@@ -92,6 +95,7 @@ impl Run {
         self.errors += other.errors;
         self.elapsed += other.elapsed;
         self.latencies.extend(other.latencies);
+        self.completions.extend(other.completions);
     }
 }
 
@@ -122,10 +126,15 @@ pub async fn closed_loop(
                     let req = pool[i % pool.len()].clone();
                     let t = Instant::now();
                     let r = tokio::time::timeout(CALL_TIMEOUT, client.affiliate_update(req)).await;
+                    let done = Instant::now();
+                    let latency = done - t;
                     run.latencies
-                        .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        .push(latency.as_micros().min(u32::MAX as u128) as u32);
                     match r {
-                        Ok(Ok(_)) => run.calls += 1,
+                        Ok(Ok(_)) => {
+                            run.calls += 1;
+                            run.completions.push((done, latency));
+                        }
                         _ => run.errors += 1,
                     }
                 }

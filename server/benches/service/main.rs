@@ -13,7 +13,9 @@
 //!
 //! Phases (each file says exactly what it measures):
 //! - `throughput.rs`: AffiliateUpdate calls/s and server CPU µs per call, 64 in flight,
-//!   against the no-op (targets: ≥ 0.85× its throughput, ≤ 1.3× its CPU per call).
+//!   against the no-op (targets: ≥ 0.85× its throughput, ≤ 1.3× its CPU per call), and
+//!   the log bytes the server wrote per 1,000 of those calls against an upstream-like
+//!   sampling logger's for the same calls (`logs.rs`; target ≤ 2×).
 //! - `fanout.rs`: update-to-last-of-1000-watchers latency, p50/p99 against the no-op
 //!   (target: p99 ≤ 1.3×).
 //! - `memory.rs`: the real binary's RSS with 100k affiliates (≤ 200 MiB), and its own
@@ -22,10 +24,13 @@
 //!   disk's own write + fsync speed for comparison.
 //!
 //! `DISCOVERY_BENCH=throughput,fanout,memory,snapshot` picks phases (default: all);
-//! `DISCOVERY_BENCH_KEEP=1` keeps the work directory (logs, snapshot files).
+//! `DISCOVERY_BENCH_KEEP=1` keeps the work directory (logs, snapshot files);
+//! `DISCOVERY_BENCH_BEFORE=<discovery-service binary>` adds another build to the
+//! throughput rounds, for before/after figures from one run.
 
 mod client;
 mod fanout;
+mod logs;
 mod memory;
 mod noop;
 mod procs;
@@ -70,6 +75,10 @@ fn main() {
     if want("throughput") || want("fanout") {
         let noop = procs::noop_server(dir.path());
         let real = procs::real_server(dir.path(), "real.log", None);
+        let before = want("throughput")
+            .then(|| std::env::var_os("DISCOVERY_BENCH_BEFORE"))
+            .flatten()
+            .map(|bin| procs::before_server(std::path::Path::new(&bin), dir.path()));
         // For attaching a profiler (`perf record -p`).
         eprintln!(
             "no-op server pid {}, discovery-service pid {}",
@@ -77,7 +86,8 @@ fn main() {
             real.pid()
         );
         if want("throughput") {
-            show(rt.block_on(throughput::run(&noop, &real)));
+            show(rt.block_on(throughput::run(&noop, &real, before.as_ref())));
+            drop(before);
         }
         if want("fanout") {
             show(rt.block_on(fanout::run(noop.addr, real.addr)));

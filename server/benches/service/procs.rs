@@ -76,6 +76,18 @@ impl ServerProcess {
         log_lines(&self.log)
     }
 
+    /// Bytes written to stdout (the log file) so far.
+    pub fn log_len(&self) -> u64 {
+        fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The log file's bytes in `range` (offsets from [`Self::log_len`]).
+    pub fn log_bytes(&self, range: std::ops::Range<u64>) -> Vec<u8> {
+        let all = fs::read(&self.log).unwrap_or_default();
+        let end = (range.end as usize).min(all.len());
+        all[(range.start as usize).min(end)..end].to_vec()
+    }
+
     /// User + system CPU time of the whole process so far (all threads, live or gone).
     pub fn cpu(&self) -> Duration {
         cpu_of(&self.pid().to_string())
@@ -140,7 +152,27 @@ pub fn cpu_of(pid: &str) -> Duration {
 /// metrics listeners off, the per-IP limiter raised out of the way (every bench call
 /// comes from 127.0.0.1; the limiter still runs on every call), default logging.
 pub fn real_server(dir: &Path, log_name: &str, snapshot: Option<&Path>) -> ServerProcess {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_discovery-service"));
+    server_binary(
+        Path::new(env!("CARGO_BIN_EXE_discovery-service")),
+        dir,
+        log_name,
+        snapshot,
+    )
+}
+
+/// Another build of `discovery-service` (`DISCOVERY_BENCH_BEFORE`), started as
+/// [`real_server`] starts this one.
+pub fn before_server(binary: &Path, dir: &Path) -> ServerProcess {
+    server_binary(binary, dir, "before.log", None)
+}
+
+fn server_binary(
+    binary: &Path,
+    dir: &Path,
+    log_name: &str,
+    snapshot: Option<&Path>,
+) -> ServerProcess {
+    let mut cmd = Command::new(binary);
     cmd.args([
         "--addr=127.0.0.1:0",
         "--landing-addr=",

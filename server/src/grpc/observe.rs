@@ -241,7 +241,8 @@ impl Call {
         }
         // One line per call whose message is the full method name, with the reference's
         // fields (§4.12): info on success, error (with `error`) on failure. Logged as
-        // they are, without building strings first: this runs on every call.
+        // they are, without building strings first: this runs on every call, and most
+        // INFO lines are then dropped by the sampler (`logging`) before formatting.
         let method = FullMethod(self.method);
         let peer = Peer(self.peer);
         let f = &self.fields;
