@@ -619,3 +619,67 @@ fn a_flood_of_node_data_costs_the_plugin_not_the_daemon() {
     assert_eq!(members.len(), 1, "only this node: {members:?}");
     eprintln!("resident: {} KiB", daemon.resident_kib());
 }
+
+/// `examples/kubernetes-rbac.yaml` parses, binds its ClusterRole to its service
+/// account, and grants every verb the registry uses on Nodes (as recorded by
+/// the fake while a daemon runs, leaves included) and nothing beyond Nodes.
+#[test]
+fn the_rbac_example_grants_what_the_registry_uses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes-rbac.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let documents: Vec<Value> = serde_norway::Deserializer::from_str(&text)
+        .map(|document| serde::Deserialize::deserialize(document).unwrap())
+        .collect();
+    let of_kind = |kind: &str| {
+        documents
+            .iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("a {kind} in {}", path.display()))
+    };
+    let role = of_kind("ClusterRole");
+    let rules = role["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "Nodes only: {rules:?}");
+    assert_eq!(rules[0]["apiGroups"], serde_json::json!([""]));
+    assert_eq!(rules[0]["resources"], serde_json::json!(["nodes"]));
+    let granted: Vec<&str> = rules[0]["verbs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let binding = of_kind("ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let account = of_kind("ServiceAccount");
+    assert_eq!(binding["subjects"][0]["kind"], "ServiceAccount");
+    assert_eq!(binding["subjects"][0]["name"], account["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"][0]["namespace"],
+        account["metadata"]["namespace"]
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, kubeconfig) = fake_with_nodes(2, dir.path());
+    let daemon = Daemon::start(&node_config(1, &kubeconfig, None));
+    fake.wait_for(Duration::from_secs(20), |o| !o.patches.is_empty())
+        .expect("a patch");
+    daemon.cli(&["leave"]);
+    let seen = fake
+        .wait_for(Duration::from_secs(10), |o| o.patches.len() >= 2)
+        .expect("the leave's patch");
+    for request in seen
+        .requests
+        .iter()
+        .filter(|r| r.path.starts_with("/api/v1/nodes"))
+    {
+        let verb = match request.verb.expect("a Node verb") {
+            Verb::List => "list",
+            Verb::Watch => "watch",
+            Verb::Get => "get",
+            Verb::Patch => "patch",
+        };
+        assert!(
+            granted.contains(&verb),
+            "{verb} is not granted: {request:?}"
+        );
+    }
+}
