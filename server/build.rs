@@ -1,4 +1,6 @@
-//! Compiles our own `.proto` files with protox (pure Rust, no system protoc).
+//! Compiles the `.proto` files with protox (pure Rust, no system protoc): our own, and
+//! etcd's v3 API (`proto/etcd`, vendored from etcd with its gogoproto annotations
+//! commented out) for the etcd state backend's client.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto");
@@ -15,6 +17,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(fds)?;
     for f in files {
         println!("cargo:rerun-if-changed={root}/{f}");
+    }
+
+    let etcd_root = format!("{root}/etcd");
+    let etcd_files = ["rpc.proto", "kv.proto", "auth.proto"];
+    let fds = protox::compile(etcd_files, [&etcd_root])?;
+    tonic_prost_build::configure()
+        .bytes(".")
+        .build_client(true)
+        .build_server(false)
+        .compile_fds(fds)?;
+    for f in etcd_files {
+        println!("cargo:rerun-if-changed={etcd_root}/{f}");
     }
     Ok(())
 }

@@ -58,6 +58,13 @@ pub fn parse_go_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+/// `--state-backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateBackend {
+    Memory,
+    Etcd,
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "discovery-service",
@@ -111,6 +118,31 @@ pub struct Config {
     /// Disable the unauthenticated `/inspect` page.
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub disable_inspect: bool,
+    /// Where the state lives: `memory` (this process; snapshots make it survive
+    /// restarts) or `etcd` (shared by every replica pointed at the same etcd and prefix,
+    /// so any replica serves any cluster; snapshots are off, etcd is the durable copy).
+    #[arg(long, value_enum, default_value_t = StateBackend::Memory)]
+    pub state_backend: StateBackend,
+    /// etcd client URLs, comma-separated (`http://etcd-0:2379,http://etcd-1:2379`);
+    /// `https://` with --etcd-ca for TLS.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this service's state in etcd; replicas sharing state use the same.
+    #[arg(long, default_value = "/discovery-service/")]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) that signed the etcd members' certificates.
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd members that check clients; with --etcd-key.
+    #[arg(long)]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client private key (PEM) for --etcd-cert.
+    #[arg(long)]
+    pub etcd_key: Option<PathBuf>,
+    /// Width of an etcd lease bucket: keys expiring within one share a lease and
+    /// expire at its end (tests shorten it).
+    #[arg(long, default_value = "5s", value_parser = parse_go_duration, hide = true)]
+    pub etcd_lease_bucket: Duration,
     /// Token refill per client IP per second (tests lower it).
     #[arg(long, default_value_t = crate::limits::IP_RATE_REQUESTS_PER_SECOND_MAX, hide = true)]
     pub rate_limit_per_second: f64,
@@ -134,6 +166,22 @@ impl Config {
         c.metrics_addr = "127.0.0.1:0".into();
         c.snapshots_enabled = false;
         c
+    }
+
+    /// The `--etcd-*` flags as client options.
+    pub fn etcd_options(&self) -> crate::etcd::EtcdOptions {
+        crate::etcd::EtcdOptions {
+            endpoints: self
+                .etcd_endpoints
+                .iter()
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.is_empty())
+                .collect(),
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            lease_bucket: self.etcd_lease_bucket,
+        }
     }
 
     pub fn tls_enabled(&self) -> bool {

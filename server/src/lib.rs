@@ -9,7 +9,9 @@
 //! address encoding come from the `discovery-common` crate, shared with the node
 //! daemon and the plugin SDK; [`limits`] re-exports them beside the service's own.
 
+pub mod backend;
 pub mod config;
+pub mod etcd;
 pub mod grpc;
 pub mod http;
 pub mod limits;

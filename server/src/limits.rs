@@ -39,3 +39,20 @@ pub const HELLO_VERSION_LABELS_MAX: usize = 64;
 /// Longest ID logged as is: IDs are validated after logging starts, and a 4 MiB
 /// cluster ID must not become a 4 MiB log line.
 pub const LOGGED_ID_MAX: usize = 256;
+
+/// Width of an etcd lease bucket: keys expiring in the same bucket share one lease, and
+/// expire at its end, so at most this late. 30-minute TTLs need 360 leases per replica.
+pub const LEASE_BUCKET: Duration = Duration::from_secs(5);
+/// Connecting to one etcd member.
+pub const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// One etcd call on one member; past it the call moves to the next member.
+pub const ETCD_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// All attempts of one etcd call: past it the RPC fails with UNAVAILABLE. Kept under
+/// Talos's 10 s per-call timeout so a node sees the code, not its own deadline.
+pub const ETCD_CALL_DEADLINE: Duration = Duration::from_secs(8);
+/// How long List and Watch wait for this replica's mirror to reach etcd's revision.
+pub const ETCD_BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Times an update is planned again after a concurrent change of its affiliate.
+pub const ETCD_UPDATE_ATTEMPTS: usize = 16;
+/// Keys per range read when the mirror reads everything.
+pub const ETCD_RANGE_PAGE: i64 = 2000;

@@ -14,7 +14,9 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::backend::Backend;
+use crate::config::{Config, StateBackend};
+use crate::etcd::EtcdState;
 use crate::grpc::observe::Observer;
 use crate::grpc::peer::Trust;
 use crate::grpc::{ClusterService, Options};
@@ -37,8 +39,11 @@ pub struct Server {
     pub landing_addr: Option<SocketAddr>,
     /// Where `/metrics` is served, if enabled.
     pub metrics_addr: Option<SocketAddr>,
-    /// The live state (tests and benchmarks inspect it).
+    /// The live state (tests and benchmarks inspect it); with etcd, this replica's
+    /// mirror.
     pub state: State,
+    /// The etcd backend, when the state lives there.
+    pub etcd: Option<Arc<EtcdState>>,
     pub metrics: Arc<Metrics>,
     storage: Option<Arc<Storage>>,
     /// Stops the listeners and ends watch streams.
@@ -49,8 +54,15 @@ pub struct Server {
     loops: Vec<JoinHandle<()>>,
 }
 
-/// GC once now, then every `interval`, logging each pass.
-async fn gc_loop(state: State, metrics: Arc<Metrics>, interval: Duration, stop: CancellationToken) {
+/// GC once now, then every `interval`, logging each pass. With etcd, leases expire
+/// affiliates and endpoints; GC only drops the mirror's empty, unwatched clusters.
+async fn gc_loop(
+    state: State,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    expire: bool,
+    stop: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -58,7 +70,11 @@ async fn gc_loop(state: State, metrics: Arc<Metrics>, interval: Duration, stop: 
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let r = state.collect(Instant::now());
+        let r = if expire {
+            state.collect(Instant::now())
+        } else {
+            state.retire_empty()
+        };
         metrics.gc_runs.inc();
         metrics.gc_clusters.inc_by(r.removed_clusters as u64);
         metrics.gc_affiliates.inc_by(r.removed_affiliates as u64);
@@ -108,12 +124,32 @@ impl Server {
     /// Loads the snapshot, binds every listener and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         let state = State::new();
-        let metrics = Arc::new(Metrics::new(state.clone(), config.snapshots_enabled));
+        let on_etcd = config.state_backend == StateBackend::Etcd;
+        // etcd is the durable copy: no snapshot files beside it.
+        let snapshots = config.snapshots_enabled && !on_etcd;
+        if on_etcd && config.snapshots_enabled {
+            tracing::info!("snapshots are off with --state-backend etcd: etcd holds the state");
+        }
+        let metrics = Arc::new(Metrics::new(state.clone(), snapshots));
         let serving = CancellationToken::new();
         let background = CancellationToken::new();
         let mut loops = Vec::new();
 
-        let storage = if config.snapshots_enabled {
+        let (backend, etcd) = if on_etcd {
+            let (etcd, mirror) = EtcdState::start(
+                &config.etcd_options(),
+                &config.etcd_prefix,
+                state.clone(),
+                background.clone(),
+            )
+            .await?;
+            loops.push(mirror);
+            (Backend::Etcd(state.clone(), etcd.clone()), Some(etcd))
+        } else {
+            (Backend::Memory(state.clone()), None)
+        };
+
+        let storage = if snapshots {
             let storage = Arc::new(Storage::new(
                 &config.snapshot_path,
                 state.clone(),
@@ -161,7 +197,7 @@ impl Server {
             redirect_endpoint: Some(config.redirect_endpoint.clone()).filter(|e| !e.is_empty()),
             disable_client_ip_reporting: config.disable_client_ip_reporting,
         };
-        let service = ClusterService::new(state.clone(), observer, options, serving.clone());
+        let service = ClusterService::new(backend, observer, options, serving.clone());
         let landing = Arc::new(Landing::new(state.clone(), !config.disable_inspect));
 
         let grpc_addr = grpc_listener.local_addr()?;
@@ -204,6 +240,7 @@ impl Server {
             state.clone(),
             metrics.clone(),
             config.gc_interval,
+            !on_etcd,
             background.clone(),
         )));
         loops.push(tokio::spawn(limiter_gc_loop(limiter, background.clone())));
@@ -218,6 +255,7 @@ impl Server {
             landing_addr,
             metrics_addr,
             state,
+            etcd,
             metrics,
             storage,
             serving,

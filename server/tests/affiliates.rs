@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::etcd::Backend;
 use common::*;
 use discovery_service::proto::server::cluster_client::ClusterClient;
 use discovery_service::proto::server::{
@@ -20,9 +21,8 @@ fn aff(id: &str, data: &str, eps: &[&str]) -> Affiliate {
     }
 }
 
-#[tokio::test]
-async fn update_merge_delete_and_watch_sequence() {
-    let server = start(config()).await;
+async fn update_merge_delete_and_watch_sequence(backend: Backend) {
+    let server = start(backend.config("update_merge_delete_and_watch_sequence")).await;
     let mut c = client(&server).await;
 
     c.affiliate_update(update("c", "af1", "data1", &["e1", "e2"], 60))
@@ -95,9 +95,8 @@ async fn update_merge_delete_and_watch_sequence() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn list_and_delete_do_not_create_clusters() {
-    let server = start(config()).await;
+async fn list_and_delete_do_not_create_clusters(backend: Backend) {
+    let server = start(backend.config("list_and_delete_do_not_create_clusters")).await;
     let mut c = client(&server).await;
     assert!(list(&mut c, "ghost").await.is_empty());
     c.affiliate_delete(AffiliateDeleteRequest {
@@ -110,9 +109,8 @@ async fn list_and_delete_do_not_create_clusters() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn validation_table() {
-    let server = start(config()).await;
+async fn validation_table(backend: Backend) {
+    let server = start(backend.config("validation_table")).await;
     let mut c = client(&server).await;
     let long = "x".repeat(257);
     let max = "x".repeat(256);
@@ -187,9 +185,8 @@ async fn validation_table() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn cluster_and_endpoint_limits() {
-    let server = start(config()).await;
+async fn cluster_and_endpoint_limits(backend: Backend) {
+    let server = start(backend.config("cluster_and_endpoint_limits")).await;
     let mut c = client(&server).await;
     for i in 0..1024 {
         c.affiliate_update(update("full", &format!("af{i}"), "", &[], 60))
@@ -229,10 +226,12 @@ async fn cluster_and_endpoint_limits() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn ttl_expiry_of_endpoint_then_affiliate_is_announced() {
-    let mut cfg = config();
+async fn ttl_expiry_of_endpoint_then_affiliate_is_announced(backend: Backend) {
+    let mut cfg = backend.config("ttl_expiry_of_endpoint_then_affiliate_is_announced");
     cfg.gc_interval = Duration::from_millis(50);
+    // With etcd, expiry is per lease bucket: 1 s apart, the endpoint and the affiliate
+    // expire in different buckets, as they do one GC pass apart in memory.
+    cfg.etcd_lease_bucket = Duration::from_secs(1);
     let server = start(cfg).await;
     let mut c = client(&server).await;
     c.affiliate_update(update("c", "af", "d", &["long"], 3))
@@ -268,9 +267,8 @@ async fn ttl_expiry_of_endpoint_then_affiliate_is_announced() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn slow_watcher_is_aborted_and_healthy_one_keeps_going() {
-    let server = start(config()).await;
+async fn slow_watcher_is_aborted_and_healthy_one_keeps_going(backend: Backend) {
+    let server = start(backend.config("slow_watcher_is_aborted_and_healthy_one_keeps_going")).await;
     let mut c = client(&server).await;
     // A watcher on its own connection that stops reading: HTTP/2 flow control fills,
     // then the 32-slot buffer, then the server cuts it.
@@ -324,9 +322,8 @@ async fn slow_watcher_is_aborted_and_healthy_one_keeps_going() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn watched_empty_cluster_survives_gc_and_shutdown_ends_streams_ok() {
-    let mut cfg = config();
+async fn watched_empty_cluster_survives_gc_and_shutdown_ends_streams_ok(backend: Backend) {
+    let mut cfg = backend.config("watched_empty_cluster_survives_gc_and_shutdown_ends_streams_ok");
     cfg.gc_interval = Duration::from_millis(20);
     let server = start(cfg).await;
     let mut c = client(&server).await;
@@ -373,12 +370,12 @@ async fn stored_endpoints(
 /// A 4 MiB request can carry over a million tiny endpoints (3 bytes each on the wire).
 /// They are deduplicated before the cluster lock is taken, and the contract's codes and
 /// messages are those of a small request.
-#[tokio::test]
-async fn a_million_endpoints_in_one_request_get_the_contract_status() {
+async fn a_million_endpoints_in_one_request_get_the_contract_status(backend: Backend) {
     use bytes::Bytes;
     // Just under the 4 MiB message limit.
     const N: usize = 1_390_000;
-    let server = start(config()).await;
+    let server =
+        start(backend.config("a_million_endpoints_in_one_request_get_the_contract_status")).await;
     let mut c = client(&server).await;
     let value = |i: usize| Bytes::from(vec![(i * 7 % 64) as u8]);
     let distinct: Vec<Bytes> = (0..64).map(value).collect();
@@ -420,14 +417,10 @@ async fn a_million_endpoints_in_one_request_get_the_contract_status() {
     );
 
     // In a full cluster a new affiliate is refused for that first, as before.
-    let exp = std::time::Instant::now() + Duration::from_secs(60);
     for i in 1..1024 {
-        let u = discovery_service::state::Update {
-            affiliate_id: &format!("f{i}"),
-            data: b"d",
-            endpoints: &[],
-        };
-        server.state.update("huge", &u, exp).unwrap();
+        c.affiliate_update(update("huge", &format!("f{i}"), "d", &[], 60))
+            .await
+            .unwrap();
     }
     assert_refused(
         within("huge update", c.affiliate_update(huge("one-more", new()))).await,
@@ -436,3 +429,14 @@ async fn a_million_endpoints_in_one_request_get_the_contract_status() {
     );
     server.shutdown().await.unwrap();
 }
+
+both_backends!(
+    update_merge_delete_and_watch_sequence,
+    list_and_delete_do_not_create_clusters,
+    validation_table,
+    cluster_and_endpoint_limits,
+    ttl_expiry_of_endpoint_then_affiliate_is_announced,
+    slow_watcher_is_aborted_and_healthy_one_keeps_going,
+    watched_empty_cluster_survives_gc_and_shutdown_ends_streams_ok,
+    a_million_endpoints_in_one_request_get_the_contract_status,
+);

@@ -12,6 +12,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::observe::{Call, Describe, Observer, panic_message};
 use super::{peer, validate};
+use crate::backend::Backend;
 use crate::limits::WATCH_BUFFER;
 use crate::proto::server::cluster_server::Cluster;
 use crate::proto::server::{
@@ -19,7 +20,7 @@ use crate::proto::server::{
     AffiliateUpdateResponse, HelloRequest, HelloResponse, ListRequest, ListResponse,
     RedirectMessage, WatchRequest, WatchResponse,
 };
-use crate::state::{AffiliateView, Lost, Notification, State, StateError, Subscription, Update};
+use crate::state::{AffiliateView, Lost, Notification, Subscription, Update};
 
 /// Behaviour switches of the service.
 #[derive(Debug, Clone, Default)]
@@ -32,7 +33,7 @@ pub struct Options {
 
 #[derive(Debug, Clone)]
 pub struct ClusterService {
-    state: State,
+    backend: Backend,
     observer: Arc<Observer>,
     options: Arc<Options>,
     shutdown: CancellationToken,
@@ -44,10 +45,6 @@ fn to_proto(v: AffiliateView) -> Affiliate {
         data: v.data,
         endpoints: v.endpoints,
     }
-}
-
-fn state_error(e: StateError) -> Status {
-    Status::resource_exhausted(e.to_string())
 }
 
 /// `now + ttl` for a signed TTL in nanoseconds, clamped to what `Instant` can hold.
@@ -62,13 +59,13 @@ fn expiry(now: Instant, ttl_nanos: i128) -> Instant {
 
 impl ClusterService {
     pub fn new(
-        state: State,
+        backend: Backend,
         observer: Arc<Observer>,
         options: Options,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
-            state,
+            backend,
             observer,
             options: Arc::new(options),
             shutdown,
@@ -200,9 +197,9 @@ impl Cluster for ClusterService {
                 endpoints: &r.affiliate_endpoints,
             };
             let now = Instant::now();
-            self.state
+            self.backend
                 .update(&r.cluster_id, &update, expiry(now, ttl))
-                .map_err(state_error)?;
+                .await?;
             Ok(AffiliateUpdateResponse {})
         })
         .await
@@ -215,7 +212,7 @@ impl Cluster for ClusterService {
         self.unary("AffiliateDelete", req, |_, r| async move {
             validate::cluster_id(&r.cluster_id)?;
             validate::affiliate_id(&r.affiliate_id)?;
-            self.state.delete(&r.cluster_id, &r.affiliate_id);
+            self.backend.delete(&r.cluster_id, &r.affiliate_id).await?;
             Ok(AffiliateDeleteResponse {})
         })
         .await
@@ -225,8 +222,9 @@ impl Cluster for ClusterService {
         self.unary("List", req, |_, r| async move {
             validate::cluster_id(&r.cluster_id)?;
             let affiliates = self
-                .state
+                .backend
                 .list(&r.cluster_id)
+                .await?
                 .into_iter()
                 .map(to_proto)
                 .collect();
@@ -240,10 +238,12 @@ impl Cluster for ClusterService {
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let mut call = self.observer.begin("Watch", "server_stream", &req).await?;
         let r = req.into_inner();
-        let subscribed = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let subscribed = AssertUnwindSafe(async {
             validate::cluster_id(&r.cluster_id)?;
-            Ok(self.state.watch(&r.cluster_id, WATCH_BUFFER))
-        }))
+            self.backend.watch(&r.cluster_id, WATCH_BUFFER).await
+        })
+        .catch_unwind()
+        .await
         .unwrap_or_else(|p| Err(Status::internal(panic_message(&*p))));
         let (snapshot, sub) = match subscribed {
             Ok(pair) => pair,
@@ -295,14 +295,14 @@ mod tests {
     use crate::ratelimit::{IpRateLimiter, Rate};
 
     fn service() -> ClusterService {
-        let state = State::new();
+        let state = crate::state::State::new();
         let observer = Arc::new(Observer {
             metrics: Arc::new(Metrics::new(state.clone(), false)),
             limiter: Arc::new(IpRateLimiter::new(Rate::default())),
             trust: Trust::default(),
         });
         ClusterService::new(
-            state,
+            Backend::Memory(state),
             observer,
             Options::default(),
             CancellationToken::new(),

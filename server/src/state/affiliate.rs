@@ -118,6 +118,9 @@ pub enum Collected {
 #[derive(Debug, Clone)]
 pub struct Affiliate {
     expiry: Instant,
+    /// etcd's modification revision of the affiliate's key (etcd backend's mirror
+    /// only; 0 otherwise): the update transaction is conditional on it.
+    revision: i64,
     /// Copied out of the request buffer on store, so a retained blob never pins a whole
     /// decode buffer in memory.
     data: Bytes,
@@ -129,6 +132,7 @@ impl Affiliate {
     pub fn new(expiry: Instant) -> Self {
         Self {
             expiry,
+            revision: 0,
             data: Bytes::new(),
             endpoints: Vec::new(),
         }
@@ -164,6 +168,7 @@ impl Affiliate {
         }
         let a = Self {
             expiry,
+            revision: 0,
             data,
             endpoints,
         };
@@ -249,6 +254,38 @@ impl Affiliate {
             }
         }
         changed
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Mirrors a write read back from etcd: the stored data, expiry and revision.
+    pub fn set_stored(&mut self, data: &[u8], expiry: Instant, revision: i64) {
+        self.set_data(data, expiry);
+        self.revision = revision;
+    }
+
+    /// Mirrors an endpoint key read back from etcd: its expiry is set as stored (not
+    /// raised), a new one appended. Returns whether it was new. Past the limit (only a
+    /// foreign writer could get there) it is ignored, keeping the invariant.
+    pub fn put_endpoint(&mut self, blob: Blob, expiry: Instant) -> bool {
+        if let Some(known) = self.endpoints.iter_mut().find(|e| e.blob == blob) {
+            known.expiry = expiry;
+            return false;
+        }
+        if self.endpoints.len() >= AFFILIATE_ENDPOINTS_MAX {
+            return false;
+        }
+        self.endpoints.push(Endpoint { blob, expiry });
+        true
+    }
+
+    /// Removes an endpoint; returns whether it was there.
+    pub fn remove_endpoint(&mut self, blob: &Blob) -> bool {
+        let before = self.endpoints.len();
+        self.endpoints.retain(|e| e.blob != *blob);
+        self.endpoints.len() != before
     }
 
     /// Raises the affiliate expiry to `expiry` if that is later.

@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::StateError;
-use super::affiliate::{Affiliate, Collected};
+use super::affiliate::{Affiliate, Blob, Collected};
 use super::subscription::{self, AffiliateView, Notification, Subscriber, Subscription};
 use crate::limits::CLUSTER_AFFILIATES_MAX;
 
@@ -41,6 +41,44 @@ impl std::ops::AddAssign for ClusterCounts {
     }
 }
 
+/// One change of a cluster read back from etcd, decoded (etcd backend's mirror).
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The affiliate's key was written: its whole stored value.
+    PutAffiliate {
+        id: String,
+        data: Bytes,
+        /// The write carried data: watchers are told even if nothing else changed.
+        data_set: bool,
+        expiry: Instant,
+        revision: i64,
+    },
+    DeleteAffiliate {
+        id: String,
+    },
+    PutEndpoint {
+        id: String,
+        blob: Blob,
+        expiry: Instant,
+    },
+    DeleteEndpoint {
+        id: String,
+        blob: Blob,
+    },
+    Guard {
+        revision: i64,
+    },
+}
+
+/// What an update transaction is planned from: the affiliate as the mirror holds it
+/// and the cluster's size, with the revisions that make the plan conditional.
+#[derive(Debug, Clone, Default)]
+pub struct WriteView {
+    pub affiliates: usize,
+    pub guard_revision: i64,
+    pub current: Option<Affiliate>,
+}
+
 /// The cluster was removed by GC after the caller looked it up; look it up again.
 #[derive(Debug)]
 pub(super) struct Removed;
@@ -53,6 +91,10 @@ struct Inner {
     /// Set by GC under the lock when the cluster leaves the map, so a writer that found
     /// it just before can retry instead of writing into a detached cluster.
     removed: bool,
+    /// etcd's modification revision of the cluster's guard key (etcd backend only):
+    /// creating an affiliate is conditional on it, so two replicas cannot both add the
+    /// 1024th.
+    guard_revision: i64,
 }
 
 impl Inner {
@@ -195,6 +237,105 @@ impl Cluster {
             inner.notify(Notification::Deleted(id.to_string()));
         }
         expired.len()
+    }
+
+    /// Applies the changes of one etcd revision, then tells watchers once per affiliate
+    /// touched, as the memory backend does once per update: an intermediate state (the
+    /// data before the endpoints written with it) is never seen.
+    pub(super) fn apply(&self, changes: &[Change]) -> Result<(), Removed> {
+        let mut inner = self.live()?;
+        // Affiliates touched, in first-touch order: (id, existed before, changed).
+        let mut touched: Vec<(String, bool, bool)> = Vec::new();
+        fn touch(touched: &mut Vec<(String, bool, bool)>, inner: &Inner, id: &str) -> usize {
+            if let Some(i) = touched.iter().position(|t| t.0 == id) {
+                return i;
+            }
+            touched.push((id.to_owned(), inner.affiliates.contains_key(id), false));
+            touched.len() - 1
+        }
+        for c in changes {
+            match c {
+                Change::PutAffiliate {
+                    id,
+                    data,
+                    data_set,
+                    expiry,
+                    revision,
+                } => {
+                    let t = touch(&mut touched, &inner, id);
+                    let created = !inner.affiliates.contains_key(id.as_str());
+                    let a = inner
+                        .affiliates
+                        .entry(id.as_str().into())
+                        .or_insert_with(|| Affiliate::new(*expiry));
+                    a.set_stored(data, *expiry, *revision);
+                    touched[t].2 |= created || *data_set;
+                }
+                Change::DeleteAffiliate { id } => {
+                    let t = touch(&mut touched, &inner, id);
+                    inner.affiliates.remove(id.as_str());
+                    touched[t].2 = true;
+                }
+                Change::PutEndpoint { id, blob, expiry } => {
+                    let t = touch(&mut touched, &inner, id);
+                    // An endpoint outliving its affiliate is ignored, as on a resync.
+                    if let Some(a) = inner.affiliates.get_mut(id.as_str()) {
+                        touched[t].2 |= a.put_endpoint(*blob, *expiry);
+                    }
+                }
+                Change::DeleteEndpoint { id, blob } => {
+                    let t = touch(&mut touched, &inner, id);
+                    if let Some(a) = inner.affiliates.get_mut(id.as_str()) {
+                        touched[t].2 |= a.remove_endpoint(blob);
+                    }
+                }
+                Change::Guard { revision } => inner.guard_revision = *revision,
+            }
+        }
+        for (id, existed, changed) in touched {
+            if !changed {
+                continue;
+            }
+            match inner.affiliates.get(id.as_str()) {
+                Some(a) => {
+                    let n = Notification::Update(view(&id, a));
+                    inner.notify(n);
+                }
+                None if existed => inner.notify(Notification::Deleted(id)),
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces everything with what a full read of etcd returned and ends every
+    /// subscription: changes between the old state and this one may be unknown (the
+    /// mirror fell behind etcd's compaction), so watchers start again from a snapshot.
+    pub(super) fn reset(
+        &self,
+        affiliates: Vec<(String, Affiliate)>,
+        guard_revision: i64,
+    ) -> Result<(), Removed> {
+        let mut inner = self.live()?;
+        inner.affiliates = affiliates
+            .into_iter()
+            .map(|(id, a)| (id.into_boxed_str(), a))
+            .collect();
+        inner.guard_revision = guard_revision;
+        for s in inner.subscribers.drain(..) {
+            s.cancel();
+        }
+        Ok(())
+    }
+
+    /// What an etcd update of `affiliate_id` is planned from.
+    pub fn write_view(&self, affiliate_id: &str) -> WriteView {
+        let inner = self.lock();
+        WriteView {
+            affiliates: inner.affiliates.len(),
+            guard_revision: inner.guard_revision,
+            current: inner.affiliates.get(affiliate_id).cloned(),
+        }
     }
 
     /// Marks the cluster removed if it has neither affiliates nor watchers; the caller

@@ -20,9 +20,21 @@ impl State {
     /// watchers, checked and removed in one step so a watcher that subscribes before
     /// anyone publishes keeps its cluster.
     pub fn collect(&self, now: Instant) -> GcReport {
+        self.gc(Some(now))
+    }
+
+    /// A GC pass that expires nothing and only drops empty, unwatched clusters: for the
+    /// etcd backend's mirror, where etcd's leases expire affiliates and endpoints.
+    pub fn retire_empty(&self) -> GcReport {
+        self.gc(None)
+    }
+
+    fn gc(&self, now: Option<Instant>) -> GcReport {
         let mut report = GcReport::default();
         for (id, cluster) in self.clusters() {
-            report.removed_affiliates += cluster.collect(now);
+            if let Some(now) = now {
+                report.removed_affiliates += cluster.collect(now);
+            }
             let removed = self
                 .clusters
                 .remove_if(id.as_str(), |_, c| {

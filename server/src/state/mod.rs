@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use dashmap::DashMap;
 
-pub use affiliate::{Affiliate, DroppedEndpoints, Endpoint};
-pub use cluster::{Cluster, ClusterCounts, Update};
+pub use affiliate::{Affiliate, Blob, DroppedEndpoints, Endpoint};
+pub use cluster::{Change, Cluster, ClusterCounts, Update, WriteView};
 pub use gc::GcReport;
 pub use subscription::{AffiliateView, Lost, Notification, Subscription};
 
@@ -102,6 +102,48 @@ impl State {
                 return pair;
             }
         }
+    }
+
+    /// Applies one etcd revision's changes to a cluster (etcd backend's mirror).
+    pub fn apply(&self, cluster_id: &str, changes: &[Change]) {
+        loop {
+            if self.get_or_create(cluster_id).apply(changes).is_ok() {
+                return;
+            }
+        }
+    }
+
+    /// Replaces every cluster with a full read of etcd, ending every subscription
+    /// (etcd backend's mirror, on start and after falling behind compaction).
+    pub fn reset_all(
+        &self,
+        mut clusters: std::collections::HashMap<String, (Vec<(String, Affiliate)>, i64)>,
+    ) {
+        for (id, cluster) in self.clusters() {
+            let (affiliates, guard) = clusters.remove(&id).unwrap_or_default();
+            // A cluster GC removed meanwhile has no subscribers left to end.
+            if cluster.reset(affiliates.clone(), guard).is_err() && !affiliates.is_empty() {
+                clusters.insert(id, (affiliates, guard));
+            }
+        }
+        for (id, (affiliates, guard)) in clusters {
+            loop {
+                if self
+                    .get_or_create(&id)
+                    .reset(affiliates.clone(), guard)
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// What an etcd update is planned from; never creates state.
+    pub fn write_view(&self, cluster_id: &str, affiliate_id: &str) -> WriteView {
+        self.get(cluster_id)
+            .map(|c| c.write_view(affiliate_id))
+            .unwrap_or_default()
     }
 
     /// Read-only access to one cluster, for `/inspect`; never creates state (Q26).

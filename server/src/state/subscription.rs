@@ -44,6 +44,12 @@ pub(super) struct Subscriber {
 }
 
 impl Subscriber {
+    /// Ends the subscription as if it had fallen behind: its next receive reports
+    /// [`Lost`] and the client resubscribes, getting a fresh snapshot.
+    pub fn cancel(&self) {
+        self.lost.store(true, Ordering::Release);
+    }
+
     /// Delivers without blocking; returns false when the subscriber must be dropped,
     /// either gone or too far behind (then flagged as lost).
     pub fn deliver(&self, n: &Arc<Notification>) -> bool {

@@ -12,6 +12,8 @@ use discovery_service::proto::server::{
     Affiliate, AffiliateUpdateRequest, HelloRequest, ListRequest, WatchRequest, WatchResponse,
 };
 use discovery_service::{Config, Server};
+
+pub mod etcd;
 use tonic::transport::Channel;
 
 /// Upper bound for any single wait in a test.

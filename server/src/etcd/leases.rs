@@ -1,0 +1,133 @@
+//! Leases shared per expiry bucket: every key whose expiry falls in the same bucket
+//! (`LEASE_BUCKET` wide, ending on a multiple of it in Unix time) carries the same
+//! lease, so 100k affiliates need as many leases as there are buckets in the longest
+//! TTL, not 100k. A key expires when its bucket ends: late by less than one bucket,
+//! never early.
+//!
+//! Each replica grants its own lease per bucket (replicas need not agree on lease IDs)
+//! and forgets it once the bucket has passed; etcd revokes it at the bucket's end.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::Mutex;
+
+use super::client::{CallError, EtcdClient};
+
+/// The end of the bucket of width `width` seconds holding `expiry_ms`, in Unix seconds.
+pub fn bucket_end(expiry_ms: i64, width: i64) -> i64 {
+    let width = width.max(1);
+    let secs = expiry_ms.div_euclid(1000) + i64::from(expiry_ms.rem_euclid(1000) != 0);
+    secs.div_euclid(width) * width
+        + if secs.rem_euclid(width) == 0 {
+            0
+        } else {
+            width
+        }
+}
+
+/// The TTL to grant at `now_ms` for a lease that must last until `end` (Unix
+/// seconds): rounded up, and at least etcd's minimum.
+pub fn grant_ttl(end: i64, now_ms: i64) -> i64 {
+    let left_ms = end.saturating_mul(1000).saturating_sub(now_ms);
+    (left_ms + 999).div_euclid(1000).max(ETCD_MIN_TTL)
+}
+
+/// etcd grants at least this many seconds whatever is asked.
+const ETCD_MIN_TTL: i64 = 2;
+
+#[derive(Debug)]
+pub struct Leases {
+    /// Bucket width in seconds.
+    width: i64,
+    /// Bucket end (Unix seconds) → lease ID. Held across a grant, so concurrent
+    /// writers to a new bucket share one grant.
+    by_bucket: Mutex<BTreeMap<i64, i64>>,
+}
+
+impl Leases {
+    pub fn new(width: std::time::Duration) -> Self {
+        Self {
+            width: (width.as_secs() as i64).max(1),
+            by_bucket: Mutex::default(),
+        }
+    }
+
+    pub fn width(&self) -> i64 {
+        self.width
+    }
+
+    /// The end of the bucket holding `expiry_ms`, in Unix seconds.
+    pub fn bucket_end(&self, expiry_ms: i64) -> i64 {
+        bucket_end(expiry_ms, self.width)
+    }
+
+    /// The lease for keys expiring at `expiry_ms`; an expiry already past gets the
+    /// current bucket's, so the key lives for at most one bucket.
+    pub async fn for_expiry(
+        &self,
+        client: &EtcdClient,
+        expiry_ms: i64,
+        now_ms: i64,
+    ) -> Result<i64, CallError> {
+        let end = self.bucket_end(expiry_ms.max(now_ms));
+        let mut map = self.by_bucket.lock().await;
+        // Buckets ending within a second may already be revoked by etcd.
+        let fresh = now_ms.div_euclid(1000) + 1;
+        while let Some((&b, _)) = map.first_key_value() {
+            if b > fresh {
+                break;
+            }
+            map.pop_first();
+        }
+        if let Some(&id) = map.get(&end) {
+            return Ok(id);
+        }
+        let granted = client.lease_grant(grant_ttl(end, now_ms)).await?;
+        if !granted.error.is_empty() {
+            return Err(CallError::Rejected(tonic::Status::internal(granted.error)));
+        }
+        map.insert(end, granted.id);
+        Ok(granted.id)
+    }
+
+    /// Forgets a lease etcd no longer knows (it answered "lease not found").
+    pub async fn forget(&self, id: i64) {
+        self.by_bucket.lock().await.retain(|_, v| *v != id);
+    }
+
+    pub async fn len(&self) -> usize {
+        self.by_bucket.lock().await.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::LEASE_BUCKET;
+
+    #[test]
+    fn buckets_end_on_multiples_and_never_before_the_expiry() {
+        let w = LEASE_BUCKET.as_secs() as i64;
+        assert_eq!(bucket_end(0, w), 0);
+        assert_eq!(bucket_end(1, w), w);
+        assert_eq!(bucket_end(w * 1000, w), w);
+        assert_eq!(bucket_end(w * 1000 + 1, w), 2 * w);
+        for ms in [1_700_000_000_001i64, 1_700_000_004_999, -1500] {
+            let end = bucket_end(ms, w);
+            assert!(end * 1000 >= ms, "{ms}");
+            assert!(
+                end * 1000 - ms < w * 1000,
+                "late by less than one bucket: {ms}"
+            );
+            assert_eq!(end.rem_euclid(w), 0);
+        }
+    }
+
+    #[test]
+    fn grants_cover_the_bucket_and_respect_the_minimum() {
+        assert_eq!(grant_ttl(100, 90_000), 10);
+        assert_eq!(grant_ttl(100, 90_001), 10, "rounded up");
+        assert_eq!(grant_ttl(100, 99_999), ETCD_MIN_TTL);
+        assert_eq!(grant_ttl(100, 200_000), ETCD_MIN_TTL);
+    }
+}

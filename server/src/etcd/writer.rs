@@ -1,0 +1,393 @@
+//! Updates and deletes as etcd transactions, planned from the mirror.
+//!
+//! An update reads the affiliate and the cluster's size from the mirror, checks the
+//! limits exactly as the memory backend does, and writes the result in one transaction
+//! that holds only if the affiliate's key is still at the revision the plan saw (and,
+//! when it creates the affiliate, the cluster's guard key too: every creation rewrites
+//! it, so two replicas cannot both pass the 1024 check). A failed condition means the
+//! mirror was behind: wait until it has caught up with etcd and plan again. Nothing is
+//! acknowledged before the mirror holds it, so a List or Watch on the same replica
+//! right after sees the write.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use super::client::{CallError, EtcdClient, EtcdOptions, Unavailable};
+use super::clock;
+use super::keys::{AffiliateValue, EndpointValue, Layout};
+use super::leases::Leases;
+use super::mirror::Mirror;
+use super::proto::etcdserverpb::{self as pb, compare, request_op};
+use crate::limits::{CLUSTER_AFFILIATES_MAX, ETCD_UPDATE_ATTEMPTS};
+use crate::state::{AffiliateView, State, StateError, Subscription, Update, affiliate};
+
+/// Why an update or delete did not happen.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Limit(#[from] StateError),
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+    #[error("etcd refused the transaction: {0}")]
+    Rejected(String),
+}
+
+impl From<WriteError> for tonic::Status {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Limit(e) => tonic::Status::resource_exhausted(e.to_string()),
+            WriteError::Unavailable(u) => u.into(),
+            WriteError::Rejected(m) => {
+                tonic::Status::internal(format!("etcd refused the request: {m}"))
+            }
+        }
+    }
+}
+
+impl From<CallError> for WriteError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Unavailable(u) => Self::Unavailable(u),
+            CallError::Rejected(s) => Self::Rejected(s.message().to_owned()),
+        }
+    }
+}
+
+/// The etcd backend of one replica: its client, its mirror and its leases.
+#[derive(Debug)]
+pub struct EtcdState {
+    client: EtcdClient,
+    layout: Layout,
+    mirror: Arc<Mirror>,
+    leases: Leases,
+}
+
+impl EtcdState {
+    /// Connects, reads everything once and starts following etcd; fails if etcd cannot
+    /// be read before the deadline, naming the endpoints.
+    pub async fn start(
+        options: &EtcdOptions,
+        prefix: &str,
+        state: State,
+        stop: CancellationToken,
+    ) -> anyhow::Result<(Arc<Self>, tokio::task::JoinHandle<()>)> {
+        let client = EtcdClient::new(options)?;
+        let layout = Layout::new(prefix);
+        let mirror = Mirror::new(state, layout.clone(), client.clone());
+        let revision = mirror.load().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the state from etcd at {}: {e}",
+                options.endpoints.join(",")
+            )
+        })?;
+        tracing::info!(revision, endpoints = %options.endpoints.join(","), prefix, "state loaded from etcd");
+        let task = tokio::spawn(mirror.clone().run(stop));
+        Ok((
+            Arc::new(Self {
+                client,
+                layout,
+                mirror,
+                leases: Leases::new(options.lease_bucket),
+            }),
+            task,
+        ))
+    }
+
+    pub fn client(&self) -> &EtcdClient {
+        &self.client
+    }
+
+    pub fn mirror(&self) -> &Mirror {
+        &self.mirror
+    }
+
+    /// Leases this replica currently uses (one per expiry bucket).
+    pub async fn lease_count(&self) -> usize {
+        self.leases.len().await
+    }
+
+    /// AffiliateUpdate with expiry `expiry` (request time + TTL), same rules as memory.
+    pub async fn update(
+        &self,
+        state: &State,
+        cluster: &str,
+        u: &Update<'_>,
+        expiry: Instant,
+    ) -> Result<(), WriteError> {
+        let endpoints = affiliate::distinct_endpoints(u.endpoints);
+        let expiry_ms = clock::unix_ms(expiry);
+        let mut last = String::new();
+        for _ in 0..ETCD_UPDATE_ATTEMPTS {
+            let now_ms = clock::now_ms();
+            let view = state.write_view(cluster, u.affiliate_id);
+            let plan = Plan::new(&view, u.data, &endpoints, expiry_ms, self.leases.width())?;
+            let txn = self
+                .transaction(cluster, u.affiliate_id, &view, &plan, now_ms)
+                .await?;
+            match self.client.txn(txn).await {
+                Ok(r) => {
+                    let revision = r.header.map(|h| h.revision).unwrap_or(0);
+                    if r.succeeded {
+                        return Ok(self.mirror.wait_for(revision).await?);
+                    }
+                    // The mirror was behind etcd: catch up, then plan again.
+                    last = format!("the affiliate changed concurrently (revision {revision})");
+                    self.mirror.barrier().await?;
+                }
+                Err(CallError::Rejected(s)) if s.message().contains("lease not found") => {
+                    last = s.message().to_owned();
+                    for l in plan.lease_expiries() {
+                        if let Ok(id) = self.leases.for_expiry(&self.client, l, now_ms).await {
+                            self.leases.forget(id).await;
+                        }
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(WriteError::Unavailable(Unavailable(format!(
+            "update kept conflicting after {ETCD_UPDATE_ATTEMPTS} attempts: {last}"
+        ))))
+    }
+
+    async fn transaction(
+        &self,
+        cluster: &str,
+        affiliate_id: &str,
+        view: &crate::state::WriteView,
+        plan: &Plan,
+        now_ms: i64,
+    ) -> Result<pb::TxnRequest, WriteError> {
+        let aff_key = self.layout.affiliate(cluster, affiliate_id);
+        let aff_lease = self
+            .leases
+            .for_expiry(&self.client, plan.expiry_ms, now_ms)
+            .await?;
+        let mut compare = vec![mod_revision_is(
+            aff_key.clone(),
+            view.current.as_ref().map_or(0, |a| a.revision()),
+        )];
+        let mut ops = vec![put(
+            aff_key,
+            AffiliateValue {
+                data_set: plan.data.is_some(),
+                expiry_ms: plan.expiry_ms,
+                data: plan.data.clone().unwrap_or_else(|| {
+                    view.current
+                        .as_ref()
+                        .map(|a| a.data().clone())
+                        .unwrap_or_default()
+                }),
+            }
+            .encode(),
+            aff_lease,
+        )];
+        if view.current.is_none() {
+            let guard = self.layout.guard(cluster);
+            compare.push(mod_revision_is(guard.clone(), view.guard_revision));
+            ops.push(put(guard, Vec::new(), aff_lease));
+        }
+        for e in &plan.endpoints {
+            // An endpoint never outlives its affiliate's lease: it goes with it, as in
+            // the memory backend, and no orphan is left behind.
+            let lease_expiry = e.expiry_ms.min(plan.expiry_ms);
+            let lease = self
+                .leases
+                .for_expiry(&self.client, lease_expiry, now_ms)
+                .await?;
+            ops.push(put(
+                self.layout.endpoint(cluster, affiliate_id, &e.blob),
+                EndpointValue {
+                    ordinal: e.ordinal,
+                    expiry_ms: e.expiry_ms,
+                }
+                .encode(),
+                lease,
+            ));
+        }
+        Ok(pb::TxnRequest {
+            compare,
+            success: ops,
+            failure: Vec::new(),
+        })
+    }
+
+    /// AffiliateDelete: the affiliate and its endpoints, in one revision.
+    pub async fn delete(&self, cluster: &str, affiliate_id: &str) -> Result<(), WriteError> {
+        let (start, end) = self.layout.endpoints(cluster, affiliate_id);
+        let txn = pb::TxnRequest {
+            compare: Vec::new(),
+            success: vec![
+                delete(self.layout.affiliate(cluster, affiliate_id), Vec::new()),
+                delete(start, end),
+            ],
+            failure: Vec::new(),
+        };
+        let r = self.client.txn(txn).await?;
+        let deleted: i64 = r
+            .responses
+            .iter()
+            .filter_map(|op| match &op.response {
+                Some(pb::response_op::Response::ResponseDeleteRange(d)) => Some(d.deleted),
+                _ => None,
+            })
+            .sum();
+        // Deleting nothing makes no revision, so there is nothing to wait for.
+        if deleted == 0 {
+            return Ok(());
+        }
+        let revision = r.header.map(|h| h.revision).unwrap_or(0);
+        Ok(self.mirror.wait_for(revision).await?)
+    }
+
+    /// List, after catching up with etcd.
+    pub async fn list(
+        &self,
+        state: &State,
+        cluster: &str,
+    ) -> Result<Vec<AffiliateView>, Unavailable> {
+        self.mirror.barrier().await?;
+        Ok(state.list(cluster))
+    }
+
+    /// Snapshot and subscription, after catching up with etcd.
+    pub async fn watch(
+        &self,
+        state: &State,
+        cluster: &str,
+        capacity: usize,
+    ) -> Result<(Vec<AffiliateView>, Subscription), Unavailable> {
+        self.mirror.barrier().await?;
+        Ok(state.watch(cluster, capacity))
+    }
+}
+
+/// One endpoint write of an update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EndpointWrite {
+    blob: Vec<u8>,
+    ordinal: u16,
+    expiry_ms: i64,
+}
+
+/// What an update writes, computed from the mirror's view with the memory backend's
+/// rules (data replaces and sets the expiry; otherwise the expiry only rises; each
+/// endpoint's expiry only rises; new endpoints are appended). Pure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Plan {
+    data: Option<bytes::Bytes>,
+    expiry_ms: i64,
+    endpoints: Vec<EndpointWrite>,
+}
+
+impl Plan {
+    fn new(
+        view: &crate::state::WriteView,
+        data: &[u8],
+        endpoints: &[bytes::Bytes],
+        expiry_ms: i64,
+        bucket_width: i64,
+    ) -> Result<Self, StateError> {
+        let bucket_end = |ms| super::leases::bucket_end(ms, bucket_width);
+        let current = match &view.current {
+            Some(a) => a.clone(),
+            None => {
+                if view.affiliates >= CLUSTER_AFFILIATES_MAX {
+                    return Err(StateError::TooManyAffiliates);
+                }
+                crate::state::Affiliate::new(clock::instant(expiry_ms))
+            }
+        };
+        current.check_endpoints(endpoints)?;
+        let data = (!data.is_empty()).then(|| bytes::Bytes::copy_from_slice(data));
+        let old_expiry = clock::unix_ms(current.expiry());
+        let aff_expiry = if data.is_some() || view.current.is_none() {
+            expiry_ms
+        } else {
+            old_expiry.max(expiry_ms)
+        };
+        let known = current.endpoints();
+        let mut writes = Vec::new();
+        let mut appended = 0u16;
+        // Endpoints the request does not name keep their value, but their lease may
+        // have to follow the affiliate's (it never outlives it).
+        for (i, e) in known.iter().enumerate() {
+            let own = clock::unix_ms(e.expiry);
+            let named = endpoints.iter().any(|b| b.as_ref() == e.blob.as_slice());
+            let new_own = if named { own.max(expiry_ms) } else { own };
+            let old_lease = bucket_end(own.min(old_expiry));
+            let new_lease = bucket_end(new_own.min(aff_expiry));
+            if new_lease != old_lease || (named && bucket_end(new_own) != bucket_end(own)) {
+                writes.push(EndpointWrite {
+                    blob: e.blob.to_vec(),
+                    ordinal: i as u16,
+                    expiry_ms: new_own,
+                });
+            }
+        }
+        for b in endpoints {
+            if known.iter().any(|e| e.blob.as_slice() == b.as_ref())
+                || writes.iter().any(|w| w.blob == b.as_ref())
+            {
+                continue;
+            }
+            writes.push(EndpointWrite {
+                blob: b.to_vec(),
+                ordinal: known.len() as u16 + appended,
+                expiry_ms,
+            });
+            appended += 1;
+        }
+        Ok(Self {
+            data,
+            expiry_ms: aff_expiry,
+            endpoints: writes,
+        })
+    }
+
+    /// The expiries whose leases this plan uses.
+    fn lease_expiries(&self) -> Vec<i64> {
+        let mut v = vec![self.expiry_ms];
+        v.extend(
+            self.endpoints
+                .iter()
+                .map(|e| e.expiry_ms.min(self.expiry_ms)),
+        );
+        v
+    }
+}
+
+fn mod_revision_is(key: Vec<u8>, revision: i64) -> pb::Compare {
+    pb::Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Mod as i32,
+        key: key.into(),
+        range_end: Default::default(),
+        target_union: Some(compare::TargetUnion::ModRevision(revision)),
+    }
+}
+
+fn put(key: Vec<u8>, value: Vec<u8>, lease: i64) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(request_op::Request::RequestPut(pb::PutRequest {
+            key: key.into(),
+            value: value.into(),
+            lease,
+            ..Default::default()
+        })),
+    }
+}
+
+fn delete(key: Vec<u8>, range_end: Vec<u8>) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(request_op::Request::RequestDeleteRange(
+            pb::DeleteRangeRequest {
+                key: key.into(),
+                range_end: range_end.into(),
+                ..Default::default()
+            },
+        )),
+    }
+}

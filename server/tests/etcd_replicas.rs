@@ -1,0 +1,436 @@
+//! Replicas sharing their state on a real etcd (Debian's `etcd-server`, started by the
+//! test on loopback): convergence across replicas, a replica killed under load, etcd
+//! members lost with and without quorum, TTLs as leases across replica restarts, and a
+//! replica that fell behind etcd's compaction.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::etcd::Etcd;
+use common::*;
+use discovery_service::proto::server::WatchResponse;
+use discovery_service::proto::server::cluster_client::ClusterClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Applies watch messages to a membership view, as a client does.
+fn apply(view: &mut BTreeMap<String, Vec<u8>>, m: WatchResponse) {
+    for a in m.affiliates {
+        if m.deleted {
+            view.remove(&a.id);
+        } else {
+            view.insert(a.id, a.data.to_vec());
+        }
+    }
+}
+
+/// Reads a watch until its view equals `want`, bounded.
+async fn watch_until(
+    what: &str,
+    stream: &mut tonic::Streaming<WatchResponse>,
+    view: &mut BTreeMap<String, Vec<u8>>,
+    want: &BTreeMap<String, Vec<u8>>,
+) {
+    within(what, async {
+        while view != want {
+            let m = stream.message().await.unwrap().expect("the stream goes on");
+            apply(view, m);
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn clients_spread_over_three_replicas_on_three_members_converge() {
+    let etcd = Etcd::start(3).await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(start(etcd.config("/converge/")).await);
+    }
+    let mut clients = Vec::new();
+    for r in &replicas {
+        clients.push(client(r).await);
+    }
+    // A watcher on every replica, opened before anything is written.
+    let mut watches = Vec::new();
+    for c in &mut clients {
+        let mut w = c.watch(watch_req("c")).await.unwrap().into_inner();
+        assert!(next(&mut w).await.unwrap().unwrap().affiliates.is_empty());
+        watches.push((w, BTreeMap::new()));
+    }
+    // 30 nodes, each talking to its own replica, some updating twice.
+    let mut want = BTreeMap::new();
+    for i in 0..30 {
+        let c = &mut clients[i % 3];
+        let id = format!("node{i}");
+        c.affiliate_update(update("c", &id, "first", &[&format!("ep{i}")], 60))
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            // Another replica updates the same affiliate: one affiliate, latest data.
+            clients[(i + 1) % 3]
+                .affiliate_update(update("c", &id, "second", &["shared"], 60))
+                .await
+                .unwrap();
+            want.insert(id, b"second".to_vec());
+        } else {
+            want.insert(id, b"first".to_vec());
+        }
+    }
+    for (i, (w, view)) in watches.iter_mut().enumerate() {
+        watch_until(&format!("watcher on replica {i}"), w, view, &want).await;
+    }
+    // Every replica lists the same membership, endpoints merged across replicas.
+    for c in &mut clients {
+        let l = list(c, "c").await;
+        let got: BTreeMap<String, Vec<u8>> =
+            l.iter().map(|a| (a.id.clone(), a.data.to_vec())).collect();
+        assert_eq!(got, want);
+        let node0 = l.iter().find(|a| a.id == "node0").unwrap();
+        assert_eq!(node0.endpoints, vec![b("ep0"), b("shared")]);
+    }
+    for r in replicas {
+        r.shutdown().await.unwrap();
+    }
+}
+
+/// A replica as its own process, so it can be SIGKILLed like a lost machine.
+struct Process {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Process {
+    async fn start(etcd: &Etcd, prefix: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_discovery-service"))
+            .args([
+                format!("--addr={addr}"),
+                "--landing-addr=".into(),
+                "--metrics-addr=".into(),
+                "--state-backend=etcd".into(),
+                format!("--etcd-endpoints={}", etcd.endpoints().join(",")),
+                format!("--etcd-prefix={prefix}"),
+                "--rate-limit-per-second=1000000000".into(),
+                "--rate-limit-burst=1000000".into(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        within("replica listening", async {
+            while tokio::net::TcpStream::connect(addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        Self { child, addr }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn a_replica_killed_mid_load_loses_no_acknowledged_update() {
+    let etcd = Etcd::start(3).await;
+    let mut doomed = Process::start(&etcd, "/kill/").await;
+    let survivor = Process::start(&etcd, "/kill/").await;
+    let mut on_doomed = client_at(doomed.addr).await;
+    let mut w = on_doomed.watch(watch_req("c")).await.unwrap().into_inner();
+    next(&mut w).await.unwrap().unwrap();
+
+    // Writers update their node with increasing versions; what was acknowledged is
+    // recorded. Each switches replica when its own is gone, as Talos's client does.
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u32)>();
+    let (doomed_addr, survivor_addr) = (doomed.addr, survivor.addr);
+    let mut writers = Vec::new();
+    for n in 0..4 {
+        let acked = acked_tx.clone();
+        writers.push(tokio::spawn(async move {
+            let id = format!("node{n}");
+            let mut c = client_at(doomed_addr).await;
+            let mut switched = false;
+            for v in 0..400u32 {
+                match c
+                    .affiliate_update(update("c", &id, &format!("v{v:05}"), &[], 60))
+                    .await
+                {
+                    Ok(_) => {
+                        acked.send((id.clone(), v)).unwrap();
+                    }
+                    Err(_) if !switched => {
+                        switched = true;
+                        c = client_at(survivor_addr).await;
+                    }
+                    Err(s) => panic!("the surviving replica refused: {s:?}"),
+                }
+            }
+        }));
+    }
+    drop(acked_tx);
+    // Kill once the load is well under way.
+    let mut acked: BTreeMap<String, u32> = BTreeMap::new();
+    while acked.values().map(|v| *v as usize).sum::<usize>() < 200 {
+        let (id, v) = within("acknowledged updates", acked_rx.recv())
+            .await
+            .unwrap();
+        acked.insert(id, v);
+    }
+    doomed.kill();
+    // The watcher's stream breaks; it reconnects to the survivor and gets a snapshot.
+    let broke = within("watch breaks", async {
+        loop {
+            match w.message().await {
+                Ok(Some(_)) => continue,
+                end => return end,
+            }
+        }
+    })
+    .await;
+    assert!(
+        broke.is_err(),
+        "the stream ends with an error, not OK: {broke:?}"
+    );
+    for wr in writers {
+        within("writers", wr).await.unwrap();
+    }
+    while let Some((id, v)) = acked_rx.recv().await {
+        acked.insert(id, v);
+    }
+    let mut on_survivor = client_at(survivor.addr).await;
+    let mut w = on_survivor
+        .watch(watch_req("c"))
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = next(&mut w).await.unwrap().unwrap();
+    assert!(!snapshot.deleted);
+    let stored: BTreeMap<String, u32> = snapshot
+        .affiliates
+        .iter()
+        .map(|a| {
+            (
+                a.id.clone(),
+                String::from_utf8_lossy(&a.data)[1..].parse().unwrap(),
+            )
+        })
+        .collect();
+    for (id, v) in &acked {
+        assert!(
+            stored[id] >= *v,
+            "{id}: acknowledged v{v}, stored v{}",
+            stored[id]
+        );
+    }
+    assert_eq!(stored.len(), 4);
+    assert!(
+        acked.values().all(|v| *v == 399),
+        "every writer finished: {acked:?}"
+    );
+}
+
+async fn try_update(
+    c: &mut ClusterClient<Channel>,
+    id: &str,
+    data: &str,
+) -> Result<(), tonic::Status> {
+    c.affiliate_update(update("c", id, data, &[], 300))
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn losing_one_etcd_member_is_invisible_and_losing_two_is_unavailable_until_they_return() {
+    let mut etcd = Etcd::start(3).await;
+    let replica = start(etcd.config("/quorum/")).await;
+    let mut c = client(&replica).await;
+    try_update(&mut c, "before", "d").await.unwrap();
+    let mut w = c.watch(watch_req("c")).await.unwrap().into_inner();
+    assert_eq!(next(&mut w).await.unwrap().unwrap().affiliates.len(), 1);
+
+    // One member down, quorum kept: every call succeeds and the watch keeps going.
+    etcd.kill(0);
+    for i in 0..20 {
+        try_update(&mut c, &format!("one-down-{i}"), "d")
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut w).await.unwrap().unwrap().affiliates[0].id,
+            format!("one-down-{i}")
+        );
+    }
+    assert_eq!(list(&mut c, "c").await.len(), 21);
+
+    // Two down: no quorum. Calls fail with UNAVAILABLE (bounded), nothing changes.
+    etcd.kill(1);
+    let refused = within(
+        "update without quorum",
+        try_update(&mut c, "no-quorum", "d"),
+    )
+    .await;
+    assert_eq!(refused.unwrap_err().code(), Code::Unavailable);
+    let listed = within("list without quorum", c.list(list_req("c"))).await;
+    assert_eq!(listed.unwrap_err().code(), Code::Unavailable);
+
+    // They come back: service resumes, on the same connection, with nothing lost.
+    etcd.restart(0);
+    etcd.restart(1);
+    etcd.wait_ready().await;
+    within("update after quorum returns", async {
+        loop {
+            match try_update(&mut c, "after", "d").await {
+                Ok(()) => return,
+                Err(s) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let ids: BTreeSet<String> = list(&mut c, "c").await.into_iter().map(|a| a.id).collect();
+    assert_eq!(ids.len(), 22, "{ids:?}");
+    assert!(ids.contains("before") && ids.contains("after") && !ids.contains("no-quorum"));
+    replica.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn ttls_are_shared_leases_and_expire_across_replica_restarts() {
+    let etcd = Etcd::start(1).await;
+    let mut cfg = etcd.config("/ttl/");
+    cfg.etcd_lease_bucket = Duration::from_secs(1);
+    let first = start(cfg.clone()).await;
+    let mut c = client(&first).await;
+    let leases_before = etcd.client().lease_count().await.unwrap();
+    for i in 0..200 {
+        c.affiliate_update(update("c", &format!("n{i}"), "d", &["e"], 3))
+            .await
+            .unwrap();
+    }
+    let used = etcd.client().lease_count().await.unwrap() - leases_before;
+    // 200 affiliates and 200 endpoints written within a few seconds: a lease per
+    // one-second bucket, not per key.
+    assert!(used <= 6, "{used} leases for 200 affiliates");
+    first.shutdown().await.unwrap();
+
+    // A new replica finds them in etcd, then sees them expire with nobody left to
+    // run a GC: etcd's leases do it. 200 deletions at once overrun a watcher's buffer,
+    // so the watcher resubscribes as Talos's client does, and its view converges.
+    let second = start(cfg).await;
+    let mut c = client(&second).await;
+    assert_eq!(list(&mut c, "c").await.len(), 200);
+    within("every affiliate expires", async {
+        loop {
+            let mut w = c.watch(watch_req("c")).await.unwrap().into_inner();
+            let mut view = BTreeMap::new();
+            apply(&mut view, w.message().await.unwrap().unwrap());
+            while !view.is_empty() {
+                match w.message().await {
+                    Ok(Some(m)) => apply(&mut view, m),
+                    Err(s) if s.code() == Code::Aborted => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            if view.is_empty() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(list(&mut c, "c").await.is_empty());
+    second.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_behind_compaction_restarts_its_watchers_with_a_fresh_snapshot() {
+    let mut etcd = Etcd::start(3).await;
+    let endpoints = etcd.endpoints();
+    // The lagging replica reaches etcd through member 0 only; the other through 1 and 2.
+    let mut lag_cfg = etcd.config("/compact/");
+    lag_cfg.etcd_endpoints = vec![endpoints[0].clone()];
+    let mut other_cfg = etcd.config("/compact/");
+    other_cfg.etcd_endpoints = endpoints[1..].to_vec();
+    let lagging = start(lag_cfg).await;
+    let other = start(other_cfg).await;
+    let mut c_lag = client(&lagging).await;
+    let mut c_other = client(&other).await;
+    try_update(&mut c_other, "old", "d").await.unwrap();
+    let mut w = c_lag.watch(watch_req("c")).await.unwrap().into_inner();
+    assert_eq!(next(&mut w).await.unwrap().unwrap().affiliates.len(), 1);
+
+    // Member 0 goes away: the lagging replica's watch cannot follow. Meanwhile the
+    // cluster moves on and compacts the history the replica would need.
+    etcd.kill(0);
+    for i in 0..10 {
+        try_update(&mut c_other, &format!("new{i}"), "d")
+            .await
+            .unwrap();
+    }
+    c_other
+        .affiliate_delete(discovery_service::proto::server::AffiliateDeleteRequest {
+            cluster_id: "c".into(),
+            affiliate_id: "old".into(),
+        })
+        .await
+        .unwrap();
+    let mut history =
+        discovery_service::etcd::EtcdClient::new(&discovery_service::etcd::EtcdOptions {
+            endpoints: endpoints[1..].to_vec(),
+            ..Default::default()
+        })
+        .unwrap();
+    let revision = history
+        .range(discovery_service::etcd::proto::etcdserverpb::RangeRequest {
+            key: b"x"[..].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .header
+        .unwrap()
+        .revision;
+    history.compact(revision).await.unwrap();
+    let _ = &mut history;
+    etcd.restart(0);
+
+    // The watcher is ended (it cannot be told what it missed) and a new one gets the
+    // state as it is now: "old" deleted, the ten new ones there.
+    let ended = within("the lagging watch ends", async {
+        loop {
+            match w.message().await {
+                Ok(Some(_)) => continue,
+                end => return end,
+            }
+        }
+    })
+    .await;
+    assert_refused(ended, Code::Aborted, "subscription canceled: lost update");
+    let mut w = c_lag.watch(watch_req("c")).await.unwrap().into_inner();
+    let ids: BTreeSet<String> = next(&mut w)
+        .await
+        .unwrap()
+        .unwrap()
+        .affiliates
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(ids, (0..10).map(|i| format!("new{i}")).collect());
+    lagging.shutdown().await.unwrap();
+    other.shutdown().await.unwrap();
+}
