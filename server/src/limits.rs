@@ -52,7 +52,10 @@ pub const ETCD_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const ETCD_CALL_DEADLINE: Duration = Duration::from_secs(8);
 /// How long List and Watch wait for this replica's mirror to reach etcd's revision.
 pub const ETCD_BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Times an update is planned again after a concurrent change of its affiliate.
-pub const ETCD_UPDATE_ATTEMPTS: usize = 16;
 /// Keys per range read when the mirror reads everything.
 pub const ETCD_RANGE_PAGE: i64 = 2000;
+/// Most operations (conditions or writes) in one batched etcd transaction: etcd's
+/// default `--max-txn-ops` is 128.
+pub const ETCD_BATCH_OPS: usize = 128;
+/// Most bytes in one batched etcd transaction: etcd's default request limit is 1.5 MiB.
+pub const ETCD_BATCH_BYTES: usize = 1 << 20;

@@ -22,13 +22,19 @@
 //!   timing of the snapshot save on SIGTERM (≤ 200 ms) and load at start (≤ 300 ms).
 //! - `snapshot.rs`: the same save and load in this process, step by step, with the
 //!   disk's own write + fsync speed for comparison.
+//! - `etcd.rs`: the etcd state backend on a real etcd member started for it, side by
+//!   side with the memory backend: AffiliateUpdate calls/s on 1 replica against etcd's
+//!   own put rate (target ≥ 1.0×; 3 replicas and memory informational), watch fan-out
+//!   p99 against the memory backend's (≤ 2×), RSS with 10k affiliates against the
+//!   memory backend's (≤ 1.0×).
 //!
-//! `DISCOVERY_BENCH=throughput,fanout,memory,snapshot` picks phases (default: all);
+//! `DISCOVERY_BENCH=throughput,fanout,memory,snapshot,etcd` picks phases (default: all);
 //! `DISCOVERY_BENCH_KEEP=1` keeps the work directory (logs, snapshot files);
 //! `DISCOVERY_BENCH_BEFORE=<discovery-service binary>` adds another build to the
 //! throughput rounds, for before/after figures from one run.
 
 mod client;
+mod etcd;
 mod fanout;
 mod logs;
 mod memory;
@@ -56,7 +62,7 @@ fn main() {
         return;
     }
     let phases = std::env::var("DISCOVERY_BENCH")
-        .unwrap_or_else(|_| "throughput,fanout,memory,snapshot".into());
+        .unwrap_or_else(|_| "throughput,fanout,memory,snapshot,etcd".into());
     let want = |p: &str| phases.split(',').any(|x| x.trim() == p);
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     println!("load average at start: {}", load_average());
@@ -98,6 +104,9 @@ fn main() {
     }
     if want("snapshot") {
         show(snapshot::run(dir.path()));
+    }
+    if want("etcd") {
+        show(rt.block_on(etcd::run(dir.path())));
     }
     println!("load average at end: {}", load_average());
     if std::env::var_os("DISCOVERY_BENCH_KEEP").is_some() {

@@ -1,6 +1,7 @@
-//! Server processes: the real binary and the no-op baseline (this bench binary
-//! re-executed), each in its own process so `/proc/<pid>/stat` gives its CPU time
-//! alone, with no bookkeeping inside the server under test.
+//! Server processes: the real binary (on the memory or the etcd backend) and the no-op
+//! baseline (this bench binary re-executed), each in its own process so
+//! `/proc/<pid>/stat` gives its CPU time alone, with no bookkeeping inside the server
+//! under test.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -95,16 +96,7 @@ impl ServerProcess {
 
     /// (VmRSS, VmHWM) in bytes.
     pub fn rss(&self) -> (u64, u64) {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let field = |name: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0)
-                * 1024
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        rss_of(self.pid())
     }
 
     /// SIGTERM and wait (bounded) for the graceful exit; its log lines if it exited
@@ -133,6 +125,20 @@ impl Drop for ServerProcess {
     }
 }
 
+/// (VmRSS, VmHWM) of process `pid` in bytes, from `/proc/<pid>/status`.
+pub fn rss_of(pid: u32) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 /// utime + stime of `/proc/<pid>/stat` (`pid` may be `self`).
 pub fn cpu_of(pid: &str) -> Duration {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -157,13 +163,31 @@ pub fn real_server(dir: &Path, log_name: &str, snapshot: Option<&Path>) -> Serve
         dir,
         log_name,
         snapshot,
+        &[],
+    )
+}
+
+/// The real binary as [`real_server`] starts it, but on the etcd backend
+/// (`--state-backend etcd`) at `endpoint` under `prefix`; it is listening once its
+/// mirror has read everything under the prefix.
+pub fn etcd_server(dir: &Path, log_name: &str, endpoint: &str, prefix: &str) -> ServerProcess {
+    server_binary(
+        Path::new(env!("CARGO_BIN_EXE_discovery-service")),
+        dir,
+        log_name,
+        None,
+        &[
+            "--state-backend=etcd".to_owned(),
+            format!("--etcd-endpoints={endpoint}"),
+            format!("--etcd-prefix={prefix}"),
+        ],
     )
 }
 
 /// Another build of `discovery-service` (`DISCOVERY_BENCH_BEFORE`), started as
 /// [`real_server`] starts this one.
 pub fn before_server(binary: &Path, dir: &Path) -> ServerProcess {
-    server_binary(binary, dir, "before.log", None)
+    server_binary(binary, dir, "before.log", None, &[])
 }
 
 fn server_binary(
@@ -171,6 +195,7 @@ fn server_binary(
     dir: &Path,
     log_name: &str,
     snapshot: Option<&Path>,
+    extra: &[String],
 ) -> ServerProcess {
     let mut cmd = Command::new(binary);
     cmd.args([
@@ -189,6 +214,7 @@ fn server_binary(
             cmd.arg("--snapshots-enabled=false");
         }
     }
+    cmd.args(extra);
     cmd.env_remove("RUST_LOG").env_remove("MODE");
     ServerProcess::start("discovery-service", cmd, dir.join(log_name))
 }

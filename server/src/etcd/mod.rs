@@ -1,7 +1,8 @@
 //! The etcd state backend (`--state-backend etcd`): replicas share clusters through
 //! etcd, so any replica serves any cluster and losing a machine loses nothing.
 //!
-//! Writes go to etcd as transactions ([`writer`]); every replica reads the prefix
+//! Writes go to etcd as transactions ([`writer`]), concurrent ones batched into one
+//! ([`batch`]); every replica reads the prefix
 //! back through one etcd watch into an in-memory mirror ([`mirror`]), the same
 //! [`State`](crate::state::State) the memory backend uses, from which it answers List
 //! and Watch and computes `/metrics`, `/inspect` and `/stats`. Because the mirror applies
@@ -9,6 +10,7 @@
 //! every later change follows exactly once. TTLs are etcd leases shared per expiry
 //! bucket ([`leases`]); the key and value layout is in [`keys`].
 
+pub mod batch;
 pub mod client;
 pub mod clock;
 pub mod keys;

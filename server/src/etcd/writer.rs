@@ -14,13 +14,14 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
+use super::batch::{Batcher, Outcome};
 use super::client::{CallError, EtcdClient, EtcdOptions, Unavailable};
 use super::clock;
 use super::keys::{AffiliateValue, EndpointValue, Layout};
 use super::leases::Leases;
 use super::mirror::Mirror;
 use super::proto::etcdserverpb::{self as pb, compare, request_op};
-use crate::limits::{CLUSTER_AFFILIATES_MAX, ETCD_UPDATE_ATTEMPTS};
+use crate::limits::{CLUSTER_AFFILIATES_MAX, ETCD_CALL_DEADLINE};
 use crate::state::{AffiliateView, State, StateError, Subscription, Update, affiliate};
 
 /// Why an update or delete did not happen.
@@ -62,6 +63,7 @@ pub struct EtcdState {
     layout: Layout,
     mirror: Arc<Mirror>,
     leases: Leases,
+    batcher: Batcher,
 }
 
 impl EtcdState {
@@ -86,10 +88,11 @@ impl EtcdState {
         let task = tokio::spawn(mirror.clone().run(stop));
         Ok((
             Arc::new(Self {
-                client,
+                client: client.clone(),
                 layout,
                 mirror,
                 leases: Leases::new(options.lease_bucket),
+                batcher: Batcher::start(client.clone()),
             }),
             task,
         ))
@@ -119,22 +122,27 @@ impl EtcdState {
         let endpoints = affiliate::distinct_endpoints(u.endpoints);
         let expiry_ms = clock::unix_ms(expiry);
         let mut last = String::new();
-        for _ in 0..ETCD_UPDATE_ATTEMPTS {
+        // Every conflict means another update went through, so this ends; the
+        // deadline only bounds a pathological pile-up on one cluster.
+        let deadline = tokio::time::Instant::now() + ETCD_CALL_DEADLINE;
+        while tokio::time::Instant::now() < deadline {
             let now_ms = clock::now_ms();
             let view = state.write_view(cluster, u.affiliate_id);
             let plan = Plan::new(&view, u.data, &endpoints, expiry_ms, self.leases.width())?;
             let txn = self
                 .transaction(cluster, u.affiliate_id, &view, &plan, now_ms)
                 .await?;
-            match self.client.txn(txn).await {
-                Ok(r) => {
-                    let revision = r.header.map(|h| h.revision).unwrap_or(0);
-                    if r.succeeded {
-                        return Ok(self.mirror.wait_for(revision).await?);
-                    }
+            match self.batcher.commit(txn).await {
+                Ok(Outcome::Committed(revision)) => {
+                    return Ok(self.mirror.wait_for(revision).await?);
+                }
+                Ok(Outcome::Conflict(seen)) => {
                     // The mirror was behind etcd: catch up, then plan again.
-                    last = format!("the affiliate changed concurrently (revision {revision})");
-                    self.mirror.barrier().await?;
+                    last = "the affiliate or its cluster kept changing concurrently".into();
+                    match seen {
+                        Some(revision) => self.mirror.wait_for(revision).await?,
+                        None => self.mirror.barrier().await?,
+                    }
                 }
                 Err(CallError::Rejected(s)) if s.message().contains("lease not found") => {
                     last = s.message().to_owned();
@@ -148,7 +156,7 @@ impl EtcdState {
             }
         }
         Err(WriteError::Unavailable(Unavailable(format!(
-            "update kept conflicting after {ETCD_UPDATE_ATTEMPTS} attempts: {last}"
+            "no update went through within {ETCD_CALL_DEADLINE:?}: {last}"
         ))))
     }
 
@@ -207,10 +215,21 @@ impl EtcdState {
                 lease,
             ));
         }
+        // On a failed condition, read the compared keys back (see `batch::Outcome`).
+        let failure = compare
+            .iter()
+            .map(|c| pb::RequestOp {
+                request: Some(request_op::Request::RequestRange(pb::RangeRequest {
+                    key: c.key.clone(),
+                    keys_only: true,
+                    ..Default::default()
+                })),
+            })
+            .collect();
         Ok(pb::TxnRequest {
             compare,
             success: ops,
-            failure: Vec::new(),
+            failure,
         })
     }
 

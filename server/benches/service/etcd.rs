@@ -1,0 +1,692 @@
+//! The etcd state backend (`--state-backend etcd`) side by side with the memory backend
+//! and with etcd itself, in one run against one etcd member started here (Debian's
+//! `etcd`, loopback ports, data in the work directory, `--log-level error`, killed at
+//! the end). Each sub-measurement writes under its own etcd prefix, so their data never
+//! mix. All servers are the real binary, each in its own process (`procs.rs`).
+//!
+//! - Throughput: AffiliateUpdate calls/s and latency, 64 in flight, over the requests
+//!   of `throughput.rs` (1000 clusters × 16 affiliates, 1 KiB data, 2 endpoints, TTL
+//!   30 min), against the memory backend, one replica on etcd, and three replicas on
+//!   etcd sharing one prefix (one connection to each; task `t` of the 64 calls replica
+//!   `t % 3`, so 22 + 21 + 21 in flight). The baseline is etcd itself doing one put per
+//!   call, with a lease granted up front, of exactly the key and value a replica writes
+//!   for that request's affiliate (its 1 KiB data plus a 9-byte header), over one
+//!   connection of the library's `EtcdClient`, the client the replicas use. The four
+//!   share one load generator ([`closed_loop`]: `client::closed_loop`'s loop, bound
+//!   and bookkeeping, for any call) and take turns in short rounds, the order rotating,
+//!   as in `throughput.rs`. Each first sends its whole pool once, so the rounds update
+//!   existing affiliates (for the replicas: one transaction with the affiliate's put,
+//!   plus its endpoints' puts when its 5 s lease bucket moved on) rather than create
+//!   them. CPU per call is utime + stime over exactly a contender's rounds, of its
+//!   replicas and of the etcd member. Target: one replica's calls/s ≥ 1.0× etcd's own
+//!   put rate; the rest is informational.
+//! - Fan-out: `fanout.rs`'s method (1000 watchers of one cluster, each on its own
+//!   connection, a writer on another; a round is one AffiliateUpdate carrying its
+//!   sequence number, timed until the 1000th watcher got it), on the memory backend
+//!   and on one replica on etcd, rounds alternating. Target: etcd p99 ≤ 2× memory's.
+//! - Memory: 10,000 affiliates (100 clusters × 100, shaped as above) loaded through the
+//!   gRPC API, 64 in flight, into the memory backend and into one replica on etcd; VmRSS
+//!   of each server process after the load. Target: the replica's ≤ 1.0× the memory
+//!   backend's. Informational: both idle before the load, a second replica started
+//!   after it (its mirror reads the 10,000 from etcd at start), the etcd member's own
+//!   RSS (it holds every earlier sub-measurement's data and history too).
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use discovery_service::etcd::keys::{AffiliateValue, Layout};
+use discovery_service::etcd::proto::etcdserverpb::{PutRequest, RangeRequest};
+use discovery_service::etcd::{EtcdClient, EtcdOptions, clock};
+use discovery_service::proto::server::{AffiliateUpdateRequest, ListRequest, WatchRequest};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
+
+use crate::client::{self, CALL_TIMEOUT, Client, Run};
+use crate::procs::{self, PROCESS_WAIT, ServerProcess, cpu_of, rss_of};
+use crate::report::{Figure, Target};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The etcd prefix of each sub-measurement.
+const PREFIX_PUT: &str = "/bench/put/";
+const PREFIX_ONE: &str = "/bench/throughput-1/";
+const PREFIX_THREE: &str = "/bench/throughput-3/";
+const PREFIX_FANOUT: &str = "/bench/fanout/";
+const PREFIX_RSS: &str = "/bench/rss/";
+
+pub async fn run(dir: &Path) -> Vec<Figure> {
+    let member = Member::start(dir);
+    member.wait_ready().await;
+    eprintln!("etcd member pid {} at {}", member.pid(), member.endpoint);
+    let mut figures = throughput(dir, &member).await;
+    figures.extend(fanout(dir, &member).await);
+    figures.extend(memory(dir, &member).await);
+    drop(member);
+    figures
+}
+
+// ---------------------------------------------------------------------------------
+// The etcd member.
+
+/// One etcd member on loopback; killed when dropped (or when this process dies).
+struct Member {
+    child: Child,
+    endpoint: String,
+}
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Member {
+    /// The flags of `tests/common/etcd.rs`, for a single member.
+    fn start(dir: &Path) -> Self {
+        let endpoint = format!("http://127.0.0.1:{}", free_port());
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let data = dir.join("etcd-data");
+        let log = fs::File::create(dir.join("etcd.log")).expect("create etcd log");
+        let mut cmd = Command::new("etcd");
+        cmd.args([
+            "--name",
+            "bench",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-client-urls",
+            &endpoint,
+            "--advertise-client-urls",
+            &endpoint,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("bench={peer}"),
+            "--initial-cluster-state",
+            "new",
+            "--logger",
+            "zap",
+            "--log-level",
+            "error",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+        // The member dies with this process even if the bench panics or is killed (the
+        // spawning thread is the main thread, which lives as long as the process).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .expect("spawn etcd (Debian's etcd-server, as `scripts/test` installs)");
+        Self { child, endpoint }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn client(&self) -> EtcdClient {
+        EtcdClient::new(&EtcdOptions {
+            endpoints: vec![self.endpoint.clone()],
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// Waits (bounded) until a linearizable read succeeds.
+    async fn wait_ready(&self) {
+        let client = self.client();
+        let deadline = Instant::now() + PROCESS_WAIT;
+        loop {
+            let req = RangeRequest {
+                key: b"ready"[..].into(),
+                ..Default::default()
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, client.range(req)).await {
+                Ok(Ok(_)) => return,
+                _ if Instant::now() > deadline => panic!("etcd did not become ready"),
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Throughput.
+
+const IN_FLIGHT: usize = 64;
+const ROUNDS: usize = 8;
+const ROUND: Duration = Duration::from_secs(1);
+const WARM_UP: Duration = Duration::from_secs(2);
+
+/// One call of a contender: `(task, request index)` → succeeded.
+type Call = Arc<dyn Fn(usize, usize) -> BoxFuture<'static, bool> + Send + Sync>;
+
+#[derive(Clone, Copy)]
+enum Until {
+    Elapsed(Duration),
+    /// Every request index below this sent once.
+    Sent(usize),
+}
+
+/// `client::closed_loop` for any call: `in_flight` tasks, each calling `call(task, i)`
+/// for the next request index `i` as soon as its previous call returned, each call
+/// bounded by [`CALL_TIMEOUT`].
+async fn closed_loop(in_flight: usize, until: Until, call: Call) -> Run {
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|task| {
+            let call = call.clone();
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut run = Run::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let over = match until {
+                        Until::Elapsed(d) => start.elapsed() >= d,
+                        Until::Sent(n) => i >= n,
+                    };
+                    if over {
+                        break;
+                    }
+                    let t = Instant::now();
+                    let r = tokio::time::timeout(CALL_TIMEOUT, call(task, i)).await;
+                    let done = Instant::now();
+                    let latency = done - t;
+                    run.latencies
+                        .push(latency.as_micros().min(u32::MAX as u128) as u32);
+                    if matches!(r, Ok(true)) {
+                        run.calls += 1;
+                        run.completions.push((done, latency));
+                    } else {
+                        run.errors += 1;
+                    }
+                }
+                run
+            })
+        })
+        .collect();
+    let mut total = Run::default();
+    for t in tasks {
+        total.absorb(t.await.unwrap());
+    }
+    total.elapsed = start.elapsed();
+    total
+}
+
+/// AffiliateUpdate of request `i % pool.len()`, task `t` over connection `t % n`.
+fn update_calls(clients: Vec<Client>, pool: Arc<Vec<AffiliateUpdateRequest>>) -> Call {
+    Arc::new(move |task, i| {
+        let mut c = clients[task % clients.len()].clone();
+        let req = pool[i % pool.len()].clone();
+        Box::pin(async move { c.affiliate_update(req).await.is_ok() })
+    })
+}
+
+/// A plain etcd put of request `i % pool.len()`.
+fn put_calls(etcd: EtcdClient, pool: Arc<Vec<PutRequest>>) -> Call {
+    Arc::new(move |_, i| {
+        let etcd = etcd.clone();
+        let req = pool[i % pool.len()].clone();
+        Box::pin(async move { etcd.put(req).await.is_ok() })
+    })
+}
+
+/// For each update, the put of its affiliate's key and value as a replica encodes
+/// them (under [`PREFIX_PUT`]), with `lease`.
+fn put_pool(updates: &[AffiliateUpdateRequest], lease: i64) -> Vec<PutRequest> {
+    let layout = Layout::new(PREFIX_PUT);
+    let expiry_ms = clock::now_ms() + 30 * 60 * 1000;
+    updates
+        .iter()
+        .map(|u| PutRequest {
+            key: layout.affiliate(&u.cluster_id, &u.affiliate_id).into(),
+            value: AffiliateValue {
+                data_set: true,
+                expiry_ms,
+                data: u.affiliate_data.clone().unwrap_or_default(),
+            }
+            .encode()
+            .into(),
+            lease,
+            ..Default::default()
+        })
+        .collect()
+}
+
+struct Contender<'a> {
+    name: &'static str,
+    /// The server processes it calls (none for etcd's own puts).
+    servers: Vec<&'a ServerProcess>,
+    etcd_pid: String,
+    call: Call,
+    pool_len: usize,
+    run: Run,
+    server_cpu: Duration,
+    etcd_cpu: Duration,
+}
+
+impl Contender<'_> {
+    fn servers_cpu(&self) -> Duration {
+        self.servers.iter().map(|s| s.cpu()).sum()
+    }
+
+    /// Every request of the pool once, unmeasured.
+    async fn preload(&self) {
+        let run = closed_loop(IN_FLIGHT, Until::Sent(self.pool_len), self.call.clone()).await;
+        assert_eq!(
+            run.errors, 0,
+            "{}: calls failed while preloading",
+            self.name
+        );
+    }
+
+    async fn round(&mut self, d: Duration) {
+        let (s0, e0) = (self.servers_cpu(), cpu_of(&self.etcd_pid));
+        let run = closed_loop(IN_FLIGHT, Until::Elapsed(d), self.call.clone()).await;
+        let (s1, e1) = (self.servers_cpu(), cpu_of(&self.etcd_pid));
+        self.run.absorb(run);
+        self.server_cpu += s1 - s0;
+        self.etcd_cpu += e1 - e0;
+    }
+
+    fn reset(&mut self) {
+        self.run = Run::default();
+        self.server_cpu = Duration::ZERO;
+        self.etcd_cpu = Duration::ZERO;
+    }
+
+    fn rate(&self) -> f64 {
+        self.run.calls as f64 / self.run.elapsed.as_secs_f64()
+    }
+
+    fn per_call_us(&self, cpu: Duration) -> f64 {
+        cpu.as_secs_f64() * 1e6 / self.run.calls.max(1) as f64
+    }
+
+    fn latency_us(&mut self, q: f64) -> f64 {
+        f64::from(client::quantile(&mut self.run.latencies, q))
+    }
+}
+
+async fn throughput(dir: &Path, member: &Member) -> Vec<Figure> {
+    let memory = procs::real_server(dir, "etcd-throughput-memory.log", None);
+    let one = procs::etcd_server(dir, "etcd-throughput-1.log", &member.endpoint, PREFIX_ONE);
+    let three: Vec<ServerProcess> = (0..3)
+        .map(|i| {
+            let log = format!("etcd-throughput-3-{i}.log");
+            procs::etcd_server(dir, &log, &member.endpoint, PREFIX_THREE)
+        })
+        .collect();
+    let pool = Arc::new(client::updates(1000, 16));
+    let etcd = member.client();
+    let lease = tokio::time::timeout(CALL_TIMEOUT, etcd.lease_grant(2 * 3600))
+        .await
+        .expect("lease grant timed out")
+        .expect("lease grant")
+        .id;
+    let puts = Arc::new(put_pool(&pool, lease));
+    let etcd_pid = member.pid().to_string();
+    let mut connections = Vec::new();
+    for s in &three {
+        connections.push(client::connect(s.addr).await);
+    }
+    let mut contenders = vec![
+        Contender {
+            name: "etcd put",
+            servers: Vec::new(),
+            etcd_pid: etcd_pid.clone(),
+            call: put_calls(etcd, puts),
+            pool_len: pool.len(),
+            run: Run::default(),
+            server_cpu: Duration::ZERO,
+            etcd_cpu: Duration::ZERO,
+        },
+        Contender {
+            name: "etcd, 1 replica",
+            servers: vec![&one],
+            etcd_pid: etcd_pid.clone(),
+            call: update_calls(vec![client::connect(one.addr).await], pool.clone()),
+            pool_len: pool.len(),
+            run: Run::default(),
+            server_cpu: Duration::ZERO,
+            etcd_cpu: Duration::ZERO,
+        },
+        Contender {
+            name: "etcd, 3 replicas",
+            servers: three.iter().collect(),
+            etcd_pid: etcd_pid.clone(),
+            call: update_calls(connections, pool.clone()),
+            pool_len: pool.len(),
+            run: Run::default(),
+            server_cpu: Duration::ZERO,
+            etcd_cpu: Duration::ZERO,
+        },
+        Contender {
+            name: "memory backend",
+            servers: vec![&memory],
+            etcd_pid,
+            call: update_calls(vec![client::connect(memory.addr).await], pool.clone()),
+            pool_len: pool.len(),
+            run: Run::default(),
+            server_cpu: Duration::ZERO,
+            etcd_cpu: Duration::ZERO,
+        },
+    ];
+    for c in &mut contenders {
+        c.preload().await;
+        c.round(WARM_UP).await;
+        c.reset();
+    }
+    let n = contenders.len();
+    for r in 0..ROUNDS {
+        for i in 0..n {
+            contenders[(r + i) % n].round(ROUND).await;
+        }
+    }
+    let errors: Vec<_> = contenders.iter().map(|c| (c.name, c.run.errors)).collect();
+    assert!(errors.iter().all(|e| e.1 == 0), "calls failed: {errors:?}");
+    let [mut put, mut one, mut three, mut memory]: [Contender; 4] =
+        contenders.try_into().ok().unwrap();
+
+    let mut figures = vec![
+        Figure::new(
+            "etcd 1 replica: AffiliateUpdate vs etcd put",
+            "calls/s",
+            one.rate(),
+        )
+        .baseline(put.rate())
+        .target(Target::RatioAtLeast(1.0)),
+        Figure::new("  etcd 3 replicas vs etcd put", "calls/s", three.rate()).baseline(put.rate()),
+        Figure::new("  memory backend vs etcd put", "calls/s", memory.rate()).baseline(put.rate()),
+    ];
+    let put_p50 = put.latency_us(0.5);
+    let put_p99 = put.latency_us(0.99);
+    figures.push(
+        Figure::new(
+            "  p50 latency, etcd 1 replica vs put",
+            "µs",
+            one.latency_us(0.5),
+        )
+        .baseline(put_p50),
+    );
+    for (name, c) in [
+        ("  p99 latency, etcd 1 replica vs put", &mut one),
+        ("  p99 latency, etcd 3 replicas vs put", &mut three),
+        ("  p99 latency, memory backend vs put", &mut memory),
+    ] {
+        figures.push(Figure::new(name, "µs", c.latency_us(0.99)).baseline(put_p99));
+    }
+    figures.push(
+        Figure::new(
+            "  etcd CPU per call, 1 replica vs put",
+            "µs",
+            one.per_call_us(one.etcd_cpu),
+        )
+        .baseline(put.per_call_us(put.etcd_cpu)),
+    );
+    figures.push(
+        Figure::new(
+            "  etcd CPU per call, 3 replicas vs put",
+            "µs",
+            three.per_call_us(three.etcd_cpu),
+        )
+        .baseline(put.per_call_us(put.etcd_cpu)),
+    );
+    figures.push(
+        Figure::new(
+            "  server CPU per call, 1 replica vs memory",
+            "µs",
+            one.per_call_us(one.server_cpu),
+        )
+        .baseline(memory.per_call_us(memory.server_cpu)),
+    );
+    figures.push(
+        Figure::new(
+            "  server CPU per call, 3 replicas vs memory",
+            "µs",
+            three.per_call_us(three.server_cpu),
+        )
+        .baseline(memory.per_call_us(memory.server_cpu)),
+    );
+    figures
+}
+
+// ---------------------------------------------------------------------------------
+// Fan-out: `fanout.rs`'s fleet (its types are private to it), same method.
+
+const WATCHERS: usize = 1000;
+const FANOUT_WARM_UP_ROUNDS: usize = 30;
+const FANOUT_ROUNDS: usize = 300;
+const FANOUT_CLUSTER: usize = 999_999;
+
+struct Shared {
+    expected: AtomicU64,
+    received: AtomicUsize,
+    last: Mutex<Option<Instant>>,
+    done: Notify,
+    wrong: AtomicUsize,
+}
+
+struct Fleet {
+    writer: Client,
+    shared: Arc<Shared>,
+    data: Vec<u8>,
+}
+
+impl Fleet {
+    async fn connect(addr: SocketAddr) -> Self {
+        let shared = Arc::new(Shared {
+            expected: AtomicU64::new(u64::MAX),
+            received: AtomicUsize::new(0),
+            last: Mutex::new(None),
+            done: Notify::new(),
+            wrong: AtomicUsize::new(0),
+        });
+        let cluster_id = client::cluster_id(FANOUT_CLUSTER);
+        futures::stream::iter(0..WATCHERS)
+            .map(|_| {
+                let shared = shared.clone();
+                let cluster_id = cluster_id.clone();
+                async move {
+                    let mut c = client::connect(addr).await;
+                    let mut stream =
+                        tokio::time::timeout(CALL_TIMEOUT, c.watch(WatchRequest { cluster_id }))
+                            .await
+                            .expect("watch timed out")
+                            .expect("watch")
+                            .into_inner();
+                    tokio::time::timeout(CALL_TIMEOUT, stream.message())
+                        .await
+                        .expect("snapshot timed out")
+                        .expect("snapshot");
+                    tokio::spawn(async move {
+                        let _keep = c;
+                        while let Ok(Some(m)) = stream.message().await {
+                            let seq = m
+                                .affiliates
+                                .first()
+                                .and_then(|a| a.data.get(..8))
+                                .map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+                            if seq != Some(shared.expected.load(Ordering::Acquire)) {
+                                shared.wrong.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            if shared.received.fetch_add(1, Ordering::AcqRel) + 1 == WATCHERS {
+                                *shared.last.lock().unwrap() = Some(Instant::now());
+                                shared.done.notify_one();
+                            }
+                        }
+                    });
+                }
+            })
+            .buffer_unordered(50)
+            .collect::<Vec<()>>()
+            .await;
+        Self {
+            writer: client::connect(addr).await,
+            shared,
+            data: client::noise(11, 1024),
+        }
+    }
+
+    async fn round(&mut self, seq: u64) -> u32 {
+        self.shared.received.store(0, Ordering::Release);
+        self.shared.expected.store(seq, Ordering::Release);
+        self.data[..8].copy_from_slice(&seq.to_le_bytes());
+        let req = client::update(FANOUT_CLUSTER, 0, Bytes::copy_from_slice(&self.data));
+        let t0 = Instant::now();
+        tokio::time::timeout(CALL_TIMEOUT, self.writer.affiliate_update(req))
+            .await
+            .expect("update timed out")
+            .expect("update");
+        tokio::time::timeout(CALL_TIMEOUT, self.shared.done.notified())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "round {seq}: only {} of {WATCHERS} watchers got the update",
+                    self.shared.received.load(Ordering::Acquire)
+                )
+            });
+        let last = self.shared.last.lock().unwrap().take().unwrap();
+        last.duration_since(t0).as_micros() as u32
+    }
+}
+
+async fn fanout(dir: &Path, member: &Member) -> Vec<Figure> {
+    let memory = procs::real_server(dir, "etcd-fanout-memory.log", None);
+    let replica = procs::etcd_server(dir, "etcd-fanout-1.log", &member.endpoint, PREFIX_FANOUT);
+    let mut base = Fleet::connect(memory.addr).await;
+    let mut ours = Fleet::connect(replica.addr).await;
+    let (mut b, mut o) = (Vec::new(), Vec::new());
+    for seq in 0..(FANOUT_WARM_UP_ROUNDS + FANOUT_ROUNDS) as u64 {
+        let (bt, ot) = if seq % 2 == 0 {
+            (base.round(seq).await, ours.round(seq).await)
+        } else {
+            let ot = ours.round(seq).await;
+            (base.round(seq).await, ot)
+        };
+        if seq >= FANOUT_WARM_UP_ROUNDS as u64 {
+            b.push(bt);
+            o.push(ot);
+        }
+    }
+    for f in [&base, &ours] {
+        assert_eq!(
+            f.shared.wrong.load(Ordering::Relaxed),
+            0,
+            "unexpected messages"
+        );
+    }
+    let ms = |us: u32| f64::from(us) / 1000.0;
+    vec![
+        Figure::new(
+            "Watch fan-out to 1000 p99, etcd vs memory",
+            "ms",
+            ms(client::quantile(&mut o, 0.99)),
+        )
+        .baseline(ms(client::quantile(&mut b, 0.99)))
+        .target(Target::RatioAtMost(2.0)),
+        Figure::new(
+            "  fan-out p50, etcd vs memory",
+            "ms",
+            ms(client::quantile(&mut o, 0.5)),
+        )
+        .baseline(ms(client::quantile(&mut b, 0.5))),
+    ]
+}
+
+// ---------------------------------------------------------------------------------
+// Resident memory.
+
+const RSS_CLUSTERS: usize = 100;
+const RSS_PER_CLUSTER: usize = 100;
+
+async fn memory(dir: &Path, member: &Member) -> Vec<Figure> {
+    let memory = procs::real_server(dir, "etcd-rss-memory.log", None);
+    let replica = procs::etcd_server(dir, "etcd-rss-1.log", &member.endpoint, PREFIX_RSS);
+    let (memory_idle, _) = memory.rss();
+    let (replica_idle, _) = replica.rss();
+    let pool = Arc::new(client::updates(RSS_CLUSTERS, RSS_PER_CLUSTER));
+    let mut rates = Vec::new();
+    for s in [&memory, &replica] {
+        let c = client::connect(s.addr).await;
+        let run = client::closed_loop(&c, pool.clone(), IN_FLIGHT, Duration::ZERO, true).await;
+        assert_eq!((run.calls, run.errors), (pool.len() as u64, 0));
+        rates.push(run.calls as f64 / run.elapsed.as_secs_f64());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (memory_rss, _) = memory.rss();
+    let (replica_rss, _) = replica.rss();
+
+    // A replica started after the load reads the affiliates from etcd.
+    let late = procs::etcd_server(dir, "etcd-rss-2.log", &member.endpoint, PREFIX_RSS);
+    let mut c = client::connect(late.addr).await;
+    let listed = tokio::time::timeout(
+        CALL_TIMEOUT,
+        c.list(ListRequest {
+            cluster_id: client::cluster_id(0),
+        }),
+    )
+    .await
+    .expect("list timed out")
+    .expect("list")
+    .into_inner()
+    .affiliates
+    .len();
+    assert_eq!(listed, RSS_PER_CLUSTER, "the late replica's mirror");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (late_rss, _) = late.rss();
+    let (etcd_rss, _) = rss_of(member.pid());
+
+    let mib = |b: u64| b as f64 / MIB;
+    vec![
+        Figure::new(
+            "RSS with 10k affiliates, etcd vs memory",
+            "MiB",
+            mib(replica_rss),
+        )
+        .baseline(mib(memory_rss))
+        .target(Target::RatioAtMost(1.0)),
+        Figure::new("  RSS idle, etcd vs memory", "MiB", mib(replica_idle))
+            .baseline(mib(memory_idle)),
+        Figure::new(
+            "  RSS, replica started after the load",
+            "MiB",
+            mib(late_rss),
+        )
+        .baseline(mib(memory_rss)),
+        Figure::new("  etcd member RSS (all phases' data)", "MiB", mib(etcd_rss)),
+        Figure::new(
+            "  loading 10k via gRPC, etcd vs memory",
+            "calls/s",
+            rates[1],
+        )
+        .baseline(rates[0]),
+    ]
+}
