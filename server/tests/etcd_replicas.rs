@@ -503,3 +503,114 @@ async fn two_replicas_never_overrun_the_limits_together() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn every_replica_serves_the_pages_and_metrics_of_the_shared_state() {
+    let etcd = Etcd::start(1).await;
+    let mut cfg = etcd.config("/pages/");
+    // Snapshots are on by default upstream; with etcd they are off whatever the flag.
+    cfg.snapshots_enabled = true;
+    cfg.snapshot_path = "/nonexistent/never-written.binpb".into();
+    let a = start(cfg.clone()).await;
+    let b = start(cfg).await;
+    let mut ca = client(&a).await;
+    ca.affiliate_update(update("c/1", "af<1>", "\u{1}\u{2}", &["\u{ab}"], 60))
+        .await
+        .unwrap();
+    // A List through the other replica returns once it has caught up with etcd.
+    let mut cb = client(&b).await;
+    assert_eq!(list(&mut cb, "c/1").await.len(), 1);
+    for r in [&a, &b] {
+        let landing = r.landing_addr.unwrap();
+        let (status, _, body) = http_get(landing, "/inspect?clusterID=c%2F1").await;
+        assert_eq!(status, 200);
+        assert!(
+            body.contains("0102") && body.contains("c2ab") && body.contains("af&lt;1&gt;"),
+            "{body}"
+        );
+        let (_, _, body) = http_get(landing, "/stats").await;
+        assert_eq!(body, r#"{"affiliates":1}"#);
+        let (_, _, body) = http_get(r.metrics_addr.unwrap(), "/metrics").await;
+        assert!(
+            body.lines().any(|l| l == "discovery_state_affiliates 1"),
+            "{body}"
+        );
+        assert!(
+            body.lines().any(|l| l == "discovery_state_endpoints 1"),
+            "{body}"
+        );
+        assert!(
+            !body.contains("discovery_storage_"),
+            "no snapshot metrics with etcd"
+        );
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_that_cannot_reach_etcd_does_not_start_and_says_where_it_looked() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut cfg = config();
+    cfg.state_backend = discovery_service::config::StateBackend::Etcd;
+    cfg.etcd_endpoints = vec![format!("http://{closed}")];
+    let err = try_start(cfg).await.expect_err("no etcd, no start");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("cannot read the state from etcd") && msg.contains(&closed.to_string()),
+        "{msg}"
+    );
+
+    for (endpoints, ca, cert, key, want) in [
+        (
+            vec![],
+            None,
+            None,
+            None::<&str>,
+            "--etcd-endpoints is empty",
+        ),
+        (
+            vec!["etcd:2379"],
+            None,
+            None,
+            None,
+            "is not an http:// or https:// URL",
+        ),
+        (
+            vec!["https://127.0.0.1:1"],
+            None,
+            None,
+            None,
+            "give --etcd-ca",
+        ),
+        (
+            vec!["http://127.0.0.1:1"],
+            Some("/nonexistent/ca.pem"),
+            None,
+            None,
+            "--etcd-ca: cannot read /nonexistent/ca.pem",
+        ),
+        (
+            vec!["https://127.0.0.1:1"],
+            None,
+            Some("/c.pem"),
+            None,
+            "--etcd-cert and --etcd-key go together",
+        ),
+    ] {
+        let mut cfg = config();
+        cfg.state_backend = discovery_service::config::StateBackend::Etcd;
+        cfg.etcd_endpoints = endpoints.into_iter().map(String::from).collect();
+        cfg.etcd_ca = ca.map(Into::into);
+        cfg.etcd_cert = cert.map(Into::into);
+        cfg.etcd_key = key.map(Into::into);
+        let err = try_start(cfg).await.expect_err(want);
+        assert!(
+            format!("{err:#}").contains(want),
+            "{err:#} should say {want}"
+        );
+    }
+}

@@ -183,24 +183,9 @@ fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_else(|| panic!("{key} in {v:?}"))
 }
 
-/// The flags of the etcd backend, which `Config` may not know yet on this branch:
-/// checked by clap once it does, dropped until then.
-fn known_args(args: &[String]) -> Vec<String> {
-    let cmd = Config::command();
-    let known = |long: &str| cmd.get_arguments().any(|a| a.get_long() == Some(long));
-    args.iter()
-        .filter(|a| {
-            let long = a.trim_start_matches('-').split('=').next().unwrap();
-            let backend = long == "state-backend" || long.starts_with("etcd-");
-            !backend || known(long)
-        })
-        .cloned()
-        .collect()
-}
-
 /// The server's flags in a manifest, parsed as the binary parses them.
 fn parse_args(args: &[String], what: &str) -> Config {
-    let argv = std::iter::once("discovery-service".to_owned()).chain(known_args(args));
+    let argv = std::iter::once("discovery-service".to_owned()).chain(args.iter().cloned());
     Config::try_parse_from(normalize_args(argv)).unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 

@@ -410,3 +410,125 @@ fn delete(key: Vec<u8>, range_end: Vec<u8>) -> pb::RequestOp {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::state::{Affiliate, WriteView};
+
+    const W: i64 = 5;
+    const T0: i64 = 1_700_000_000_000;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    /// An affiliate as the mirror would hold it: data, expiry, endpoints with expiries.
+    fn stored(data: &str, expiry_ms: i64, eps: &[(&str, i64)]) -> Affiliate {
+        let mut a = Affiliate::new(clock::instant(expiry_ms));
+        a.set_stored(data.as_bytes(), clock::instant(expiry_ms), 7);
+        for (e, exp) in eps {
+            a.put_endpoint(
+                crate::state::Blob::new(e.as_bytes()).unwrap(),
+                clock::instant(*exp),
+            );
+        }
+        a
+    }
+
+    fn view(current: Option<Affiliate>, affiliates: usize) -> WriteView {
+        WriteView {
+            affiliates,
+            guard_revision: 3,
+            current,
+        }
+    }
+
+    fn blobs(p: &Plan) -> Vec<(String, u16)> {
+        p.endpoints
+            .iter()
+            .map(|e| (String::from_utf8(e.blob.clone()).unwrap(), e.ordinal))
+            .collect()
+    }
+
+    #[test]
+    fn a_new_affiliate_takes_the_request_as_is_in_order() {
+        let p = Plan::new(&view(None, 0), b"d", &[b("e2"), b("e1")], T0, W).unwrap();
+        assert_eq!(p.data, Some(b("d")));
+        assert_eq!(p.expiry_ms, T0);
+        assert_eq!(blobs(&p), [("e2".into(), 0), ("e1".into(), 1)]);
+    }
+
+    #[test]
+    fn limits_are_the_memory_backends() {
+        assert_eq!(
+            Plan::new(&view(None, CLUSTER_AFFILIATES_MAX), b"d", &[], T0, W),
+            Err(StateError::TooManyAffiliates)
+        );
+        let eps: Vec<(String, i64)> = (0..64).map(|i| (format!("e{i}"), T0)).collect();
+        let eps: Vec<(&str, i64)> = eps.iter().map(|(e, t)| (e.as_str(), *t)).collect();
+        let full = stored("d", T0, &eps);
+        // A full cluster still updates an existing affiliate; a full affiliate refuses
+        // a new endpoint but takes known ones.
+        let v = view(Some(full), CLUSTER_AFFILIATES_MAX);
+        assert!(Plan::new(&v, b"", &[b("e0")], T0, W).is_ok());
+        assert_eq!(
+            Plan::new(&v, b"", &[b("e0"), b("new")], T0, W),
+            Err(StateError::TooManyEndpoints)
+        );
+    }
+
+    #[test]
+    fn data_sets_the_expiry_and_no_data_only_raises_it() {
+        let a = stored("old", T0 + 60_000, &[]);
+        let p = Plan::new(&view(Some(a.clone()), 1), b"new", &[], T0 + 10_000, W).unwrap();
+        assert_eq!((p.data, p.expiry_ms), (Some(b("new")), T0 + 10_000));
+        let p = Plan::new(&view(Some(a.clone()), 1), b"", &[], T0 + 10_000, W).unwrap();
+        assert_eq!((p.data, p.expiry_ms), (None, T0 + 60_000));
+        let p = Plan::new(&view(Some(a), 1), b"", &[], T0 + 90_000, W).unwrap();
+        assert_eq!(p.expiry_ms, T0 + 90_000);
+    }
+
+    #[test]
+    fn known_endpoints_are_rewritten_only_when_their_lease_bucket_moves() {
+        let a = stored(
+            "d",
+            T0 + 60_000,
+            &[("e1", T0 + 60_000), ("e2", T0 + 60_000)],
+        );
+        // Same expiry again: nothing to rewrite, a new endpoint goes after the others.
+        let p = Plan::new(
+            &view(Some(a.clone()), 1),
+            b"",
+            &[b("e2"), b("e3")],
+            T0 + 60_000,
+            W,
+        )
+        .unwrap();
+        assert_eq!(blobs(&p), [("e3".into(), 2)]);
+        // A later expiry in another bucket: the named endpoint moves, keeping its
+        // place; the unnamed one keeps its own expiry (raised, never lowered).
+        let later = T0 + 60_000 + 10_000;
+        let p = Plan::new(&view(Some(a.clone()), 1), b"", &[b("e2")], later, W).unwrap();
+        assert_eq!(blobs(&p), [("e2".into(), 1)]);
+        assert_eq!(p.endpoints[0].expiry_ms, later);
+        // An earlier expiry never lowers an endpoint's.
+        let p = Plan::new(&view(Some(a), 1), b"", &[b("e1")], T0, W).unwrap();
+        assert!(p.endpoints.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn an_endpoint_lease_follows_its_affiliate_when_data_shortens_it() {
+        // Data with a short TTL shortens the affiliate: its endpoints' leases must
+        // not outlive it, so they are rewritten, with their own expiry unchanged.
+        let a = stored("d", T0 + 600_000, &[("e1", T0 + 600_000)]);
+        let short = T0 + 20_000;
+        let p = Plan::new(&view(Some(a), 1), b"new", &[], short, W).unwrap();
+        assert_eq!(p.expiry_ms, short);
+        assert_eq!(blobs(&p), [("e1".into(), 0)]);
+        assert_eq!(p.endpoints[0].expiry_ms, T0 + 600_000);
+        assert_eq!(p.lease_expiries(), vec![short, short]);
+    }
+}

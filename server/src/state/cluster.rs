@@ -605,4 +605,88 @@ mod tests {
             "a retired cluster refuses new work"
         );
     }
+
+    fn blob(s: &str) -> Blob {
+        Blob::new(s.as_bytes()).unwrap()
+    }
+
+    fn put_aff(id: &str, data: &str, data_set: bool, exp: Instant, revision: i64) -> Change {
+        Change::PutAffiliate {
+            id: id.into(),
+            data: b(data),
+            data_set,
+            expiry: exp,
+            revision,
+        }
+    }
+
+    fn put_ep(id: &str, e: &str, exp: Instant) -> Change {
+        Change::PutEndpoint {
+            id: id.into(),
+            blob: blob(e),
+            expiry: exp,
+        }
+    }
+
+    #[test]
+    fn one_etcd_revision_is_one_notification_per_affiliate_as_one_update_is() {
+        let exp = Instant::now() + Duration::from_secs(60);
+        let c = Arc::new(Cluster::default());
+        let (_, mut sub) = c.subscribe(32).unwrap();
+        // The transaction of one update: the affiliate, the guard, two endpoints.
+        c.apply(&[
+            put_aff("af", "d", true, exp, 5),
+            Change::Guard { revision: 5 },
+            put_ep("af", "e1", exp),
+            put_ep("af", "e2", exp),
+        ])
+        .unwrap();
+        assert_eq!(drain(&mut sub), vec![upd("af", "d", &["e1", "e2"])]);
+        let v = c.write_view("af");
+        assert_eq!((v.affiliates, v.guard_revision), (1, 5));
+        assert_eq!(v.current.unwrap().revision(), 5);
+        // A refresh without data or new endpoints is silent; with data it is not.
+        c.apply(&[put_aff("af", "d", false, exp, 6), put_ep("af", "e1", exp)])
+            .unwrap();
+        assert_eq!(drain(&mut sub), vec![]);
+        c.apply(&[put_aff("af", "d", true, exp, 7)]).unwrap();
+        assert_eq!(drain(&mut sub), vec![upd("af", "d", &["e1", "e2"])]);
+        // An endpoint's lease ends: an update with what remains (Q1).
+        c.apply(&[Change::DeleteEndpoint {
+            id: "af".into(),
+            blob: blob("e1"),
+        }])
+        .unwrap();
+        assert_eq!(drain(&mut sub), vec![upd("af", "d", &["e2"])]);
+        // The affiliate's lease ends with its last endpoint's: one deletion.
+        c.apply(&[
+            Change::DeleteAffiliate { id: "af".into() },
+            Change::DeleteEndpoint {
+                id: "af".into(),
+                blob: blob("e2"),
+            },
+        ])
+        .unwrap();
+        assert_eq!(drain(&mut sub), vec![Notification::Deleted("af".into())]);
+        // An endpoint outliving its affiliate is ignored.
+        c.apply(&[put_ep("af", "late", exp)]).unwrap();
+        assert_eq!(drain(&mut sub), vec![]);
+        assert!(c.list().is_empty());
+    }
+
+    #[test]
+    fn a_reset_replaces_everything_and_restarts_watchers() {
+        let exp = Instant::now() + Duration::from_secs(60);
+        let c = Arc::new(Cluster::default());
+        c.apply(&[put_aff("old", "d", true, exp, 2)]).unwrap();
+        let (_, mut sub) = c.subscribe(32).unwrap();
+        let mut fresh = Affiliate::new(exp);
+        fresh.set_stored(b"n", exp, 9);
+        c.reset(vec![("new".into(), fresh)], 9).unwrap();
+        assert_eq!(sub.try_recv(), Err(subscription::Lost));
+        assert_eq!(c.counts().subscriptions, 0);
+        let ids: Vec<String> = c.list().into_iter().map(|a| a.id).collect();
+        assert_eq!(ids, ["new"]);
+        assert_eq!(c.write_view("new").guard_revision, 9);
+    }
 }
