@@ -472,12 +472,8 @@ async fn two_replicas_never_overrun_the_limits_together() {
             let mut c = client_at(addr).await;
             for e in 0..40 {
                 let ep = format!("w{w}e{e}");
-                if let Err(s) = c
-                    .affiliate_update(update("full", "old0", "", &[&ep], 60))
-                    .await
-                {
-                    return Err(s);
-                }
+                c.affiliate_update(update("full", "old0", "", &[&ep], 60))
+                    .await?;
             }
             Ok(())
         }));

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use clap::{CommandFactory, Parser};
+use clap::Parser;
 use discovery_service::Config;
 use discovery_service::config::normalize_args;
 use serde::Deserialize;

@@ -154,7 +154,7 @@ impl EtcdClient {
             self.current.fetch_add(1, Ordering::Relaxed);
             attempt += 1;
             // After a full round, pause a little so a lost quorum is not hammered.
-            if attempt % self.members.len() == 0 {
+            if attempt.is_multiple_of(self.members.len()) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

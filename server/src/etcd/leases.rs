@@ -94,10 +94,6 @@ impl Leases {
     pub async fn forget(&self, id: i64) {
         self.by_bucket.lock().await.retain(|_, v| *v != id);
     }
-
-    pub async fn len(&self) -> usize {
-        self.by_bucket.lock().await.len()
-    }
 }
 
 #[cfg(test)]

@@ -106,11 +106,6 @@ impl EtcdState {
         &self.mirror
     }
 
-    /// Leases this replica currently uses (one per expiry bucket).
-    pub async fn lease_count(&self) -> usize {
-        self.leases.len().await
-    }
-
     /// AffiliateUpdate with expiry `expiry` (request time + TTL), same rules as memory.
     pub async fn update(
         &self,
