@@ -610,3 +610,35 @@ async fn a_replica_that_cannot_reach_etcd_does_not_start_and_says_where_it_looke
         );
     }
 }
+
+#[tokio::test]
+async fn etcd_over_tls_with_a_client_certificate() {
+    let etcd = Etcd::start_tls().await;
+    let replica = start(etcd.config("/tls/")).await;
+    let mut c = client(&replica).await;
+    c.affiliate_update(update("c", "af", "d", &["e"], 60))
+        .await
+        .unwrap();
+    assert_eq!(list(&mut c, "c").await.len(), 1);
+    replica.shutdown().await.unwrap();
+
+    // The member requires a client certificate: without one, no start, and the
+    // error says where it looked.
+    let mut cfg = etcd.config("/tls/");
+    cfg.etcd_cert = None;
+    cfg.etcd_key = None;
+    let err = format!(
+        "{:#}",
+        try_start(cfg).await.expect_err("no client certificate")
+    );
+    assert!(
+        err.contains("cannot read the state from etcd") && err.contains(&etcd.endpoints()[0]),
+        "{err}"
+    );
+    // A CA that did not sign the member's certificate is refused too.
+    let other = tempfile::tempdir().unwrap();
+    let wrong = common::etcd::TlsFiles::create(other.path());
+    let mut cfg = etcd.config("/tls/");
+    cfg.etcd_ca = Some(wrong.ca);
+    assert!(try_start(cfg).await.is_err());
+}

@@ -27,7 +27,54 @@ struct Member {
 pub struct Etcd {
     members: Vec<Member>,
     initial_cluster: String,
+    tls: Option<TlsFiles>,
     _dir: tempfile::TempDir,
+}
+
+/// Certificates for etcd over TLS: a CA, the member's pair (for 127.0.0.1) and a
+/// client pair the member requires.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Writes a fresh CA and pairs signed by it into `dir`.
+    pub fn create(dir: &std::path::Path) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issue = |name: &str, purpose: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+            p.extended_key_usages = vec![purpose];
+            let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+            let (c, k) = (
+                dir.join(format!("{name}.crt")),
+                dir.join(format!("{name}.key")),
+            );
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            (c, k)
+        };
+        let (server_cert, server_key) = issue("server", ExtendedKeyUsagePurpose::ServerAuth);
+        let (client_cert, client_key) = issue("client", ExtendedKeyUsagePurpose::ClientAuth);
+        let ca_path = dir.join("ca.crt");
+        std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+        Self {
+            ca: ca_path,
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+        }
+    }
 }
 
 /// A loopback port nothing listens on right now.
@@ -59,11 +106,22 @@ fn etcd_binary() -> &'static str {
 impl Etcd {
     /// Starts `n` members and waits until the cluster answers (bounded).
     pub async fn start(n: usize) -> Self {
+        Self::start_with(n, false).await
+    }
+
+    /// One member serving clients over TLS only, requiring a client certificate.
+    pub async fn start_tls() -> Self {
+        Self::start_with(1, true).await
+    }
+
+    async fn start_with(n: usize, tls: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let scheme = if tls { "https" } else { "http" };
+        let tls = tls.then(|| TlsFiles::create(dir.path()));
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: format!("http://127.0.0.1:{}", free_port()),
+                client: format!("{scheme}://127.0.0.1:{}", free_port()),
                 peer: format!("http://127.0.0.1:{}", free_port()),
                 data: dir.path().join(format!("m{i}")),
                 child: None,
@@ -77,6 +135,7 @@ impl Etcd {
         let mut etcd = Self {
             members,
             initial_cluster,
+            tls,
             _dir: dir,
         };
         for i in 0..n {
@@ -121,6 +180,15 @@ impl Etcd {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
         // The member dies with the test process, even if the test panics or is killed.
         unsafe {
             cmd.pre_exec(|| {
@@ -135,9 +203,16 @@ impl Etcd {
         self.members.iter().map(|m| m.client.clone()).collect()
     }
 
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
     pub fn client(&self) -> EtcdClient {
         EtcdClient::new(&EtcdOptions {
             endpoints: self.endpoints(),
+            ca: self.tls.as_ref().map(|t| t.ca.clone()),
+            cert: self.tls.as_ref().map(|t| t.client_cert.clone()),
+            key: self.tls.as_ref().map(|t| t.client_key.clone()),
             ..Default::default()
         })
         .unwrap()
@@ -184,6 +259,11 @@ impl Etcd {
         c.state_backend = StateBackend::Etcd;
         c.etcd_endpoints = self.endpoints();
         c.etcd_prefix = prefix.to_owned();
+        if let Some(t) = &self.tls {
+            c.etcd_ca = Some(t.ca.clone());
+            c.etcd_cert = Some(t.client_cert.clone());
+            c.etcd_key = Some(t.client_key.clone());
+        }
         c
     }
 }
