@@ -59,3 +59,5 @@ pub const ETCD_RANGE_PAGE: i64 = 2000;
 pub const ETCD_BATCH_OPS: usize = 128;
 /// Most bytes in one batched etcd transaction: etcd's default request limit is 1.5 MiB.
 pub const ETCD_BATCH_BYTES: usize = 1 << 20;
+/// Batched etcd transactions one replica keeps in flight at once.
+pub const ETCD_BATCHES_IN_FLIGHT: usize = 4;

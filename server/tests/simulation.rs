@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::etcd::Backend;
 use common::*;
 use discovery_service::proto::server::cluster_client::ClusterClient;
 use discovery_service::proto::server::{Affiliate, HelloResponse};
@@ -87,9 +88,8 @@ fn converged(n: usize) -> impl FnMut(&HashMap<String, Affiliate>) -> bool {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_fifteen_and_fifty_nodes_converge_within_five_seconds() {
-    let server = start(config()).await;
+async fn five_fifteen_and_fifty_nodes_converge_within_five_seconds(backend: Backend) {
+    let server = start(backend.config("converge")).await;
     let addr = server.grpc_addr;
     for n in [5usize, 15, 50] {
         let cluster = format!("sim{n}");
@@ -209,10 +209,10 @@ async fn restarting_server_one_with_a_redirect_moves_both_clients() {
 }
 
 /// A client with a 1 s TTL that stops refreshing vanishes from its peer's view.
-#[tokio::test]
-async fn a_stopped_short_ttl_client_vanishes() {
-    let mut cfg = config();
+async fn a_stopped_short_ttl_client_vanishes(backend: Backend) {
+    let mut cfg = backend.config("short_ttl");
     cfg.gc_interval = Duration::from_millis(50);
+    cfg.etcd_lease_bucket = Duration::from_secs(1);
     let server = start(cfg).await;
     let mut c = client(&server).await;
     c.affiliate_update(update("ttl", "short", "d", &["e"], 1))
@@ -229,4 +229,34 @@ async fn a_stopped_short_ttl_client_vanishes() {
     .await;
     assert!(view.contains_key("long"));
     server.shutdown().await.unwrap();
+}
+
+/// Both simulations on both backends (by hand: convergence needs a multi-thread
+/// runtime, which `both_backends!` does not give).
+mod memory {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn five_fifteen_and_fifty_nodes_converge_within_five_seconds() {
+        super::five_fifteen_and_fifty_nodes_converge_within_five_seconds(Backend::Memory).await
+    }
+
+    #[tokio::test]
+    async fn a_stopped_short_ttl_client_vanishes() {
+        super::a_stopped_short_ttl_client_vanishes(Backend::Memory).await
+    }
+}
+
+mod etcd {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn five_fifteen_and_fifty_nodes_converge_within_five_seconds() {
+        super::five_fifteen_and_fifty_nodes_converge_within_five_seconds(Backend::Etcd).await
+    }
+
+    #[tokio::test]
+    async fn a_stopped_short_ttl_client_vanishes() {
+        super::a_stopped_short_ttl_client_vanishes(Backend::Etcd).await
+    }
 }

@@ -10,16 +10,20 @@
 //!   etcd sharing one prefix (one connection to each; task `t` of the 64 calls replica
 //!   `t % 3`, so 22 + 21 + 21 in flight). The baseline is etcd itself doing one put per
 //!   call, with a lease granted up front, of exactly the key and value a replica writes
-//!   for that request's affiliate (its 1 KiB data plus a 9-byte header), over one
-//!   connection of the library's `EtcdClient`, the client the replicas use. The four
-//!   share one load generator ([`closed_loop`]: `client::closed_loop`'s loop, bound
-//!   and bookkeeping, for any call) and take turns in short rounds, the order rotating,
-//!   as in `throughput.rs`. Each first sends its whole pool once, so the rounds update
-//!   existing affiliates (for the replicas: one transaction with the affiliate's put,
-//!   plus its endpoints' puts when its 5 s lease bucket moved on) rather than create
-//!   them. CPU per call is utime + stime over exactly a contender's rounds, of its
-//!   replicas and of the etcd member. Target: one replica's calls/s ≥ 1.0× etcd's own
-//!   put rate; the rest is informational.
+//!   for that request's affiliate (its 1 KiB data plus a 10-byte header), over one
+//!   connection of the library's `EtcdClient`, the client the replicas use; beside it,
+//!   informational, the same put as the only operation of a transaction (what a
+//!   replica sends is a transaction, and etcd 3.4 serves a leased put far faster that
+//!   way than as a plain Put). All five share one load generator ([`closed_loop`]:
+//!   `client::closed_loop`'s loop, bound and bookkeeping, for any call) and take turns
+//!   in short rounds, the order rotating, as in `throughput.rs`. Each replica and the
+//!   memory backend first get their whole pool once, so the rounds update existing
+//!   affiliates (for a replica: one transaction with the affiliate's put, plus its
+//!   endpoints' puts when its 5 s lease bucket moved on) rather than create them;
+//!   etcd's own puts need no such pass (etcd creates and overwrites a key alike). CPU
+//!   per call is utime + stime over exactly a contender's rounds, of its replicas and
+//!   of the etcd member. Target: one replica's calls/s ≥ 1.0× etcd's own put rate; the
+//!   rest is informational.
 //! - Fan-out: `fanout.rs`'s method (1000 watchers of one cluster, each on its own
 //!   connection, a writer on another; a round is one AffiliateUpdate carrying its
 //!   sequence number, timed until the 1000th watcher got it), on the memory backend
@@ -42,7 +46,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use discovery_service::etcd::keys::{AffiliateValue, Layout};
-use discovery_service::etcd::proto::etcdserverpb::{PutRequest, RangeRequest};
+use discovery_service::etcd::proto::etcdserverpb::{
+    PutRequest, RangeRequest, RequestOp, TxnRequest, request_op,
+};
 use discovery_service::etcd::{EtcdClient, EtcdOptions, clock};
 use discovery_service::proto::server::{AffiliateUpdateRequest, ListRequest, WatchRequest};
 use futures::StreamExt;
@@ -57,6 +63,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// The etcd prefix of each sub-measurement.
 const PREFIX_PUT: &str = "/bench/put/";
+const PREFIX_TXN: &str = "/bench/txn/";
 const PREFIX_ONE: &str = "/bench/throughput-1/";
 const PREFIX_THREE: &str = "/bench/throughput-3/";
 const PREFIX_FANOUT: &str = "/bench/fanout/";
@@ -257,10 +264,28 @@ fn put_calls(etcd: EtcdClient, pool: Arc<Vec<PutRequest>>) -> Call {
     })
 }
 
+/// The same put as [`put_calls`], as the only operation of an unconditional etcd
+/// transaction (the request a replica sends is a transaction).
+fn txn_calls(etcd: EtcdClient, pool: Arc<Vec<PutRequest>>) -> Call {
+    Arc::new(move |_, i| {
+        let etcd = etcd.clone();
+        let req = TxnRequest {
+            compare: Vec::new(),
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestPut(
+                    pool[i % pool.len()].clone(),
+                )),
+            }],
+            failure: Vec::new(),
+        };
+        Box::pin(async move { etcd.txn(req).await.is_ok() })
+    })
+}
+
 /// For each update, the put of its affiliate's key and value as a replica encodes
-/// them (under [`PREFIX_PUT`]), with `lease`.
-fn put_pool(updates: &[AffiliateUpdateRequest], lease: i64) -> Vec<PutRequest> {
-    let layout = Layout::new(PREFIX_PUT);
+/// them (under `prefix`), with `lease`.
+fn put_pool(updates: &[AffiliateUpdateRequest], prefix: &str, lease: i64) -> Vec<PutRequest> {
+    let layout = Layout::new(prefix);
     let expiry_ms = clock::now_ms() + 30 * 60 * 1000;
     updates
         .iter()
@@ -280,42 +305,50 @@ fn put_pool(updates: &[AffiliateUpdateRequest], lease: i64) -> Vec<PutRequest> {
 }
 
 struct Contender<'a> {
-    name: &'static str,
-    /// The server processes it calls (none for etcd's own puts).
+    /// The server processes it calls (none for etcd's own writes).
     servers: Vec<&'a ServerProcess>,
     etcd_pid: String,
     call: Call,
-    pool_len: usize,
+    /// Pool size to send once before the warm-up; 0 for none.
+    preload: usize,
     run: Run,
     server_cpu: Duration,
     etcd_cpu: Duration,
 }
 
-impl Contender<'_> {
+impl<'a> Contender<'a> {
+    fn new(servers: Vec<&'a ServerProcess>, etcd: &Member, call: Call, preload: usize) -> Self {
+        Self {
+            servers,
+            etcd_pid: etcd.pid().to_string(),
+            call,
+            preload,
+            run: Run::default(),
+            server_cpu: Duration::ZERO,
+            etcd_cpu: Duration::ZERO,
+        }
+    }
+
     fn servers_cpu(&self) -> Duration {
         self.servers.iter().map(|s| s.cpu()).sum()
     }
 
-    /// Every request of the pool once, unmeasured.
-    async fn preload(&self) {
-        let run = closed_loop(IN_FLIGHT, Until::Sent(self.pool_len), self.call.clone()).await;
-        assert_eq!(
-            run.errors, 0,
-            "{}: calls failed while preloading",
-            self.name
-        );
-    }
-
-    async fn round(&mut self, d: Duration) {
+    async fn round(&mut self, until: Until) {
         let (s0, e0) = (self.servers_cpu(), cpu_of(&self.etcd_pid));
-        let run = closed_loop(IN_FLIGHT, Until::Elapsed(d), self.call.clone()).await;
+        let run = closed_loop(IN_FLIGHT, until, self.call.clone()).await;
         let (s1, e1) = (self.servers_cpu(), cpu_of(&self.etcd_pid));
         self.run.absorb(run);
         self.server_cpu += s1 - s0;
         self.etcd_cpu += e1 - e0;
     }
 
-    fn reset(&mut self) {
+    /// The preload and the warm-up, then forgets them.
+    async fn warm_up(&mut self) {
+        if self.preload > 0 {
+            self.round(Until::Sent(self.preload)).await;
+        }
+        self.round(Until::Elapsed(WARM_UP)).await;
+        assert_eq!(self.run.errors, 0, "calls failed while warming up");
         self.run = Run::default();
         self.server_cpu = Duration::ZERO;
         self.etcd_cpu = Duration::ZERO;
@@ -350,68 +383,42 @@ async fn throughput(dir: &Path, member: &Member) -> Vec<Figure> {
         .expect("lease grant timed out")
         .expect("lease grant")
         .id;
-    let puts = Arc::new(put_pool(&pool, lease));
-    let etcd_pid = member.pid().to_string();
-    let mut connections = Vec::new();
+    let puts = Arc::new(put_pool(&pool, PREFIX_PUT, lease));
+    let txns = Arc::new(put_pool(&pool, PREFIX_TXN, lease));
+    let mut to_three = Vec::new();
     for s in &three {
-        connections.push(client::connect(s.addr).await);
+        to_three.push(client::connect(s.addr).await);
     }
+    let to_one = vec![client::connect(one.addr).await];
+    let to_memory = vec![client::connect(memory.addr).await];
+    let n = pool.len();
     let mut contenders = vec![
-        Contender {
-            name: "etcd put",
-            servers: Vec::new(),
-            etcd_pid: etcd_pid.clone(),
-            call: put_calls(etcd, puts),
-            pool_len: pool.len(),
-            run: Run::default(),
-            server_cpu: Duration::ZERO,
-            etcd_cpu: Duration::ZERO,
-        },
-        Contender {
-            name: "etcd, 1 replica",
-            servers: vec![&one],
-            etcd_pid: etcd_pid.clone(),
-            call: update_calls(vec![client::connect(one.addr).await], pool.clone()),
-            pool_len: pool.len(),
-            run: Run::default(),
-            server_cpu: Duration::ZERO,
-            etcd_cpu: Duration::ZERO,
-        },
-        Contender {
-            name: "etcd, 3 replicas",
-            servers: three.iter().collect(),
-            etcd_pid: etcd_pid.clone(),
-            call: update_calls(connections, pool.clone()),
-            pool_len: pool.len(),
-            run: Run::default(),
-            server_cpu: Duration::ZERO,
-            etcd_cpu: Duration::ZERO,
-        },
-        Contender {
-            name: "memory backend",
-            servers: vec![&memory],
-            etcd_pid,
-            call: update_calls(vec![client::connect(memory.addr).await], pool.clone()),
-            pool_len: pool.len(),
-            run: Run::default(),
-            server_cpu: Duration::ZERO,
-            etcd_cpu: Duration::ZERO,
-        },
+        Contender::new(Vec::new(), member, put_calls(etcd.clone(), puts), 0),
+        Contender::new(Vec::new(), member, txn_calls(etcd, txns), 0),
+        Contender::new(vec![&one], member, update_calls(to_one, pool.clone()), n),
+        Contender::new(
+            three.iter().collect(),
+            member,
+            update_calls(to_three, pool.clone()),
+            n,
+        ),
+        Contender::new(vec![&memory], member, update_calls(to_memory, pool), n),
     ];
     for c in &mut contenders {
-        c.preload().await;
-        c.round(WARM_UP).await;
-        c.reset();
+        c.warm_up().await;
     }
-    let n = contenders.len();
+    let k = contenders.len();
     for r in 0..ROUNDS {
-        for i in 0..n {
-            contenders[(r + i) % n].round(ROUND).await;
+        for i in 0..k {
+            contenders[(r + i) % k].round(Until::Elapsed(ROUND)).await;
         }
     }
-    let errors: Vec<_> = contenders.iter().map(|c| (c.name, c.run.errors)).collect();
-    assert!(errors.iter().all(|e| e.1 == 0), "calls failed: {errors:?}");
-    let [mut put, mut one, mut three, mut memory]: [Contender; 4] =
+    let errors: Vec<u64> = contenders.iter().map(|c| c.run.errors).collect();
+    assert!(
+        errors.iter().all(|&e| e == 0),
+        "calls failed (put, txn, 1 replica, 3 replicas, memory): {errors:?}"
+    );
+    let [mut put, mut txn, mut one, mut three, mut memory]: [Contender; 5] =
         contenders.try_into().ok().unwrap();
 
     let mut figures = vec![
@@ -422,6 +429,9 @@ async fn throughput(dir: &Path, member: &Member) -> Vec<Figure> {
         )
         .baseline(put.rate())
         .target(Target::RatioAtLeast(1.0)),
+        Figure::new("  etcd 1 replica vs etcd txn(put)", "calls/s", one.rate())
+            .baseline(txn.rate()),
+        Figure::new("  etcd txn(put) vs etcd put", "calls/s", txn.rate()).baseline(put.rate()),
         Figure::new("  etcd 3 replicas vs etcd put", "calls/s", three.rate()).baseline(put.rate()),
         Figure::new("  memory backend vs etcd put", "calls/s", memory.rate()).baseline(put.rate()),
     ];
@@ -437,43 +447,27 @@ async fn throughput(dir: &Path, member: &Member) -> Vec<Figure> {
     );
     for (name, c) in [
         ("  p99 latency, etcd 1 replica vs put", &mut one),
+        ("  p99 latency, etcd txn(put) vs put", &mut txn),
         ("  p99 latency, etcd 3 replicas vs put", &mut three),
         ("  p99 latency, memory backend vs put", &mut memory),
     ] {
         figures.push(Figure::new(name, "µs", c.latency_us(0.99)).baseline(put_p99));
     }
-    figures.push(
-        Figure::new(
-            "  etcd CPU per call, 1 replica vs put",
-            "µs",
-            one.per_call_us(one.etcd_cpu),
-        )
-        .baseline(put.per_call_us(put.etcd_cpu)),
-    );
-    figures.push(
-        Figure::new(
-            "  etcd CPU per call, 3 replicas vs put",
-            "µs",
-            three.per_call_us(three.etcd_cpu),
-        )
-        .baseline(put.per_call_us(put.etcd_cpu)),
-    );
-    figures.push(
-        Figure::new(
-            "  server CPU per call, 1 replica vs memory",
-            "µs",
-            one.per_call_us(one.server_cpu),
-        )
-        .baseline(memory.per_call_us(memory.server_cpu)),
-    );
-    figures.push(
-        Figure::new(
-            "  server CPU per call, 3 replicas vs memory",
-            "µs",
-            three.per_call_us(three.server_cpu),
-        )
-        .baseline(memory.per_call_us(memory.server_cpu)),
-    );
+    let put_etcd_cpu = put.per_call_us(put.etcd_cpu);
+    for (name, c) in [
+        ("  etcd CPU per call, 1 replica vs put", &one),
+        ("  etcd CPU per call, txn(put) vs put", &txn),
+        ("  etcd CPU per call, 3 replicas vs put", &three),
+    ] {
+        figures.push(Figure::new(name, "µs", c.per_call_us(c.etcd_cpu)).baseline(put_etcd_cpu));
+    }
+    let memory_cpu = memory.per_call_us(memory.server_cpu);
+    for (name, c) in [
+        ("  server CPU per call, 1 replica vs memory", &one),
+        ("  server CPU per call, 3 replicas vs memory", &three),
+    ] {
+        figures.push(Figure::new(name, "µs", c.per_call_us(c.server_cpu)).baseline(memory_cpu));
+    }
     figures
 }
 

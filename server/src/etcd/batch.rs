@@ -1,22 +1,25 @@
-//! Concurrent updates committed together: while one transaction is in flight, the
-//! next ones queue, and go to etcd as one transaction. etcd commits (and fsyncs) a
+//! Concurrent updates committed together: while transactions are in flight (a few at
+//! most), the next updates queue, and go to etcd as one transaction. etcd commits (and fsyncs) a
 //! transaction of 60 updates about as fast as a single put, so a replica's update rate
 //! is not bounded by etcd's per-request rate.
 //!
-//! A batch holds each key at most once (etcd refuses a transaction that writes a key
-//! twice, and two creations in one cluster both rewrite its guard key, which is what
-//! keeps them from both taking the last free place). Its conditions are all of its
+//! A batch writes each key at most once and never compares a key it writes (etcd
+//! refuses a transaction that writes a key twice, and two creations in one cluster both
+//! rewrite its guard key, which is what keeps them from both taking the last free
+//! place); members that only compare a key (a refresh that changes nothing) share it. Its conditions are all of its
 //! members' conditions, so when one fails the whole batch does: its members are then
 //! retried one by one, and only the one whose condition failed hears "conflict".
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::client::{CallError, EtcdClient};
 use super::proto::etcdserverpb::{self as pb, request_op};
-use crate::limits::{ETCD_BATCH_BYTES, ETCD_BATCH_OPS};
+use crate::limits::{ETCD_BATCH_BYTES, ETCD_BATCH_OPS, ETCD_BATCHES_IN_FLIGHT};
 
 /// What became of one member's transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +36,9 @@ pub enum Outcome {
 /// One update's transaction, waiting for a batch.
 struct Member {
     txn: pb::TxnRequest,
-    keys: Vec<Bytes>,
+    /// Keys it only compares, and keys it writes (or deletes from).
+    compared: Vec<Bytes>,
+    written: Vec<Bytes>,
     bytes: usize,
     reply: oneshot::Sender<Result<Outcome, CallError>>,
 }
@@ -47,23 +52,21 @@ pub struct Batcher {
 impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Member")
-            .field("keys", &self.keys.len())
+            .field("compared", &self.compared.len())
+            .field("written", &self.written.len())
             .finish()
     }
 }
 
-fn keys_of(txn: &pb::TxnRequest) -> Vec<Bytes> {
-    let mut keys: Vec<Bytes> = txn.compare.iter().map(|c| c.key.clone()).collect();
-    for op in &txn.success {
-        match &op.request {
-            Some(request_op::Request::RequestPut(p)) => keys.push(p.key.clone()),
-            Some(request_op::Request::RequestDeleteRange(d)) => keys.push(d.key.clone()),
-            _ => {}
-        }
-    }
-    keys.sort();
-    keys.dedup();
-    keys
+fn written_keys(txn: &pb::TxnRequest) -> Vec<Bytes> {
+    txn.success
+        .iter()
+        .filter_map(|op| match &op.request {
+            Some(request_op::Request::RequestPut(p)) => Some(p.key.clone()),
+            Some(request_op::Request::RequestDeleteRange(d)) => Some(d.key.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn size_of(txn: &pb::TxnRequest) -> usize {
@@ -81,7 +84,8 @@ impl Batcher {
     pub async fn commit(&self, txn: pb::TxnRequest) -> Result<Outcome, CallError> {
         let (reply, rx) = oneshot::channel();
         let member = Member {
-            keys: keys_of(&txn),
+            compared: txn.compare.iter().map(|c| c.key.clone()).collect(),
+            written: written_keys(&txn),
             bytes: size_of(&txn),
             txn,
             reply,
@@ -95,7 +99,12 @@ impl Batcher {
 async fn run(client: EtcdClient, mut rx: mpsc::UnboundedReceiver<Member>) {
     // Members that shared a key with a batch wait for the next one, first in line.
     let mut held: VecDeque<Member> = VecDeque::new();
+    let in_flight = Arc::new(Semaphore::new(ETCD_BATCHES_IN_FLIGHT));
     loop {
+        // A batch forms while the previous ones are in flight.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
         let first = match held.pop_front() {
             Some(m) => m,
             None => match rx.recv().await {
@@ -103,7 +112,10 @@ async fn run(client: EtcdClient, mut rx: mpsc::UnboundedReceiver<Member>) {
                 None => return,
             },
         };
-        let mut keys: HashSet<Bytes> = first.keys.iter().cloned().collect();
+        // Two members may compare the same key (a read), but no key may be written by
+        // one and compared or written by another.
+        let mut compared: HashSet<Bytes> = first.compared.iter().cloned().collect();
+        let mut written: HashSet<Bytes> = first.written.iter().cloned().collect();
         let mut ops = first.txn.compare.len().max(first.txn.success.len());
         let mut bytes = first.bytes;
         let mut batch = vec![first];
@@ -111,8 +123,14 @@ async fn run(client: EtcdClient, mut rx: mpsc::UnboundedReceiver<Member>) {
         let mut take = |m: Member, batch: &mut Vec<Member>, next_held: &mut VecDeque<Member>| {
             let m_ops = m.txn.compare.len().max(m.txn.success.len());
             let fits = ops + m_ops <= ETCD_BATCH_OPS && bytes + m.bytes <= ETCD_BATCH_BYTES;
-            if fits && !m.keys.iter().any(|k| keys.contains(k)) {
-                keys.extend(m.keys.iter().cloned());
+            let clash = m
+                .written
+                .iter()
+                .any(|k| compared.contains(k) || written.contains(k))
+                || m.compared.iter().any(|k| written.contains(k));
+            if fits && !clash {
+                compared.extend(m.compared.iter().cloned());
+                written.extend(m.written.iter().cloned());
                 ops += m_ops;
                 bytes += m.bytes;
                 batch.push(m);
@@ -127,68 +145,101 @@ async fn run(client: EtcdClient, mut rx: mpsc::UnboundedReceiver<Member>) {
             take(m, &mut batch, &mut next_held);
         }
         held = next_held;
-        commit(&client, batch).await;
+        let client = client.clone();
+        tokio::spawn(async move {
+            commit(&client, batch).await;
+            drop(permit);
+        });
     }
 }
 
-/// One transaction for the whole batch; if it does not go through, each member alone.
-async fn commit(client: &EtcdClient, batch: Vec<Member>) {
-    if batch.len() == 1 {
-        let m = batch.into_iter().next().unwrap_or_else(|| unreachable!());
-        let r = one(client, m.txn).await;
-        let _ = m.reply.send(r);
-        return;
-    }
-    // Each member's failure branch only matters when it runs alone.
+/// The revision each compared key must still have.
+fn expected(txn: &pb::TxnRequest) -> impl Iterator<Item = (&Bytes, i64)> {
+    txn.compare.iter().map(|c| {
+        let revision = match c.target_union {
+            Some(pb::compare::TargetUnion::ModRevision(r)) => r,
+            _ => 0,
+        };
+        (&c.key, revision)
+    })
+}
+
+/// The batch as one transaction; when a condition fails, it reads every compared key
+/// back, which tells exactly whose conditions failed.
+fn combined(batch: &[Member]) -> pb::TxnRequest {
     let mut txn = pb::TxnRequest::default();
-    for m in &batch {
+    let mut read: HashSet<&Bytes> = HashSet::new();
+    for m in batch {
         txn.compare.extend(m.txn.compare.iter().cloned());
         txn.success.extend(m.txn.success.iter().cloned());
-    }
-    if let Ok(Outcome::Committed(revision)) = one(client, txn).await {
-        for m in batch {
-            let _ = m.reply.send(Ok(Outcome::Committed(revision)));
-        }
-        return;
-    }
-    for m in batch {
-        let r = one(client, m.txn).await;
-        let _ = m.reply.send(r);
-    }
-}
-
-/// The conditions' keys are read back when they fail (the writer puts range reads of
-/// them in the failure branch), so a conflict says which revision to wait for.
-async fn one(client: &EtcdClient, txn: pb::TxnRequest) -> Result<Outcome, CallError> {
-    let expected: Vec<(Bytes, bool)> = txn
-        .compare
-        .iter()
-        .map(|c| {
-            let present = !matches!(
-                c.target_union,
-                Some(pb::compare::TargetUnion::ModRevision(0)) | None
-            );
-            (c.key.clone(), present)
-        })
-        .collect();
-    let r = client.txn(txn).await?;
-    if r.succeeded {
-        return Ok(Outcome::Committed(
-            r.header.map(|h| h.revision).unwrap_or(0),
-        ));
-    }
-    let mut latest = 0;
-    let mut found: HashSet<Bytes> = HashSet::new();
-    for op in &r.responses {
-        if let Some(pb::response_op::Response::ResponseRange(range)) = &op.response {
-            for kv in &range.kvs {
-                latest = latest.max(kv.mod_revision);
-                found.insert(kv.key.clone());
+        for c in &m.txn.compare {
+            if read.insert(&c.key) {
+                txn.failure.push(pb::RequestOp {
+                    request: Some(request_op::Request::RequestRange(pb::RangeRequest {
+                        key: c.key.clone(),
+                        keys_only: true,
+                        ..Default::default()
+                    })),
+                });
             }
         }
     }
-    let gone = expected
-        .iter()
-        .any(|(k, present)| *present && !found.contains(k));
-    Ok(Outcome::Conflict((!gone).then_some(latest)))
+    txn
+}
+
+/// Commits the batch. When conditions fail, the members whose conditions failed hear
+/// "conflict" (with the revision that explains it) and the others go again, up to a few
+/// rounds; then each alone.
+async fn commit(client: &EtcdClient, mut batch: Vec<Member>) {
+    for _ in 0..3 {
+        if batch.is_empty() {
+            return;
+        }
+        let r = match client.txn(combined(&batch)).await {
+            Ok(r) => r,
+            // A request etcd refuses (say, a lease that just ended) fails only its own
+            // member: find it by sending each alone.
+            Err(CallError::Rejected(_)) if batch.len() > 1 => break,
+            Err(e) => {
+                for m in batch {
+                    let _ = m.reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        if r.succeeded {
+            let revision = r.header.map(|h| h.revision).unwrap_or(0);
+            for m in batch {
+                let _ = m.reply.send(Ok(Outcome::Committed(revision)));
+            }
+            return;
+        }
+        let mut current: HashMap<Bytes, i64> = HashMap::new();
+        for op in &r.responses {
+            if let Some(pb::response_op::Response::ResponseRange(range)) = &op.response {
+                for kv in &range.kvs {
+                    current.insert(kv.key.clone(), kv.mod_revision);
+                }
+            }
+        }
+        let mut holding = Vec::with_capacity(batch.len());
+        for m in batch {
+            let now = |k: &Bytes| current.get(k).copied().unwrap_or(0);
+            if expected(&m.txn).all(|(k, want)| now(k) == want) {
+                holding.push(m);
+                continue;
+            }
+            // A key expected present is gone: its deletion's revision is unknown.
+            let gone = expected(&m.txn).any(|(k, want)| want != 0 && !current.contains_key(k));
+            let seen = expected(&m.txn).map(|(k, _)| now(k)).max().unwrap_or(0);
+            let _ = m.reply.send(Ok(Outcome::Conflict((!gone).then_some(seen))));
+        }
+        batch = holding;
+    }
+    // Independent of each other: in parallel.
+    let alone = batch.into_iter().map(|m| async move {
+        let r = Box::pin(commit(client, vec![m]));
+        r.await
+    });
+    futures::future::join_all(alone).await;
 }

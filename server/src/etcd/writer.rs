@@ -128,6 +128,8 @@ impl EtcdState {
                 .transaction(cluster, u.affiliate_id, &view, &plan, now_ms)
                 .await?;
             match self.batcher.commit(txn).await {
+                // Nothing written: the condition held, so the mirror already has it all.
+                Ok(Outcome::Committed(_)) if plan.changes_nothing => return Ok(()),
                 Ok(Outcome::Committed(revision)) => {
                     return Ok(self.mirror.wait_for(revision).await?);
                 }
@@ -164,6 +166,12 @@ impl EtcdState {
         now_ms: i64,
     ) -> Result<pb::TxnRequest, WriteError> {
         let aff_key = self.layout.affiliate(cluster, affiliate_id);
+        if plan.changes_nothing {
+            // Only check that the affiliate is still what the plan saw: a read.
+            let revision = view.current.as_ref().map_or(0, |a| a.revision());
+            let compare = vec![mod_revision_is(aff_key, revision)];
+            return Ok(conditional(compare, Vec::new()));
+        }
         let aff_lease = self
             .leases
             .for_expiry(&self.client, plan.expiry_ms, now_ms)
@@ -210,22 +218,7 @@ impl EtcdState {
                 lease,
             ));
         }
-        // On a failed condition, read the compared keys back (see `batch::Outcome`).
-        let failure = compare
-            .iter()
-            .map(|c| pb::RequestOp {
-                request: Some(request_op::Request::RequestRange(pb::RangeRequest {
-                    key: c.key.clone(),
-                    keys_only: true,
-                    ..Default::default()
-                })),
-            })
-            .collect();
-        Ok(pb::TxnRequest {
-            compare,
-            success: ops,
-            failure,
-        })
+        Ok(conditional(compare, ops))
     }
 
     /// AffiliateDelete: the affiliate and its endpoints, in one revision.
@@ -294,6 +287,10 @@ struct Plan {
     data: Option<bytes::Bytes>,
     expiry_ms: i64,
     endpoints: Vec<EndpointWrite>,
+    /// A refresh that changes nothing etcd would see (no data, no new endpoint, every
+    /// lease bucket the same): nothing is written, and watchers hear nothing, as in
+    /// memory.
+    changes_nothing: bool,
 }
 
 impl Plan {
@@ -354,10 +351,15 @@ impl Plan {
             });
             appended += 1;
         }
+        let changes_nothing = view.current.is_some()
+            && data.is_none()
+            && writes.is_empty()
+            && bucket_end(aff_expiry) == bucket_end(old_expiry);
         Ok(Self {
             data,
             expiry_ms: aff_expiry,
             endpoints: writes,
+            changes_nothing,
         })
     }
 
@@ -370,6 +372,15 @@ impl Plan {
                 .map(|e| e.expiry_ms.min(self.expiry_ms)),
         );
         v
+    }
+}
+
+/// A transaction of conditions and writes; the batcher adds the read-back.
+fn conditional(compare: Vec<pb::Compare>, success: Vec<pb::RequestOp>) -> pb::TxnRequest {
+    pb::TxnRequest {
+        compare,
+        success,
+        failure: Vec::new(),
     }
 }
 
@@ -510,8 +521,22 @@ mod tests {
         assert_eq!(blobs(&p), [("e2".into(), 1)]);
         assert_eq!(p.endpoints[0].expiry_ms, later);
         // An earlier expiry never lowers an endpoint's.
-        let p = Plan::new(&view(Some(a), 1), b"", &[b("e1")], T0, W).unwrap();
+        let p = Plan::new(&view(Some(a.clone()), 1), b"", &[b("e1")], T0, W).unwrap();
         assert!(p.endpoints.is_empty(), "{p:?}");
+        assert!(
+            p.changes_nothing,
+            "a refresh within the same buckets writes nothing"
+        );
+        let p = Plan::new(&view(Some(a.clone()), 1), b"d", &[b("e1")], T0 + 60_000, W).unwrap();
+        assert!(
+            !p.changes_nothing,
+            "data is always written: watchers are told"
+        );
+        let p = Plan::new(&view(Some(a), 1), b"", &[], later, W).unwrap();
+        assert!(
+            !p.changes_nothing,
+            "a later bucket moves the affiliate's lease"
+        );
     }
 
     #[test]
