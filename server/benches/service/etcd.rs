@@ -73,9 +73,20 @@ pub async fn run(dir: &Path) -> Vec<Figure> {
     let member = Member::start(dir);
     member.wait_ready().await;
     eprintln!("etcd member pid {} at {}", member.pid(), member.endpoint);
-    let mut figures = throughput(dir, &member).await;
-    figures.extend(fanout(dir, &member).await);
-    figures.extend(memory(dir, &member).await);
+    // `DISCOVERY_BENCH_ETCD=throughput,fanout,memory` picks sub-measurements.
+    let parts =
+        std::env::var("DISCOVERY_BENCH_ETCD").unwrap_or_else(|_| "throughput,fanout,memory".into());
+    let want = |p: &str| parts.split(',').any(|x| x.trim() == p);
+    let mut figures = Vec::new();
+    if want("throughput") {
+        figures.extend(throughput(dir, &member).await);
+    }
+    if want("fanout") {
+        figures.extend(fanout(dir, &member).await);
+    }
+    if want("memory") {
+        figures.extend(memory(dir, &member).await);
+    }
     drop(member);
     figures
 }

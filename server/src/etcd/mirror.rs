@@ -276,6 +276,12 @@ impl Mirror {
             }
         }
         self.state.reset_all(self.assemble(kvs));
+        // The whole keyspace passed through the heap once: give it back.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free memory; it takes the allocator's lock.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Ok(revision)
     }
 

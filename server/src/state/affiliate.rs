@@ -277,6 +277,8 @@ impl Affiliate {
         if self.endpoints.len() >= AFFILIATE_ENDPOINTS_MAX {
             return false;
         }
+        // Exact growth, as in `merge_endpoints`.
+        self.endpoints.reserve_exact(1);
         self.endpoints.push(Endpoint { blob, expiry });
         true
     }

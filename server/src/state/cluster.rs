@@ -311,12 +311,15 @@ impl Cluster {
     /// Replaces everything with what a full read of etcd returned and ends every
     /// subscription: changes between the old state and this one may be unknown (the
     /// mirror fell behind etcd's compaction), so watchers start again from a snapshot.
+    /// Gives the affiliates back if GC removed the cluster meanwhile.
     pub(super) fn reset(
         &self,
         affiliates: Vec<(String, Affiliate)>,
         guard_revision: i64,
-    ) -> Result<(), Removed> {
-        let mut inner = self.live()?;
+    ) -> Result<(), Vec<(String, Affiliate)>> {
+        let Ok(mut inner) = self.live() else {
+            return Err(affiliates);
+        };
         inner.affiliates = affiliates
             .into_iter()
             .map(|(id, a)| (id.into_boxed_str(), a))
@@ -682,7 +685,7 @@ mod tests {
         let (_, mut sub) = c.subscribe(32).unwrap();
         let mut fresh = Affiliate::new(exp);
         fresh.set_stored(b"n", exp, 9);
-        c.reset(vec![("new".into(), fresh)], 9).unwrap();
+        assert!(c.reset(vec![("new".into(), fresh)], 9).is_ok());
         assert_eq!(sub.try_recv(), Err(subscription::Lost));
         assert_eq!(c.counts().subscriptions, 0);
         let ids: Vec<String> = c.list().into_iter().map(|a| a.id).collect();

@@ -122,8 +122,10 @@ impl State {
         for (id, cluster) in self.clusters() {
             let (affiliates, guard) = clusters.remove(&id).unwrap_or_default();
             // A cluster GC removed meanwhile has no subscribers left to end.
-            if cluster.reset(affiliates.clone(), guard).is_err() && !affiliates.is_empty() {
-                clusters.insert(id, (affiliates, guard));
+            if let Err(back) = cluster.reset(affiliates, guard)
+                && !back.is_empty()
+            {
+                clusters.insert(id, (back, guard));
             }
         }
         for (id, (affiliates, guard)) in clusters {
