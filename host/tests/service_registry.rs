@@ -84,6 +84,12 @@ fn a_node_that_leaves_is_gone_from_the_others_within_2_s() {
     }
     let leaving = nodes.pop().unwrap();
     let (mut watcher, events) = nodes[0].cli_stream(&["get", "members", "-o", "json", "-w"]);
+    // The watch has started once it lists node-3; only then can it see it go.
+    events.wait_for(
+        "the watch to list node-3",
+        Duration::from_secs(10),
+        |line| json(line)["metadata"]["id"] == "node-3",
+    );
     let asked = Instant::now();
     leaving.cli(&["leave"]);
     events.wait_for("node-3 to go", Duration::from_secs(2), |line| {
