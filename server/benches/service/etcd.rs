@@ -36,26 +36,24 @@
 //!   RSS (it holds every earlier sub-measurement's data and history too).
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use discovery_service::etcd::keys::{AffiliateValue, Layout};
 use discovery_service::etcd::proto::etcdserverpb::{
     PutRequest, RangeRequest, RequestOp, TxnRequest, request_op,
 };
 use discovery_service::etcd::{EtcdClient, EtcdOptions, clock};
-use discovery_service::proto::server::{AffiliateUpdateRequest, ListRequest, WatchRequest};
-use futures::StreamExt;
+use discovery_service::proto::server::{AffiliateUpdateRequest, ListRequest};
 use futures::future::BoxFuture;
-use tokio::sync::Notify;
 
 use crate::client::{self, CALL_TIMEOUT, Client, Run};
+use crate::fanout::{self, Fleet};
 use crate::procs::{self, PROCESS_WAIT, ServerProcess, cpu_of, rss_of};
 use crate::report::{Figure, Target};
 
@@ -483,105 +481,7 @@ async fn throughput(dir: &Path, member: &Member) -> Vec<Figure> {
 }
 
 // ---------------------------------------------------------------------------------
-// Fan-out: `fanout.rs`'s fleet (its types are private to it), same method.
-
-const WATCHERS: usize = 1000;
-const FANOUT_WARM_UP_ROUNDS: usize = 30;
-const FANOUT_ROUNDS: usize = 300;
-const FANOUT_CLUSTER: usize = 999_999;
-
-struct Shared {
-    expected: AtomicU64,
-    received: AtomicUsize,
-    last: Mutex<Option<Instant>>,
-    done: Notify,
-    wrong: AtomicUsize,
-}
-
-struct Fleet {
-    writer: Client,
-    shared: Arc<Shared>,
-    data: Vec<u8>,
-}
-
-impl Fleet {
-    async fn connect(addr: SocketAddr) -> Self {
-        let shared = Arc::new(Shared {
-            expected: AtomicU64::new(u64::MAX),
-            received: AtomicUsize::new(0),
-            last: Mutex::new(None),
-            done: Notify::new(),
-            wrong: AtomicUsize::new(0),
-        });
-        let cluster_id = client::cluster_id(FANOUT_CLUSTER);
-        futures::stream::iter(0..WATCHERS)
-            .map(|_| {
-                let shared = shared.clone();
-                let cluster_id = cluster_id.clone();
-                async move {
-                    let mut c = client::connect(addr).await;
-                    let mut stream =
-                        tokio::time::timeout(CALL_TIMEOUT, c.watch(WatchRequest { cluster_id }))
-                            .await
-                            .expect("watch timed out")
-                            .expect("watch")
-                            .into_inner();
-                    tokio::time::timeout(CALL_TIMEOUT, stream.message())
-                        .await
-                        .expect("snapshot timed out")
-                        .expect("snapshot");
-                    tokio::spawn(async move {
-                        let _keep = c;
-                        while let Ok(Some(m)) = stream.message().await {
-                            let seq = m
-                                .affiliates
-                                .first()
-                                .and_then(|a| a.data.get(..8))
-                                .map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-                            if seq != Some(shared.expected.load(Ordering::Acquire)) {
-                                shared.wrong.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                            if shared.received.fetch_add(1, Ordering::AcqRel) + 1 == WATCHERS {
-                                *shared.last.lock().unwrap() = Some(Instant::now());
-                                shared.done.notify_one();
-                            }
-                        }
-                    });
-                }
-            })
-            .buffer_unordered(50)
-            .collect::<Vec<()>>()
-            .await;
-        Self {
-            writer: client::connect(addr).await,
-            shared,
-            data: client::noise(11, 1024),
-        }
-    }
-
-    async fn round(&mut self, seq: u64) -> u32 {
-        self.shared.received.store(0, Ordering::Release);
-        self.shared.expected.store(seq, Ordering::Release);
-        self.data[..8].copy_from_slice(&seq.to_le_bytes());
-        let req = client::update(FANOUT_CLUSTER, 0, Bytes::copy_from_slice(&self.data));
-        let t0 = Instant::now();
-        tokio::time::timeout(CALL_TIMEOUT, self.writer.affiliate_update(req))
-            .await
-            .expect("update timed out")
-            .expect("update");
-        tokio::time::timeout(CALL_TIMEOUT, self.shared.done.notified())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "round {seq}: only {} of {WATCHERS} watchers got the update",
-                    self.shared.received.load(Ordering::Acquire)
-                )
-            });
-        let last = self.shared.last.lock().unwrap().take().unwrap();
-        last.duration_since(t0).as_micros() as u32
-    }
-}
+// Fan-out: `fanout.rs`'s fleet and method.
 
 async fn fanout(dir: &Path, member: &Member) -> Vec<Figure> {
     let memory = procs::real_server(dir, "etcd-fanout-memory.log", None);
@@ -589,24 +489,20 @@ async fn fanout(dir: &Path, member: &Member) -> Vec<Figure> {
     let mut base = Fleet::connect(memory.addr).await;
     let mut ours = Fleet::connect(replica.addr).await;
     let (mut b, mut o) = (Vec::new(), Vec::new());
-    for seq in 0..(FANOUT_WARM_UP_ROUNDS + FANOUT_ROUNDS) as u64 {
+    for seq in 0..(fanout::WARM_UP_ROUNDS + fanout::ROUNDS) as u64 {
         let (bt, ot) = if seq % 2 == 0 {
             (base.round(seq).await, ours.round(seq).await)
         } else {
             let ot = ours.round(seq).await;
             (base.round(seq).await, ot)
         };
-        if seq >= FANOUT_WARM_UP_ROUNDS as u64 {
+        if seq >= fanout::WARM_UP_ROUNDS as u64 {
             b.push(bt);
             o.push(ot);
         }
     }
     for f in [&base, &ours] {
-        assert_eq!(
-            f.shared.wrong.load(Ordering::Relaxed),
-            0,
-            "unexpected messages"
-        );
+        assert_eq!(f.wrong(), 0, "unexpected messages");
     }
     let ms = |us: u32| f64::from(us) / 1000.0;
     vec![

@@ -18,9 +18,9 @@ use tokio::sync::Notify;
 use crate::client::{self, CALL_TIMEOUT, Client};
 use crate::report::{Figure, Target};
 
-const WATCHERS: usize = 1000;
-const WARM_UP_ROUNDS: usize = 30;
-const ROUNDS: usize = 300;
+pub const WATCHERS: usize = 1000;
+pub const WARM_UP_ROUNDS: usize = 30;
+pub const ROUNDS: usize = 300;
 const CLUSTER: usize = 999_999;
 
 struct Shared {
@@ -32,14 +32,15 @@ struct Shared {
     wrong: AtomicUsize,
 }
 
-struct Fleet {
+/// 1000 watchers of one server and a writer (also used by `etcd.rs`).
+pub struct Fleet {
     writer: Client,
     shared: Arc<Shared>,
     data: Vec<u8>,
 }
 
 impl Fleet {
-    async fn connect(addr: SocketAddr) -> Self {
+    pub async fn connect(addr: SocketAddr) -> Self {
         let shared = Arc::new(Shared {
             expected: AtomicU64::new(u64::MAX),
             received: AtomicUsize::new(0),
@@ -96,8 +97,13 @@ impl Fleet {
         }
     }
 
+    /// Messages watchers got that were not the current round's.
+    pub fn wrong(&self) -> usize {
+        self.shared.wrong.load(Ordering::Relaxed)
+    }
+
     /// One update and its fan-out; the update-to-last-watcher time in microseconds.
-    async fn round(&mut self, seq: u64) -> u32 {
+    pub async fn round(&mut self, seq: u64) -> u32 {
         self.shared.received.store(0, Ordering::Release);
         self.shared.expected.store(seq, Ordering::Release);
         self.data[..8].copy_from_slice(&seq.to_le_bytes());
