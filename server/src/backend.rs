@@ -8,6 +8,7 @@ use std::time::Instant;
 use tonic::Status;
 
 use crate::etcd::EtcdState;
+use crate::limits::ETCD_RPC_DEADLINE;
 use crate::state::{AffiliateView, State, StateError, Subscription, Update};
 
 #[derive(Debug, Clone)]
@@ -38,7 +39,9 @@ impl Backend {
     ) -> Result<(), Status> {
         match self {
             Self::Memory(s) => s.update(cluster, u, expiry).map_err(limit),
-            Self::Etcd(s, etcd) => Ok(etcd.update(s, cluster, u, expiry).await?),
+            Self::Etcd(s, etcd) => {
+                bounded(async { Ok(etcd.update(s, cluster, u, expiry).await?) }).await
+            }
         }
     }
 
@@ -48,14 +51,16 @@ impl Backend {
                 s.delete(cluster, affiliate);
                 Ok(())
             }
-            Self::Etcd(_, etcd) => Ok(etcd.delete(cluster, affiliate).await?),
+            Self::Etcd(_, etcd) => {
+                bounded(async { Ok(etcd.delete(cluster, affiliate).await?) }).await
+            }
         }
     }
 
     pub async fn list(&self, cluster: &str) -> Result<Vec<AffiliateView>, Status> {
         match self {
             Self::Memory(s) => Ok(s.list(cluster)),
-            Self::Etcd(s, etcd) => Ok(etcd.list(s, cluster).await?),
+            Self::Etcd(s, etcd) => bounded(async { Ok(etcd.list(s, cluster).await?) }).await,
         }
     }
 
@@ -66,7 +71,22 @@ impl Backend {
     ) -> Result<(Vec<AffiliateView>, Subscription), Status> {
         match self {
             Self::Memory(s) => Ok(s.watch(cluster, capacity)),
-            Self::Etcd(s, etcd) => Ok(etcd.watch(s, cluster, capacity).await?),
+            Self::Etcd(s, etcd) => {
+                bounded(async { Ok(etcd.watch(s, cluster, capacity).await?) }).await
+            }
         }
     }
+}
+
+/// One RPC's whole etcd work (lease grant, transaction, waiting for the mirror) ends
+/// within [`ETCD_RPC_DEADLINE`], so a client sees UNAVAILABLE rather than its own
+/// deadline.
+async fn bounded<T>(work: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    tokio::time::timeout(ETCD_RPC_DEADLINE, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::unavailable(format!(
+                "etcd unavailable: no answer within {ETCD_RPC_DEADLINE:?}"
+            )))
+        })
 }

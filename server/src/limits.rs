@@ -50,6 +50,9 @@ pub const ETCD_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// All attempts of one etcd call: past it the RPC fails with UNAVAILABLE. Kept under
 /// Talos's 10 s per-call timeout so a node sees the code, not its own deadline.
 pub const ETCD_CALL_DEADLINE: Duration = Duration::from_secs(8);
+/// All the etcd work of one RPC; past it the RPC fails with UNAVAILABLE, under
+/// Talos's 10 s per-call timeout.
+pub const ETCD_RPC_DEADLINE: Duration = Duration::from_secs(9);
 /// How long List and Watch wait for this replica's mirror to reach etcd's revision.
 pub const ETCD_BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keys per range read when the mirror reads everything.

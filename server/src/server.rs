@@ -133,6 +133,8 @@ impl Server {
         let metrics = Arc::new(Metrics::new(state.clone(), snapshots));
         let serving = CancellationToken::new();
         let background = CancellationToken::new();
+        // If start-up fails after this, the loops already started stop.
+        let stop_on_error = background.clone().drop_guard();
         let mut loops = Vec::new();
 
         let (backend, etcd) = if on_etcd {
@@ -250,6 +252,7 @@ impl Server {
             ));
         }
 
+        stop_on_error.disarm();
         Ok(Self {
             grpc_addr,
             landing_addr,

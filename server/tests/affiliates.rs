@@ -430,7 +430,37 @@ async fn a_million_endpoints_in_one_request_get_the_contract_status(backend: Bac
     server.shutdown().await.unwrap();
 }
 
+/// A node that left (deleted its affiliate) comes back after GC passes have run over
+/// its now-empty cluster.
+async fn an_affiliate_comes_back_after_gc_ran_over_its_empty_cluster(backend: Backend) {
+    let mut cfg = backend.config("comes_back");
+    cfg.gc_interval = Duration::from_millis(20);
+    let server = start(cfg).await;
+    let mut c = client(&server).await;
+    c.affiliate_update(update("c", "af", "d", &["e"], 60))
+        .await
+        .unwrap();
+    c.affiliate_delete(AffiliateDeleteRequest {
+        cluster_id: "c".into(),
+        affiliate_id: "af".into(),
+    })
+    .await
+    .unwrap();
+    let runs = server.metrics.gc_runs.clone();
+    let start_runs = runs.get();
+    until("gc passes", || runs.get() >= start_runs + 3).await;
+    within(
+        "the update",
+        c.affiliate_update(update("c", "af", "again", &["e"], 60)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(list(&mut c, "c").await, vec![aff("af", "again", &["e"])]);
+    server.shutdown().await.unwrap();
+}
+
 both_backends!(
+    an_affiliate_comes_back_after_gc_ran_over_its_empty_cluster,
     update_merge_delete_and_watch_sequence,
     list_and_delete_do_not_create_clusters,
     validation_table,

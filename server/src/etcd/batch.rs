@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::client::{CallError, EtcdClient};
+use super::client::{CallError, EtcdClient, Unavailable};
 use super::proto::etcdserverpb::{self as pb, request_op};
 use crate::limits::{ETCD_BATCH_BYTES, ETCD_BATCH_OPS, ETCD_BATCHES_IN_FLIGHT};
 
@@ -90,7 +90,7 @@ impl Batcher {
             txn,
             reply,
         };
-        let closed = || CallError::Rejected(tonic::Status::unavailable("shutting down"));
+        let closed = || CallError::Unavailable(Unavailable("the server is shutting down".into()));
         self.queue.send(member).map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
@@ -142,6 +142,10 @@ async fn run(client: EtcdClient, mut rx: mpsc::UnboundedReceiver<Member>) {
             take(m, &mut batch, &mut next_held);
         }
         while let Ok(m) = rx.try_recv() {
+            // The caller gave up (its RPC ended): nothing to commit for it.
+            if m.reply.is_closed() {
+                continue;
+            }
             take(m, &mut batch, &mut next_held);
         }
         held = next_held;

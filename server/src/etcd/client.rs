@@ -289,6 +289,8 @@ impl From<CallError> for tonic::Status {
 fn retryable(s: &tonic::Status) -> bool {
     use tonic::Code;
     match s.code() {
+        // etcd sheds load this way ("etcdserver: too many requests").
+        Code::ResourceExhausted => s.message().contains("too many requests"),
         Code::Unavailable
         | Code::DeadlineExceeded
         | Code::Unknown

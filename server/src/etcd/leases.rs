@@ -71,10 +71,11 @@ impl Leases {
     ) -> Result<i64, CallError> {
         let end = self.bucket_end(expiry_ms.max(now_ms));
         let mut map = self.by_bucket.lock().await;
-        // Buckets ending within a second may already be revoked by etcd.
-        let fresh = now_ms.div_euclid(1000) + 1;
+        // Buckets that have ended are gone from etcd (one ending now may be too: its
+        // write then fails with "lease not found" and is retried with a fresh lease).
+        let now_s = now_ms.div_euclid(1000);
         while let Some((&b, _)) = map.first_key_value() {
-            if b > fresh {
+            if b >= now_s {
                 break;
             }
             map.pop_first();

@@ -117,6 +117,9 @@ impl Mirror {
                     key: key.into(),
                     range_end: range_end.into(),
                     start_revision: start,
+                    // A watch catching up can owe etcd's batch of 1000 revisions: in
+                    // fragments, none over the message limit.
+                    fragment: true,
                     ..Default::default()
                 },
             )),
@@ -131,9 +134,9 @@ impl Mirror {
         tracing::debug!(%member, start, "watching etcd");
         // The request side stays open for the life of the stream.
         let _requests = tx;
+        // Fragments of one response, applied together once the last one arrives.
+        let mut pending: Vec<mvccpb::Event> = Vec::new();
         loop {
-            // Events of one revision span responses only when etcd fragments them,
-            // which is not asked for: each response is applied whole.
             let resp = match stream.message().await {
                 Ok(Some(r)) => r,
                 Ok(None) => return Interrupted::Resume(format!("{member} ended the watch")),
@@ -153,10 +156,15 @@ impl Mirror {
                     resp.cancel_reason
                 ));
             }
-            let Some(last) = resp.events.last().map(revision_of) else {
+            pending.extend(resp.events);
+            if resp.fragment {
+                continue;
+            }
+            let events = std::mem::take(&mut pending);
+            let Some(last) = events.last().map(revision_of) else {
                 continue;
             };
-            self.apply(&resp.events);
+            self.apply(&events);
             if last > self.applied() {
                 self.applied.send_replace(last);
             }

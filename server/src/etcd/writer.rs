@@ -120,10 +120,22 @@ impl EtcdState {
         // Every conflict means another update went through, so this ends; the
         // deadline only bounds a pathological pile-up on one cluster.
         let deadline = tokio::time::Instant::now() + ETCD_CALL_DEADLINE;
+        let mut caught_up = false;
         while tokio::time::Instant::now() < deadline {
             let now_ms = clock::now_ms();
             let view = state.write_view(cluster, u.affiliate_id);
-            let plan = Plan::new(&view, u.data, &endpoints, expiry_ms, self.leases.width())?;
+            let plan = match Plan::new(&view, u.data, &endpoints, expiry_ms, self.leases.width()) {
+                Ok(plan) => plan,
+                // The mirror may be behind a delete elsewhere: refuse only once it has
+                // caught up with etcd.
+                Err(e) if !caught_up => {
+                    self.mirror.barrier().await?;
+                    caught_up = true;
+                    last = e.to_string();
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let txn = self
                 .transaction(cluster, u.affiliate_id, &view, &plan, now_ms)
                 .await?;
@@ -137,8 +149,11 @@ impl EtcdState {
                     // The mirror was behind etcd: catch up, then plan again.
                     last = "the affiliate or its cluster kept changing concurrently".into();
                     match seen {
-                        Some(revision) => self.mirror.wait_for(revision).await?,
-                        None => self.mirror.barrier().await?,
+                        Some(revision) if revision > self.mirror.applied() => {
+                            self.mirror.wait_for(revision).await?
+                        }
+                        // Already applied, or a key is gone: catch up with everything.
+                        _ => self.mirror.barrier().await?,
                     }
                 }
                 Err(CallError::Rejected(s)) if s.message().contains("lease not found") => {
@@ -241,9 +256,10 @@ impl EtcdState {
                 _ => None,
             })
             .sum();
-        // Deleting nothing makes no revision, so there is nothing to wait for.
+        // Deleting nothing makes no revision to wait for; the mirror may still hold
+        // what another replica (or an earlier attempt of this call) deleted.
         if deleted == 0 {
-            return Ok(());
+            return Ok(self.mirror.barrier().await?);
         }
         let revision = r.header.map(|h| h.revision).unwrap_or(0);
         Ok(self.mirror.wait_for(revision).await?)

@@ -345,7 +345,10 @@ impl Cluster {
     /// takes it out of the map in the same step.
     pub(super) fn try_retire(&self) -> bool {
         let mut inner = self.lock();
-        if inner.removed || (inner.affiliates.is_empty() && inner.subscribers.is_empty()) {
+        // A guard key still in etcd (etcd backend) keeps the cluster: creating an
+        // affiliate is conditional on its revision, which the mirror must not forget.
+        let empty = inner.affiliates.is_empty() && inner.guard_revision == 0;
+        if inner.removed || (empty && inner.subscribers.is_empty()) {
             inner.removed = true;
             return true;
         }

@@ -123,7 +123,7 @@ impl State {
             let (affiliates, guard) = clusters.remove(&id).unwrap_or_default();
             // A cluster GC removed meanwhile has no subscribers left to end.
             if let Err(back) = cluster.reset(affiliates, guard)
-                && !back.is_empty()
+                && (!back.is_empty() || guard != 0)
             {
                 clusters.insert(id, (back, guard));
             }
