@@ -64,3 +64,5 @@ pub const ETCD_BATCH_OPS: usize = 128;
 pub const ETCD_BATCH_BYTES: usize = 1 << 20;
 /// Batched etcd transactions one replica keeps in flight at once.
 pub const ETCD_BATCHES_IN_FLIGHT: usize = 4;
+/// Updates one replica lets wait for etcd; past it, updates fail with UNAVAILABLE.
+pub const ETCD_QUEUE_MAX: usize = 4096;

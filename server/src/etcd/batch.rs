@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::client::{CallError, EtcdClient, Unavailable};
 use super::proto::etcdserverpb::{self as pb, request_op};
-use crate::limits::{ETCD_BATCH_BYTES, ETCD_BATCH_OPS, ETCD_BATCHES_IN_FLIGHT};
+use crate::limits::{ETCD_BATCH_BYTES, ETCD_BATCH_OPS, ETCD_BATCHES_IN_FLIGHT, ETCD_QUEUE_MAX};
 
 /// What became of one member's transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +46,7 @@ struct Member {
 /// The sending side; the batching task ends when every handle is dropped.
 #[derive(Debug, Clone)]
 pub struct Batcher {
-    queue: mpsc::UnboundedSender<Member>,
+    queue: mpsc::Sender<Member>,
 }
 
 impl std::fmt::Debug for Member {
@@ -75,7 +75,7 @@ fn size_of(txn: &pb::TxnRequest) -> usize {
 
 impl Batcher {
     pub fn start(client: EtcdClient) -> Self {
-        let (queue, rx) = mpsc::unbounded_channel();
+        let (queue, rx) = mpsc::channel(ETCD_QUEUE_MAX);
         tokio::spawn(run(client, rx));
         Self { queue }
     }
@@ -91,12 +91,19 @@ impl Batcher {
             reply,
         };
         let closed = || CallError::Unavailable(Unavailable("the server is shutting down".into()));
-        self.queue.send(member).map_err(|_| closed())?;
+        // A full queue means etcd is not keeping up: refuse now rather than pile up
+        // work the callers will have given up on.
+        self.queue.try_send(member).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => CallError::Unavailable(Unavailable(format!(
+                "{ETCD_QUEUE_MAX} updates are already waiting for etcd on this replica"
+            ))),
+            mpsc::error::TrySendError::Closed(_) => closed(),
+        })?;
         rx.await.map_err(|_| closed())?
     }
 }
 
-async fn run(client: EtcdClient, mut rx: mpsc::UnboundedReceiver<Member>) {
+async fn run(client: EtcdClient, mut rx: mpsc::Receiver<Member>) {
     // Members that shared a key with a batch wait for the next one, first in line.
     let mut held: VecDeque<Member> = VecDeque::new();
     let in_flight = Arc::new(Semaphore::new(ETCD_BATCHES_IN_FLIGHT));

@@ -236,6 +236,7 @@ impl Mirror {
                             id: affiliate,
                             blob,
                             expiry: clock::instant(v.expiry_ms),
+                            ordinal: v.ordinal,
                         },
                     )
                 } else {
@@ -332,6 +333,7 @@ impl Mirror {
                     let e = Endpoint {
                         blob,
                         expiry: clock::instant(v.expiry_ms),
+                        ordinal: v.ordinal,
                     };
                     endpoints.push((cluster, affiliate, kv.create_revision, v.ordinal, e));
                 }
@@ -352,7 +354,7 @@ impl Mirror {
             for (id, (mut a, mut eps)) in list {
                 eps.sort_by_key(|(created, ordinal, _)| (*created, *ordinal));
                 for (_, _, e) in eps {
-                    a.put_endpoint(e.blob, e.expiry);
+                    a.put_endpoint(e.blob, e.expiry, e.ordinal);
                 }
                 v.push((id, a));
             }

@@ -340,16 +340,18 @@ impl Plan {
         let mut appended = 0u16;
         // Endpoints the request does not name keep their value, but their lease may
         // have to follow the affiliate's (it never outlives it).
-        for (i, e) in known.iter().enumerate() {
+        for e in known {
             let own = clock::unix_ms(e.expiry);
             let named = endpoints.iter().any(|b| b.as_ref() == e.blob.as_slice());
             let new_own = if named { own.max(expiry_ms) } else { own };
             let old_lease = bucket_end(own.min(old_expiry));
             let new_lease = bucket_end(new_own.min(aff_expiry));
             if new_lease != old_lease || (named && bucket_end(new_own) != bucket_end(own)) {
+                // Its stored ordinal, unchanged: a full read orders endpoints by
+                // creation revision, then ordinal.
                 writes.push(EndpointWrite {
                     blob: e.blob.to_vec(),
-                    ordinal: i as u16,
+                    ordinal: e.ordinal,
                     expiry_ms: new_own,
                 });
             }
@@ -360,9 +362,11 @@ impl Plan {
             {
                 continue;
             }
+            // Its place among the endpoints this update creates (they share a
+            // creation revision).
             writes.push(EndpointWrite {
                 blob: b.to_vec(),
-                ordinal: known.len() as u16 + appended,
+                ordinal: appended,
                 expiry_ms,
             });
             appended += 1;
@@ -451,10 +455,11 @@ mod tests {
     fn stored(data: &str, expiry_ms: i64, eps: &[(&str, i64)]) -> Affiliate {
         let mut a = Affiliate::new(clock::instant(expiry_ms));
         a.set_stored(data.as_bytes(), clock::instant(expiry_ms), 7);
-        for (e, exp) in eps {
+        for (i, (e, exp)) in eps.iter().enumerate() {
             a.put_endpoint(
                 crate::state::Blob::new(e.as_bytes()).unwrap(),
                 clock::instant(*exp),
+                i as u16,
             );
         }
         a
@@ -529,7 +534,7 @@ mod tests {
             W,
         )
         .unwrap();
-        assert_eq!(blobs(&p), [("e3".into(), 2)]);
+        assert_eq!(blobs(&p), [("e3".into(), 0)]);
         // A later expiry in another bucket: the named endpoint moves, keeping its
         // place; the unnamed one keeps its own expiry (raised, never lowered).
         let later = T0 + 60_000 + 10_000;
@@ -553,6 +558,21 @@ mod tests {
             !p.changes_nothing,
             "a later bucket moves the affiliate's lease"
         );
+    }
+
+    #[test]
+    fn a_rewritten_endpoint_keeps_its_stored_ordinal_not_its_index() {
+        // p, q, r created together (ordinals 0, 1, 2); p expires, so r is second.
+        let mut a = stored(
+            "d",
+            T0 + 60_000,
+            &[("p", T0 + 60_000), ("q", T0 + 60_000), ("r", T0 + 60_000)],
+        );
+        assert!(a.remove_endpoint(&crate::state::Blob::new(b"p").unwrap()));
+        let later = T0 + 60_000 + 10_000;
+        let p = Plan::new(&view(Some(a), 1), b"", &[b("r")], later, W).unwrap();
+        // A full read then still orders q before r (same creation revision).
+        assert_eq!(blobs(&p), [("r".into(), 2)]);
     }
 
     #[test]

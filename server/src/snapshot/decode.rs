@@ -133,6 +133,7 @@ fn endpoint(
     Some(Endpoint {
         blob: Blob::new(&e.data)?,
         expiry: now + left,
+        ordinal: 0,
     })
 }
 

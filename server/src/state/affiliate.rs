@@ -62,6 +62,10 @@ impl std::fmt::Debug for Blob {
 pub struct Endpoint {
     pub blob: Blob,
     pub expiry: Instant,
+    /// etcd backend: the endpoint's place among those its update created (stored in
+    /// etcd, so a full read orders them as the watch did); 0 otherwise. Fits in the
+    /// padding: an `Endpoint` is no larger for it.
+    pub ordinal: u16,
 }
 
 /// A request's endpoints without repeats, first occurrences in order, for
@@ -247,7 +251,11 @@ impl Affiliate {
                     // Exact growth: most affiliates hold 1–4 endpoints for hours, and
                     // doubling slack would cost more than the rare reallocation.
                     self.endpoints.reserve_exact(1);
-                    self.endpoints.push(Endpoint { blob, expiry });
+                    self.endpoints.push(Endpoint {
+                        blob,
+                        expiry,
+                        ordinal: 0,
+                    });
                     changed = true;
                 }
                 None => {}
@@ -269,9 +277,10 @@ impl Affiliate {
     /// Mirrors an endpoint key read back from etcd: its expiry is set as stored (not
     /// raised), a new one appended. Returns whether it was new. Past the limit (only a
     /// foreign writer could get there) it is ignored, keeping the invariant.
-    pub fn put_endpoint(&mut self, blob: Blob, expiry: Instant) -> bool {
+    pub fn put_endpoint(&mut self, blob: Blob, expiry: Instant, ordinal: u16) -> bool {
         if let Some(known) = self.endpoints.iter_mut().find(|e| e.blob == blob) {
             known.expiry = expiry;
+            known.ordinal = ordinal;
             return false;
         }
         if self.endpoints.len() >= AFFILIATE_ENDPOINTS_MAX {
@@ -279,7 +288,11 @@ impl Affiliate {
         }
         // Exact growth, as in `merge_endpoints`.
         self.endpoints.reserve_exact(1);
-        self.endpoints.push(Endpoint { blob, expiry });
+        self.endpoints.push(Endpoint {
+            blob,
+            expiry,
+            ordinal,
+        });
         true
     }
 
@@ -426,6 +439,7 @@ mod tests {
         let ep = |s: &str, secs: u64| Endpoint {
             blob: Blob::new(s.as_bytes()).unwrap(),
             expiry: t0 + Duration::from_secs(secs),
+            ordinal: 0,
         };
         let mut eps = vec![ep("e1", 10), ep("e2", 10), ep("e1", 50), ep("e1", 5)];
         eps.extend((0..70).map(|i| ep(&format!("x{i}"), 10)));

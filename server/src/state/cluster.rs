@@ -60,6 +60,7 @@ pub enum Change {
         id: String,
         blob: Blob,
         expiry: Instant,
+        ordinal: u16,
     },
     DeleteEndpoint {
         id: String,
@@ -276,11 +277,16 @@ impl Cluster {
                     inner.affiliates.remove(id.as_str());
                     touched[t].2 = true;
                 }
-                Change::PutEndpoint { id, blob, expiry } => {
+                Change::PutEndpoint {
+                    id,
+                    blob,
+                    expiry,
+                    ordinal,
+                } => {
                     let t = touch(&mut touched, &inner, id);
                     // An endpoint outliving its affiliate is ignored, as on a resync.
                     if let Some(a) = inner.affiliates.get_mut(id.as_str()) {
-                        touched[t].2 |= a.put_endpoint(*blob, *expiry);
+                        touched[t].2 |= a.put_endpoint(*blob, *expiry, *ordinal);
                     }
                 }
                 Change::DeleteEndpoint { id, blob } => {
@@ -631,6 +637,7 @@ mod tests {
             id: id.into(),
             blob: blob(e),
             expiry: exp,
+            ordinal: 0,
         }
     }
 
