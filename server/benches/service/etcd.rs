@@ -33,7 +33,9 @@
 //!   of each server process after the load. Target: the replica's ≤ 1.0× the memory
 //!   backend's. Informational: both idle before the load, a second replica started
 //!   after it (its mirror reads the 10,000 from etcd at start), the etcd member's own
-//!   RSS (it holds every earlier sub-measurement's data and history too).
+//!   RSS (it holds every earlier sub-measurement's data and history too), and RssAnon
+//!   after the load (the heap alone: the replica's binary touches more code pages, the
+//!   etcd client's, which are file-backed and shared).
 
 use std::fs;
 use std::net::TcpListener;
@@ -54,7 +56,7 @@ use futures::future::BoxFuture;
 
 use crate::client::{self, CALL_TIMEOUT, Client, Run};
 use crate::fanout::{self, Fleet};
-use crate::procs::{self, PROCESS_WAIT, ServerProcess, cpu_of, rss_of};
+use crate::procs::{self, PROCESS_WAIT, ServerProcess, anon_rss_of, cpu_of, rss_of};
 use crate::report::{Figure, Target};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -544,6 +546,7 @@ async fn memory(dir: &Path, member: &Member) -> Vec<Figure> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (memory_rss, _) = memory.rss();
     let (replica_rss, _) = replica.rss();
+    let (memory_anon, replica_anon) = (anon_rss_of(memory.pid()), anon_rss_of(replica.pid()));
 
     // A replica started after the load reads the affiliates from etcd.
     let late = procs::etcd_server(dir, "etcd-rss-2.log", &member.endpoint, PREFIX_RSS);
@@ -576,6 +579,12 @@ async fn memory(dir: &Path, member: &Member) -> Vec<Figure> {
         .target(Target::RatioAtMost(1.0)),
         Figure::new("  RSS idle, etcd vs memory", "MiB", mib(replica_idle))
             .baseline(mib(memory_idle)),
+        Figure::new(
+            "  RssAnon (heap, no code pages) with 10k",
+            "MiB",
+            mib(replica_anon),
+        )
+        .baseline(mib(memory_anon)),
         Figure::new(
             "  RSS, replica started after the load",
             "MiB",

@@ -139,6 +139,18 @@ pub fn rss_of(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// RssAnon of `/proc/<pid>/status`: the private, anonymous part of the RSS (the heap),
+/// without the binary's file-backed code pages.
+pub fn anon_rss_of(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
 /// utime + stime of `/proc/<pid>/stat` (`pid` may be `self`).
 pub fn cpu_of(pid: &str) -> Duration {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

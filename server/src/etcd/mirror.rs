@@ -20,7 +20,7 @@ use super::clock;
 use super::keys::{AffiliateValue, EndpointValue, Key, Layout};
 use super::proto::etcdserverpb as pb;
 use super::proto::mvccpb;
-use crate::limits::{ETCD_BARRIER_TIMEOUT, ETCD_RANGE_PAGE};
+use crate::limits::{ETCD_BARRIER_TIMEOUT, ETCD_QUIET_TRIM, ETCD_RANGE_PAGE};
 use crate::state::{Affiliate, Blob, Change, Endpoint, State};
 
 #[derive(Debug)]
@@ -136,8 +136,22 @@ impl Mirror {
         let _requests = tx;
         // Fragments of one response, applied together once the last one arrives.
         let mut pending: Vec<mvccpb::Event> = Vec::new();
+        let mut burst = false;
         loop {
-            let resp = match stream.message().await {
+            // Once etcd goes quiet after a burst, return what the burst freed.
+            let next = if burst {
+                tokio::select! {
+                    m = stream.message() => m,
+                    _ = tokio::time::sleep(ETCD_QUIET_TRIM) => {
+                        give_back_heap();
+                        burst = false;
+                        continue;
+                    }
+                }
+            } else {
+                stream.message().await
+            };
+            let resp = match next {
                 Ok(Some(r)) => r,
                 Ok(None) => return Interrupted::Resume(format!("{member} ended the watch")),
                 Err(s) => return Interrupted::Resume(format!("{member}: {}", s.message())),
@@ -165,6 +179,7 @@ impl Mirror {
                 continue;
             };
             self.apply(&events);
+            burst = true;
             if last > self.applied() {
                 self.applied.send_replace(last);
             }
@@ -286,11 +301,7 @@ impl Mirror {
         }
         self.state.reset_all(self.assemble(kvs));
         // The whole keyspace passed through the heap once: give it back.
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free memory; it takes the allocator's lock.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        give_back_heap();
         Ok(revision)
     }
 
@@ -422,6 +433,17 @@ fn decode_endpoint(v: &[u8], key: &[u8]) -> Option<EndpointValue> {
         tracing::warn!(key = %String::from_utf8_lossy(key), "ignoring an endpoint value this server did not write");
     }
     d
+}
+
+/// Returns freed heap memory to the system. Applying etcd's changes interleaves
+/// short-lived buffers (responses, keys) with the copies the mirror keeps; without this
+/// the holes they leave stay resident (about 90 bytes per affiliate in the benchmark).
+fn give_back_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory; it takes the allocator's locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Sleeps for the backoff (doubling it, up to 2 s); true if stopped meanwhile.
