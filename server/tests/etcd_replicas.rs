@@ -104,16 +104,12 @@ struct Process {
 }
 
 impl Process {
+    /// Starts the binary on an ephemeral port and learns the port from its
+    /// "listening" log line; the rest of its output is read and dropped.
     async fn start(etcd: &Etcd, prefix: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_discovery-service"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_discovery-service"))
             .args([
-                format!("--addr={addr}"),
+                "--addr=127.0.0.1:0".to_string(),
                 "--landing-addr=".into(),
                 "--metrics-addr=".into(),
                 "--state-backend=etcd".into(),
@@ -123,16 +119,35 @@ impl Process {
                 "--rate-limit-burst=1000000".into(),
             ])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        within("replica listening", async {
-            while tokio::net::TcpStream::connect(addr).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if v["message"] == "listening"
+                    && v["server"] == "grpc"
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(v["address"].as_str().unwrap_or_default().to_owned());
+                }
             }
-        })
-        .await;
+        });
+        let addr = within("replica listening", rx)
+            .await
+            .expect("the replica logs where it listens")
+            .parse()
+            .unwrap();
         Self { child, addr }
     }
 
