@@ -14,12 +14,11 @@ use crate::state::{AffiliateView, State, StateError, Subscription, Update};
 #[derive(Debug, Clone)]
 pub enum Backend {
     Memory(State),
-    /// `State` is the replica's mirror of etcd.
-    Etcd(State, Arc<EtcdState>),
+    Etcd(Arc<EtcdState>),
 }
 
-/// The memory backend's limit errors; the etcd backend maps its own the same way.
-fn limit(e: StateError) -> Status {
+/// A limit error as the wire has it (§4.2), for both backends.
+pub(crate) fn limit(e: StateError) -> Status {
     Status::resource_exhausted(e.to_string())
 }
 
@@ -27,7 +26,8 @@ impl Backend {
     /// The state List and Watch are served from, and the pages computed from.
     pub fn state(&self) -> &State {
         match self {
-            Self::Memory(s) | Self::Etcd(s, _) => s,
+            Self::Memory(s) => s,
+            Self::Etcd(etcd) => etcd.state(),
         }
     }
 
@@ -39,9 +39,7 @@ impl Backend {
     ) -> Result<(), Status> {
         match self {
             Self::Memory(s) => s.update(cluster, u, expiry).map_err(limit),
-            Self::Etcd(s, etcd) => {
-                bounded(async { Ok(etcd.update(s, cluster, u, expiry).await?) }).await
-            }
+            Self::Etcd(etcd) => bounded(async { Ok(etcd.update(cluster, u, expiry).await?) }).await,
         }
     }
 
@@ -51,16 +49,14 @@ impl Backend {
                 s.delete(cluster, affiliate);
                 Ok(())
             }
-            Self::Etcd(_, etcd) => {
-                bounded(async { Ok(etcd.delete(cluster, affiliate).await?) }).await
-            }
+            Self::Etcd(etcd) => bounded(async { Ok(etcd.delete(cluster, affiliate).await?) }).await,
         }
     }
 
     pub async fn list(&self, cluster: &str) -> Result<Vec<AffiliateView>, Status> {
         match self {
             Self::Memory(s) => Ok(s.list(cluster)),
-            Self::Etcd(s, etcd) => bounded(async { Ok(etcd.list(s, cluster).await?) }).await,
+            Self::Etcd(etcd) => bounded(async { Ok(etcd.list(cluster).await?) }).await,
         }
     }
 
@@ -71,9 +67,7 @@ impl Backend {
     ) -> Result<(Vec<AffiliateView>, Subscription), Status> {
         match self {
             Self::Memory(s) => Ok(s.watch(cluster, capacity)),
-            Self::Etcd(s, etcd) => {
-                bounded(async { Ok(etcd.watch(s, cluster, capacity).await?) }).await
-            }
+            Self::Etcd(etcd) => bounded(async { Ok(etcd.watch(cluster, capacity).await?) }).await,
         }
     }
 }

@@ -42,8 +42,6 @@ pub struct Server {
     /// The live state (tests and benchmarks inspect it); with etcd, this replica's
     /// mirror.
     pub state: State,
-    /// The etcd backend, when the state lives there.
-    pub etcd: Option<Arc<EtcdState>>,
     pub metrics: Arc<Metrics>,
     storage: Option<Arc<Storage>>,
     /// Stops the listeners and ends watch streams.
@@ -137,7 +135,7 @@ impl Server {
         let stop_on_error = background.clone().drop_guard();
         let mut loops = Vec::new();
 
-        let (backend, etcd) = if on_etcd {
+        let backend = if on_etcd {
             let (etcd, mirror) = EtcdState::start(
                 &config.etcd_options(),
                 &config.etcd_prefix,
@@ -146,9 +144,9 @@ impl Server {
             )
             .await?;
             loops.push(mirror);
-            (Backend::Etcd(state.clone(), etcd.clone()), Some(etcd))
+            Backend::Etcd(etcd)
         } else {
-            (Backend::Memory(state.clone()), None)
+            Backend::Memory(state.clone())
         };
 
         let storage = if snapshots {
@@ -258,7 +256,6 @@ impl Server {
             landing_addr,
             metrics_addr,
             state,
-            etcd,
             metrics,
             storage,
             serving,

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use futures::StreamExt;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{EtcdClient, Unavailable};
@@ -49,6 +50,11 @@ impl Mirror {
             client,
             applied: watch::Sender::new(0),
         })
+    }
+
+    /// The replica's copy of etcd's state.
+    pub fn state(&self) -> &State {
+        &self.state
     }
 
     pub fn applied(&self) -> i64 {
@@ -110,7 +116,6 @@ impl Mirror {
     async fn follow(&self, backoff: &mut Duration) -> Interrupted {
         let (key, range_end) = self.layout.all();
         let start = self.applied() + 1;
-        let (tx, rx) = mpsc::channel::<pb::WatchRequest>(4);
         let create = pb::WatchRequest {
             request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
                 pb::WatchCreateRequest {
@@ -124,16 +129,13 @@ impl Mirror {
                 },
             )),
         };
-        if tx.send(create).await.is_err() {
-            return Interrupted::Resume("watch request channel closed".into());
-        }
-        let (member, mut stream) = match self.client.watch(tokio_stream_of(rx)).await {
+        // One request, then the request side stays open for the life of the stream.
+        let requests = futures::stream::once(async { create }).chain(futures::stream::pending());
+        let (member, mut stream) = match self.client.watch(requests).await {
             Ok(s) => s,
             Err(e) => return Interrupted::Resume(e.to_string()),
         };
         tracing::debug!(%member, start, "watching etcd");
-        // The request side stays open for the life of the stream.
-        let _requests = tx;
         // Fragments of one response, applied together once the last one arrives.
         let mut pending: Vec<mvccpb::Event> = Vec::new();
         let mut burst = false;
@@ -454,10 +456,4 @@ async fn sleep_or_stop(stop: &CancellationToken, backoff: &mut Duration) -> bool
         _ = stop.cancelled() => true,
         _ = tokio::time::sleep(d) => false,
     }
-}
-
-fn tokio_stream_of<T: Send + 'static>(
-    mut rx: mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> + Send + 'static {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

@@ -38,7 +38,7 @@ pub enum WriteError {
 impl From<WriteError> for tonic::Status {
     fn from(e: WriteError) -> Self {
         match e {
-            WriteError::Limit(e) => tonic::Status::resource_exhausted(e.to_string()),
+            WriteError::Limit(e) => crate::backend::limit(e),
             WriteError::Unavailable(u) => u.into(),
             WriteError::Rejected(m) => {
                 tonic::Status::internal(format!("etcd refused the request: {m}"))
@@ -98,18 +98,14 @@ impl EtcdState {
         ))
     }
 
-    pub fn client(&self) -> &EtcdClient {
-        &self.client
-    }
-
-    pub fn mirror(&self) -> &Mirror {
-        &self.mirror
+    /// This replica's mirror of etcd: what List and Watch serve, and the pages show.
+    pub fn state(&self) -> &State {
+        self.mirror.state()
     }
 
     /// AffiliateUpdate with expiry `expiry` (request time + TTL), same rules as memory.
     pub async fn update(
         &self,
-        state: &State,
         cluster: &str,
         u: &Update<'_>,
         expiry: Instant,
@@ -123,7 +119,7 @@ impl EtcdState {
         let mut caught_up = false;
         while tokio::time::Instant::now() < deadline {
             let now_ms = clock::now_ms();
-            let view = state.write_view(cluster, u.affiliate_id);
+            let view = self.state().write_view(cluster, u.affiliate_id);
             let plan = match Plan::new(&view, u.data, &endpoints, expiry_ms, self.leases.width()) {
                 Ok(plan) => plan,
                 // The mirror may be behind a delete elsewhere: refuse only once it has
@@ -266,24 +262,19 @@ impl EtcdState {
     }
 
     /// List, after catching up with etcd.
-    pub async fn list(
-        &self,
-        state: &State,
-        cluster: &str,
-    ) -> Result<Vec<AffiliateView>, Unavailable> {
+    pub async fn list(&self, cluster: &str) -> Result<Vec<AffiliateView>, Unavailable> {
         self.mirror.barrier().await?;
-        Ok(state.list(cluster))
+        Ok(self.state().list(cluster))
     }
 
     /// Snapshot and subscription, after catching up with etcd.
     pub async fn watch(
         &self,
-        state: &State,
         cluster: &str,
         capacity: usize,
     ) -> Result<(Vec<AffiliateView>, Subscription), Unavailable> {
         self.mirror.barrier().await?;
-        Ok(state.watch(cluster, capacity))
+        Ok(self.state().watch(cluster, capacity))
     }
 }
 
