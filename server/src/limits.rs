@@ -69,3 +69,8 @@ pub const ETCD_QUEUE_MAX: usize = 4096;
 /// A mirror whose etcd watch has been quiet this long after a burst of changes gives
 /// freed heap memory back to the system.
 pub const ETCD_QUIET_TRIM: Duration = Duration::from_millis(250);
+/// A watch stream's receive buffer grows to the most it ever held at once and never
+/// shrinks; once quiet, a mirror whose watch has carried more than this opens a new
+/// watch (from the next revision) to give that buffer back: at most one watch creation
+/// per this many bytes of changes.
+pub const ETCD_WATCH_BUFFER_KEEP: usize = 64 * 1024;

@@ -101,12 +101,19 @@ async fn clients_spread_over_three_replicas_on_three_members_converge() {
 struct Process {
     child: Child,
     addr: std::net::SocketAddr,
+    /// Its log lines, as they are written.
+    logs: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
 }
 
 impl Process {
     /// Starts the binary on an ephemeral port and learns the port from its
-    /// "listening" log line; the rest of its output is read and dropped.
+    /// "listening" log line.
     async fn start(etcd: &Etcd, prefix: &str) -> Self {
+        Self::start_logging(etcd, prefix, "info").await
+    }
+
+    /// As [`Self::start`], logging what `filter` (`RUST_LOG` syntax) selects.
+    async fn start_logging(etcd: &Etcd, prefix: &str, filter: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_discovery-service"))
             .args([
                 "--addr=127.0.0.1:0".to_string(),
@@ -118,6 +125,7 @@ impl Process {
                 "--rate-limit-per-second=1000000000".into(),
                 "--rate-limit-burst=1000000".into(),
             ])
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -125,6 +133,7 @@ impl Process {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let (log_tx, logs) = tokio::sync::mpsc::unbounded_channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
             let mut tx = Some(tx);
@@ -141,6 +150,7 @@ impl Process {
                 {
                     let _ = tx.send(v["address"].as_str().unwrap_or_default().to_owned());
                 }
+                let _ = log_tx.send(v);
             }
         });
         let addr = within("replica listening", rx)
@@ -148,7 +158,20 @@ impl Process {
             .expect("the replica logs where it listens")
             .parse()
             .unwrap();
-        Self { child, addr }
+        Self { child, addr, logs }
+    }
+
+    /// Waits (bounded) until it logs `message`.
+    async fn logged(&mut self, message: &str) {
+        within(message, async {
+            while let Some(v) = self.logs.recv().await {
+                if v["message"] == message {
+                    return;
+                }
+            }
+            panic!("the replica ended without logging {message:?}");
+        })
+        .await
     }
 
     fn kill(&mut self) {
@@ -260,6 +283,60 @@ async fn a_replica_killed_mid_load_loses_no_acknowledged_update() {
         acked.values().all(|v| *v == 399),
         "every writer finished: {acked:?}"
     );
+}
+
+/// Watch messages as (id, data) pairs, read until `n` have arrived, bounded.
+async fn changes(w: &mut tonic::Streaming<WatchResponse>, n: usize) -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let m = next(w).await.unwrap().expect("the stream goes on");
+        assert!(!m.deleted, "nothing was deleted: {m:?}");
+        for a in m.affiliates {
+            seen.push((a.id, String::from_utf8_lossy(&a.data).into_owned()));
+        }
+    }
+    seen
+}
+
+/// Once its etcd watch has carried more than it keeps buffered and gone quiet, a
+/// replica opens a new watch to give the buffer back; its watchers still get every
+/// change exactly once, in order, across the switch.
+#[tokio::test]
+async fn a_reopened_etcd_watch_skips_and_repeats_nothing() {
+    let etcd = Etcd::start(1).await;
+    let mut replica =
+        Process::start_logging(&etcd, "/reopen/", "info,discovery_service::etcd=debug").await;
+    let mut c = client_at(replica.addr).await;
+    let mut w = c.watch(watch_req("c")).await.unwrap().into_inner();
+    let snapshot = next(&mut w).await.unwrap().unwrap();
+    assert!(snapshot.affiliates.is_empty());
+
+    // About 100 KiB of changes, more than the 64 KiB kept.
+    let big = "x".repeat(1000);
+    let mut want = Vec::new();
+    for i in 0..100 {
+        let (id, data) = (format!("n{i:03}"), format!("{big}{i}"));
+        c.affiliate_update(update("c", &id, &data, &[], 60))
+            .await
+            .unwrap();
+        want.push((id, data));
+    }
+    replica
+        .logged("reopening the etcd watch to free its receive buffer")
+        .await;
+    for v in 0..20 {
+        let data = format!("after{v}");
+        c.affiliate_update(update("c", "n000", &data, &[], 60))
+            .await
+            .unwrap();
+        want.push(("n000".into(), data));
+    }
+    // One last change: had anything been repeated, it would arrive before this.
+    c.affiliate_update(update("c", "last", "end", &[], 60))
+        .await
+        .unwrap();
+    want.push(("last".into(), "end".into()));
+    assert_eq!(changes(&mut w, want.len()).await, want);
 }
 
 async fn try_update(

@@ -527,29 +527,57 @@ async fn fanout(dir: &Path, member: &Member) -> Vec<Figure> {
 // ---------------------------------------------------------------------------------
 // Resident memory.
 
-const RSS_CLUSTERS: usize = 100;
+/// 100 affiliates per cluster, at two scales: 10k (100 clusters) and the 100k
+/// (1000 clusters) the footprint test and the issue use.
+const RSS_CLUSTERS: [usize; 2] = [100, 1000];
 const RSS_PER_CLUSTER: usize = 100;
 
 async fn memory(dir: &Path, member: &Member) -> Vec<Figure> {
-    let memory = procs::real_server(dir, "etcd-rss-memory.log", None);
-    let replica = procs::etcd_server(dir, "etcd-rss-1.log", &member.endpoint, PREFIX_RSS);
+    let mut figures = Vec::new();
+    for clusters in RSS_CLUSTERS {
+        figures.extend(memory_at(dir, member, clusters).await);
+    }
+    figures
+}
+
+/// Loads the same affiliates into a fresh memory-backend server and a fresh replica on
+/// etcd, and compares them once both are idle, their clients still connected.
+async fn memory_at(dir: &Path, member: &Member, clusters: usize) -> Vec<Figure> {
+    let n = clusters * RSS_PER_CLUSTER;
+    let prefix = format!("{PREFIX_RSS}{n}/");
+    let memory = procs::real_server(dir, &format!("etcd-rss-{n}-memory.log"), None);
+    let replica = procs::etcd_server(
+        dir,
+        &format!("etcd-rss-{n}-1.log"),
+        &member.endpoint,
+        &prefix,
+    );
     let (memory_idle, _) = memory.rss();
     let (replica_idle, _) = replica.rss();
-    let pool = Arc::new(client::updates(RSS_CLUSTERS, RSS_PER_CLUSTER));
+    let pool = Arc::new(client::updates(clusters, RSS_PER_CLUSTER));
     let mut rates = Vec::new();
+    // Both keep their client connected until measured, as servers in use do.
+    let mut connected = Vec::new();
     for s in [&memory, &replica] {
         let c = client::connect(s.addr).await;
         let run = client::closed_loop(&c, pool.clone(), IN_FLIGHT, Duration::ZERO, true).await;
         assert_eq!((run.calls, run.errors), (pool.len() as u64, 0));
         rates.push(run.calls as f64 / run.elapsed.as_secs_f64());
+        connected.push(c);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (memory_rss, _) = memory.rss();
     let (replica_rss, _) = replica.rss();
     let (memory_anon, replica_anon) = (anon_rss_of(memory.pid()), anon_rss_of(replica.pid()));
+    drop(connected);
 
     // A replica started after the load reads the affiliates from etcd.
-    let late = procs::etcd_server(dir, "etcd-rss-2.log", &member.endpoint, PREFIX_RSS);
+    let late = procs::etcd_server(
+        dir,
+        &format!("etcd-rss-{n}-2.log"),
+        &member.endpoint,
+        &prefix,
+    );
     let mut c = client::connect(late.addr).await;
     let listed = tokio::time::timeout(
         CALL_TIMEOUT,
@@ -568,10 +596,11 @@ async fn memory(dir: &Path, member: &Member) -> Vec<Figure> {
     let (late_rss, _) = late.rss();
     let (etcd_rss, _) = rss_of(member.pid());
 
+    let k = n / 1000;
     let mib = |b: u64| b as f64 / MIB;
     vec![
         Figure::new(
-            "RSS with 10k affiliates, etcd vs memory",
+            &format!("RSS with {k}k affiliates, etcd vs memory"),
             "MiB",
             mib(replica_rss),
         )
@@ -580,7 +609,7 @@ async fn memory(dir: &Path, member: &Member) -> Vec<Figure> {
         Figure::new("  RSS idle, etcd vs memory", "MiB", mib(replica_idle))
             .baseline(mib(memory_idle)),
         Figure::new(
-            "  RssAnon (heap, no code pages) with 10k",
+            &format!("  RssAnon (heap, no code pages) with {k}k"),
             "MiB",
             mib(replica_anon),
         )
@@ -593,7 +622,7 @@ async fn memory(dir: &Path, member: &Member) -> Vec<Figure> {
         .baseline(mib(memory_rss)),
         Figure::new("  etcd member RSS (all phases' data)", "MiB", mib(etcd_rss)),
         Figure::new(
-            "  loading 10k via gRPC, etcd vs memory",
+            &format!("  loading {k}k via gRPC, etcd vs memory"),
             "calls/s",
             rates[1],
         )

@@ -15,26 +15,87 @@
 //! its expiry; the expiry is also in the value, because the update rules compare
 //! expiries (an endpoint's is raised, never lowered) and leases are per bucket.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 
-/// What a key under the prefix names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Key {
+use crate::limits::{AFFILIATE_ENDPOINT_MAX, AFFILIATE_ID_MAX, CLUSTER_ID_MAX};
+use crate::state::Blob;
+
+/// What a key under the prefix names, borrowing its ids from the key. An endpoint's
+/// blob is decoded straight into its inline form: a blob no request could carry is not
+/// a key this layout writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key<'k> {
     Guard {
-        cluster: String,
+        cluster: HexId<'k>,
     },
     Affiliate {
-        cluster: String,
-        affiliate: String,
+        cluster: HexId<'k>,
+        affiliate: HexId<'k>,
     },
     Endpoint {
-        cluster: String,
-        affiliate: String,
-        blob: Vec<u8>,
+        cluster: HexId<'k>,
+        affiliate: HexId<'k>,
+        blob: Blob,
     },
 }
 
-/// Key builder and parser for one prefix.
+/// An id as a key spells it: the lowercase hex of its UTF-8 bytes, at most
+/// [`ID_MAX`] of them (checked by [`Layout::parse`]). One id has one spelling,
+/// so ids compare equal exactly when their spellings do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HexId<'k>(&'k [u8]);
+
+impl<'k> HexId<'k> {
+    fn checked(hex: &'k [u8]) -> Option<Self> {
+        let mut buf = [0; ID_MAX];
+        let bytes = buf.get_mut(..hex.len() / 2)?;
+        let lowercase = hex.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+        (lowercase
+            && hex::decode_to_slice(hex, bytes).is_ok()
+            && std::str::from_utf8(bytes).is_ok())
+        .then_some(Self(hex))
+    }
+
+    /// The id, in one allocation of its exact size.
+    pub fn decode(&self) -> String {
+        let mut s = String::with_capacity(self.0.len() / 2);
+        self.decode_into(&mut s);
+        s
+    }
+
+    /// The id, decoded into `buf` (whose allocation is reused).
+    pub fn decode_into<'b>(&self, buf: &'b mut String) -> &'b str {
+        let mut bytes = std::mem::take(buf).into_bytes();
+        bytes.clear();
+        bytes.extend(
+            self.0
+                .chunks_exact(2)
+                .map(|p| nibble(p[0]) << 4 | nibble(p[1])),
+        );
+        // Checked when parsed: valid hex of valid UTF-8.
+        *buf = String::from_utf8(bytes).unwrap_or_default();
+        buf.as_str()
+    }
+}
+
+/// The longest id a key may carry: what the RPCs accept.
+const ID_MAX: usize = if CLUSTER_ID_MAX > AFFILIATE_ID_MAX {
+    CLUSTER_ID_MAX
+} else {
+    AFFILIATE_ID_MAX
+};
+
+fn nibble(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        _ => c.wrapping_sub(b'a' - 10),
+    }
+}
+
+/// Key builder and parser for one prefix. Every key is built in one allocation of its
+/// exact size, and parsing allocates only the ids it returns: the mirror parses every
+/// key of every change, and short-lived scraps between the copies it keeps would stay
+/// resident as heap fragments.
 #[derive(Debug, Clone)]
 pub struct Layout {
     prefix: Vec<u8>,
@@ -47,10 +108,12 @@ impl Layout {
         }
     }
 
-    fn cluster_prefix(&self, cluster: &str) -> Vec<u8> {
-        let mut k = self.prefix.clone();
+    /// `P c/<cluster>/`, with room for `more` bytes after it.
+    fn cluster_key(&self, cluster: &str, more: usize) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.prefix.len() + 3 + 2 * cluster.len() + more);
+        k.extend_from_slice(&self.prefix);
         k.extend_from_slice(b"c/");
-        k.extend_from_slice(hex::encode(cluster).as_bytes());
+        push_hex(&mut k, cluster.as_bytes());
         k.push(b'/');
         k
     }
@@ -72,62 +135,78 @@ impl Layout {
     }
 
     pub fn guard(&self, cluster: &str) -> Vec<u8> {
-        let mut k = self.cluster_prefix(cluster);
+        let mut k = self.cluster_key(cluster, 1);
         k.push(b'g');
         k
     }
 
     pub fn affiliate(&self, cluster: &str, affiliate: &str) -> Vec<u8> {
-        let mut k = self.cluster_prefix(cluster);
+        let mut k = self.cluster_key(cluster, 2 + 2 * affiliate.len());
         k.extend_from_slice(b"a/");
-        k.extend_from_slice(hex::encode(affiliate).as_bytes());
+        push_hex(&mut k, affiliate.as_bytes());
+        k
+    }
+
+    /// `P c/<cluster>/e/<affiliate>/`, with room for `more` bytes after it.
+    fn endpoints_prefix(&self, cluster: &str, affiliate: &str, more: usize) -> Vec<u8> {
+        let mut k = self.cluster_key(cluster, 3 + 2 * affiliate.len() + more);
+        k.extend_from_slice(b"e/");
+        push_hex(&mut k, affiliate.as_bytes());
+        k.push(b'/');
         k
     }
 
     /// The range of an affiliate's endpoint keys.
     pub fn endpoints(&self, cluster: &str, affiliate: &str) -> (Vec<u8>, Vec<u8>) {
-        let mut k = self.cluster_prefix(cluster);
-        k.extend_from_slice(b"e/");
-        k.extend_from_slice(hex::encode(affiliate).as_bytes());
-        k.push(b'/');
+        let k = self.endpoints_prefix(cluster, affiliate, 0);
         let end = range_end(&k);
         (k, end)
     }
 
     pub fn endpoint(&self, cluster: &str, affiliate: &str, blob: &[u8]) -> Vec<u8> {
-        let (mut k, _) = self.endpoints(cluster, affiliate);
-        k.extend_from_slice(hex::encode(blob).as_bytes());
+        let mut k = self.endpoints_prefix(cluster, affiliate, 2 * blob.len());
+        push_hex(&mut k, blob);
         k
     }
 
     /// Names a key read back from etcd; `None` for anything this layout never writes
     /// (another program's keys under the same prefix are ignored, not trusted).
-    pub fn parse(&self, key: &[u8]) -> Option<Key> {
+    /// Allocates nothing.
+    pub fn parse<'k>(&self, key: &'k [u8]) -> Option<Key<'k>> {
         let rest = key
             .strip_prefix(self.prefix.as_slice())?
             .strip_prefix(b"c/")?;
-        let rest = std::str::from_utf8(rest).ok()?;
-        let mut parts = rest.split('/');
-        let cluster = unhex_str(parts.next()?)?;
-        let key = match (parts.next()?, parts.next(), parts.next()) {
-            ("g", None, None) => Key::Guard { cluster },
-            ("a", Some(a), None) => Key::Affiliate {
+        let mut parts = rest.split(|&b| b == b'/');
+        let cluster = HexId::checked(parts.next()?)?;
+        let key = match (parts.next()?, parts.next(), parts.next(), parts.next()) {
+            (b"g", None, None, None) => Key::Guard { cluster },
+            (b"a", Some(a), None, None) => Key::Affiliate {
                 cluster,
-                affiliate: unhex_str(a)?,
+                affiliate: HexId::checked(a)?,
             },
-            ("e", Some(a), Some(b)) => Key::Endpoint {
-                cluster,
-                affiliate: unhex_str(a)?,
-                blob: hex::decode(b).ok()?,
-            },
+            (b"e", Some(a), Some(b), None) => {
+                let mut blob = [0; AFFILIATE_ENDPOINT_MAX];
+                let blob = blob.get_mut(..b.len() / 2)?;
+                hex::decode_to_slice(b, blob).ok()?;
+                Key::Endpoint {
+                    cluster,
+                    affiliate: HexId::checked(a)?,
+                    blob: Blob::new(blob)?,
+                }
+            }
             _ => return None,
         };
-        parts.next().is_none().then_some(key)
+        Some(key)
     }
 }
 
-fn unhex_str(s: &str) -> Option<String> {
-    String::from_utf8(hex::decode(s).ok()?).ok()
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+fn push_hex(k: &mut Vec<u8>, bytes: &[u8]) {
+    for b in bytes {
+        k.push(HEX_DIGITS[usize::from(b >> 4)]);
+        k.push(HEX_DIGITS[usize::from(b & 0xf)]);
+    }
 }
 
 /// The smallest key after every key starting with `prefix` (etcd's `range_end`).
@@ -159,12 +238,12 @@ pub struct AffiliateValue {
 
 impl AffiliateValue {
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = BytesMut::with_capacity(10 + self.data.len());
-        b.put_u8(VERSION);
-        b.put_u8(if self.data_set { DATA_SET } else { 0 });
-        b.put_i64(self.expiry_ms);
-        b.put_slice(&self.data);
-        b.to_vec()
+        let mut b = Vec::with_capacity(10 + self.data.len());
+        b.push(VERSION);
+        b.push(if self.data_set { DATA_SET } else { 0 });
+        b.extend_from_slice(&self.expiry_ms.to_be_bytes());
+        b.extend_from_slice(&self.data);
+        b
     }
 
     pub fn decode(v: &Bytes) -> Option<Self> {
@@ -214,31 +293,55 @@ impl EndpointValue {
 mod tests {
     use super::*;
 
+    /// A parsed key with its ids decoded: (kind, cluster, affiliate, blob).
+    fn named(l: &Layout, key: &[u8]) -> Option<(char, String, String, Vec<u8>)> {
+        Some(match l.parse(key)? {
+            Key::Guard { cluster } => ('g', cluster.decode(), String::new(), Vec::new()),
+            Key::Affiliate { cluster, affiliate } => {
+                ('a', cluster.decode(), affiliate.decode(), Vec::new())
+            }
+            Key::Endpoint {
+                cluster,
+                affiliate,
+                blob,
+            } => ('e', cluster.decode(), affiliate.decode(), blob.to_vec()),
+        })
+    }
+
     #[test]
     fn keys_round_trip_for_any_id_and_blob() {
         let l = Layout::new("/discovery/");
         let odd = "a/b\u{0}c é";
         assert_eq!(
-            l.parse(&l.guard(odd)),
-            Some(Key::Guard {
-                cluster: odd.into()
-            })
+            named(&l, &l.guard(odd)),
+            Some(('g', odd.into(), String::new(), vec![]))
         );
         assert_eq!(
-            l.parse(&l.affiliate(odd, "x/y")),
-            Some(Key::Affiliate {
-                cluster: odd.into(),
-                affiliate: "x/y".into()
-            })
+            named(&l, &l.affiliate(odd, "x/y")),
+            Some(('a', odd.into(), "x/y".into(), vec![]))
         );
         assert_eq!(
-            l.parse(&l.endpoint("c", "a", &[0, 255, 47])),
-            Some(Key::Endpoint {
-                cluster: "c".into(),
-                affiliate: "a".into(),
-                blob: vec![0, 255, 47]
-            })
+            named(&l, &l.endpoint("c", "a", &[0, 255, 47])),
+            Some(('e', "c".into(), "a".into(), vec![0, 255, 47]))
         );
+        let longest = "é".repeat(ID_MAX / 2);
+        assert_eq!(
+            named(&l, &l.affiliate(&longest, &longest)),
+            Some(('a', longest.clone(), longest, vec![]))
+        );
+    }
+
+    #[test]
+    fn an_id_decodes_into_a_reused_buffer() {
+        let l = Layout::new("p/");
+        let key = l.affiliate("cluster", "node-1");
+        let Some(Key::Affiliate { cluster, affiliate }) = l.parse(&key) else {
+            panic!("not an affiliate key");
+        };
+        let mut buf = String::with_capacity(64);
+        assert_eq!(cluster.decode_into(&mut buf), "cluster");
+        assert_eq!(affiliate.decode_into(&mut buf), "node-1");
+        assert_eq!(buf.capacity(), 64);
     }
 
     #[test]
@@ -271,11 +374,19 @@ mod tests {
             b"p/c/63/a/61/extra",
             b"p/c/63/e/61",
             b"p/c/ff/g", // not UTF-8
+            b"p/c/6A/g", // not how we spell it
+            b"p/c/6/g",  // odd
             b"p/",
             b"p/c/-",
         ] {
             assert_eq!(l.parse(k), None, "{}", String::from_utf8_lossy(k));
         }
+        let long = format!("p/c/{}/g", "61".repeat(ID_MAX + 1));
+        assert_eq!(
+            l.parse(long.as_bytes()),
+            None,
+            "an id longer than any RPC accepts"
+        );
     }
 
     #[test]

@@ -3,13 +3,15 @@
 //!
 //! Writes go to etcd as transactions ([`writer`]), concurrent ones batched into one
 //! ([`batch`]); every replica reads the prefix
-//! back through one etcd watch into an in-memory mirror ([`mirror`]), the same
+//! back through one etcd watch into an in-memory mirror ([`mirror`], applied by
+//! [`applier`] on a thread of its own), the same
 //! [`State`](crate::state::State) the memory backend uses, from which it answers List
 //! and Watch and computes `/metrics`, `/inspect` and `/stats`. Because the mirror applies
 //! etcd's changes in revision order, a Watch's snapshot is the state at one revision and
 //! every later change follows exactly once. TTLs are etcd leases shared per expiry
 //! bucket ([`leases`]); the key and value layout is in [`keys`].
 
+pub mod applier;
 pub mod batch;
 pub mod client;
 pub mod clock;

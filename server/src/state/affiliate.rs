@@ -274,6 +274,12 @@ impl Affiliate {
         self.revision = revision;
     }
 
+    /// Makes room for `n` more endpoints at once, so putting them grows the list once.
+    pub fn reserve_endpoints(&mut self, n: usize) {
+        self.endpoints
+            .reserve_exact(n.min(AFFILIATE_ENDPOINTS_MAX.saturating_sub(self.endpoints.len())));
+    }
+
     /// Mirrors an endpoint key read back from etcd: its expiry is set as stored (not
     /// raised), a new one appended. Returns whether it was new. Past the limit (only a
     /// foreign writer could get there) it is ignored, keeping the invariant.

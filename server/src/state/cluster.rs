@@ -84,9 +84,12 @@ pub struct WriteView {
 #[derive(Debug)]
 pub(super) struct Removed;
 
+/// A cluster's affiliates by id.
+pub type Affiliates = HashMap<Box<str>, Affiliate>;
+
 #[derive(Debug, Default)]
 struct Inner {
-    affiliates: HashMap<Box<str>, Affiliate>,
+    affiliates: Affiliates,
     subscribers: Vec<Subscriber>,
     next_subscriber: u64,
     /// Set by GC under the lock when the cluster leaves the map, so a writer that found
@@ -164,6 +167,7 @@ impl Cluster {
                 true
             }
         };
+        let watched = !inner.subscribers.is_empty();
         let Some(a) = inner.affiliates.get_mut(u.affiliate_id) else {
             return Ok(Ok(()));
         };
@@ -174,7 +178,8 @@ impl Cluster {
         }
         changed |= a.merge_endpoints(u.endpoints, exp);
         a.extend(exp);
-        if changed {
+        // Nobody to tell: no view to build.
+        if changed && watched {
             let n = Notification::Update(view(u.affiliate_id, a));
             inner.notify(n);
         }
@@ -246,12 +251,16 @@ impl Cluster {
     pub(super) fn apply(&self, changes: &[Change]) -> Result<(), Removed> {
         let mut inner = self.live()?;
         // Affiliates touched, in first-touch order: (id, existed before, changed).
-        let mut touched: Vec<(String, bool, bool)> = Vec::new();
-        fn touch(touched: &mut Vec<(String, bool, bool)>, inner: &Inner, id: &str) -> usize {
+        let mut touched: Vec<(&str, bool, bool)> = Vec::new();
+        fn touch<'c>(
+            touched: &mut Vec<(&'c str, bool, bool)>,
+            inner: &Inner,
+            id: &'c str,
+        ) -> usize {
             if let Some(i) = touched.iter().position(|t| t.0 == id) {
                 return i;
             }
-            touched.push((id.to_owned(), inner.affiliates.contains_key(id), false));
+            touched.push((id, inner.affiliates.contains_key(id), false));
             touched.len() - 1
         }
         for c in changes {
@@ -264,12 +273,18 @@ impl Cluster {
                     revision,
                 } => {
                     let t = touch(&mut touched, &inner, id);
-                    let created = !inner.affiliates.contains_key(id.as_str());
-                    let a = inner
-                        .affiliates
-                        .entry(id.as_str().into())
-                        .or_insert_with(|| Affiliate::new(*expiry));
-                    a.set_stored(data, *expiry, *revision);
+                    let created = match inner.affiliates.get_mut(id.as_str()) {
+                        Some(a) => {
+                            a.set_stored(data, *expiry, *revision);
+                            false
+                        }
+                        None => {
+                            let mut a = Affiliate::new(*expiry);
+                            a.set_stored(data, *expiry, *revision);
+                            inner.affiliates.insert(id.as_str().into(), a);
+                            true
+                        }
+                    };
                     touched[t].2 |= created || *data_set;
                 }
                 Change::DeleteAffiliate { id } => {
@@ -298,16 +313,19 @@ impl Cluster {
                 Change::Guard { revision } => inner.guard_revision = *revision,
             }
         }
+        if inner.subscribers.is_empty() {
+            return Ok(());
+        }
         for (id, existed, changed) in touched {
             if !changed {
                 continue;
             }
-            match inner.affiliates.get(id.as_str()) {
+            match inner.affiliates.get(id) {
                 Some(a) => {
-                    let n = Notification::Update(view(&id, a));
+                    let n = Notification::Update(view(id, a));
                     inner.notify(n);
                 }
-                None if existed => inner.notify(Notification::Deleted(id)),
+                None if existed => inner.notify(Notification::Deleted(id.to_owned())),
                 None => {}
             }
         }
@@ -320,16 +338,13 @@ impl Cluster {
     /// Gives the affiliates back if GC removed the cluster meanwhile.
     pub(super) fn reset(
         &self,
-        affiliates: Vec<(String, Affiliate)>,
+        affiliates: Affiliates,
         guard_revision: i64,
-    ) -> Result<(), Vec<(String, Affiliate)>> {
+    ) -> Result<(), Affiliates> {
         let Ok(mut inner) = self.live() else {
             return Err(affiliates);
         };
-        inner.affiliates = affiliates
-            .into_iter()
-            .map(|(id, a)| (id.into_boxed_str(), a))
-            .collect();
+        inner.affiliates = affiliates;
         inner.guard_revision = guard_revision;
         for s in inner.subscribers.drain(..) {
             s.cancel();
@@ -695,7 +710,7 @@ mod tests {
         let (_, mut sub) = c.subscribe(32).unwrap();
         let mut fresh = Affiliate::new(exp);
         fresh.set_stored(b"n", exp, 9);
-        assert!(c.reset(vec![("new".into(), fresh)], 9).is_ok());
+        assert!(c.reset([("new".into(), fresh)].into(), 9).is_ok());
         assert_eq!(sub.try_recv(), Err(subscription::Lost));
         assert_eq!(c.counts().subscriptions, 0);
         let ids: Vec<String> = c.list().into_iter().map(|a| a.id).collect();

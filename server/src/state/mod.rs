@@ -17,7 +17,7 @@ use std::time::Instant;
 use dashmap::DashMap;
 
 pub use affiliate::{Affiliate, Blob, DroppedEndpoints, Endpoint};
-pub use cluster::{Change, Cluster, ClusterCounts, Update, WriteView};
+pub use cluster::{Affiliates, Change, Cluster, ClusterCounts, Update, WriteView};
 pub use gc::GcReport;
 pub use subscription::{AffiliateView, Lost, Notification, Subscription};
 
@@ -115,10 +115,7 @@ impl State {
 
     /// Replaces every cluster with a full read of etcd, ending every subscription
     /// (etcd backend's mirror, on start and after falling behind compaction).
-    pub fn reset_all(
-        &self,
-        mut clusters: std::collections::HashMap<String, (Vec<(String, Affiliate)>, i64)>,
-    ) {
+    pub fn reset_all(&self, mut clusters: std::collections::HashMap<String, (Affiliates, i64)>) {
         for (id, cluster) in self.clusters() {
             let (affiliates, guard) = clusters.remove(&id).unwrap_or_default();
             // A cluster GC removed meanwhile has no subscribers left to end.
@@ -128,15 +125,10 @@ impl State {
                 clusters.insert(id, (back, guard));
             }
         }
-        for (id, (affiliates, guard)) in clusters {
-            loop {
-                if self
-                    .get_or_create(&id)
-                    .reset(affiliates.clone(), guard)
-                    .is_ok()
-                {
-                    break;
-                }
+        for (id, (mut affiliates, guard)) in clusters {
+            // GC may remove the cluster again before it is reset: it hands them back.
+            while let Err(back) = self.get_or_create(&id).reset(affiliates, guard) {
+                affiliates = back;
             }
         }
     }
