@@ -1,118 +1,37 @@
-//! Applies what the mirror receives from etcd to the replica's [`State`], in order, on
-//! a thread of its own.
+//! Applies what the mirror reads from etcd to the replica's [`State`]: watch events
+//! revision by revision, and full reads page by page. No I/O: the mirror feeds it.
 //!
-//! Why a thread: the state's long-lived copies (affiliate data, ids, endpoint lists)
-//! are allocated where changes are applied. On the runtime's workers they would share
-//! heap arenas with the short-lived buffers of decoding etcd's responses, planning
-//! transactions and serving RPCs, and the gaps those leave between the copies stay
-//! resident. glibc gives a new thread an arena of its own (up to 8 per core), so here
-//! the copies are packed with little else between them, and applying allocates little
-//! besides them (keys are parsed in place). A full read goes through the same thread,
-//! page by page, so it can never interleave with changes still queued before it.
+//! It allocates little besides the copies the state keeps (keys are parsed in place,
+//! ids decoded once), because short-lived scraps between those copies would stay
+//! resident as heap fragments.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
 
 use bytes::Bytes;
-use tokio::sync::watch;
 
 use super::clock;
 use super::keys::{AffiliateValue, EndpointValue, HexId, Key, Layout};
 use super::proto::mvccpb;
 use crate::state::{Affiliate, Affiliates, Change, Endpoint, State};
 
-/// What the applier does next.
-pub enum Work {
-    /// One watch response's events (all fragments), in revision order.
-    Events(Vec<mvccpb::Event>),
-    /// A page of a full read, in key order.
-    ReadPage(Vec<mvccpb::KeyValue>),
-    /// The full read is complete, at `revision`: it replaces the state.
-    ReadDone { revision: i64 },
-    /// The full read failed: forget its pages.
-    ReadFailed,
-}
-
-/// The sending side. The thread ends when this is dropped.
 #[derive(Debug)]
 pub struct Applier {
-    work: mpsc::Sender<Work>,
-    applied: watch::Receiver<i64>,
+    state: State,
+    layout: Layout,
 }
 
 impl Applier {
-    pub fn start(state: State, layout: Layout) -> std::io::Result<Self> {
-        let (work, rx) = mpsc::channel();
-        let (applied_tx, applied) = watch::channel(0);
-        let thread = Thread {
-            state,
-            layout,
-            applied: applied_tx,
-        };
-        std::thread::Builder::new()
-            .name("etcd-mirror".into())
-            .spawn(move || thread.run(rx))?;
-        Ok(Self { work, applied })
+    pub fn new(state: State, layout: Layout) -> Self {
+        Self { state, layout }
     }
 
-    /// Queues work. The thread outlives this sender unless it panicked, and then
-    /// waiters on [`Self::applied_watch`] see it stopped.
-    pub fn send(&self, w: Work) {
-        let _ = self.work.send(w);
-    }
-
-    /// The last etcd revision fully applied.
-    pub fn applied(&self) -> i64 {
-        *self.applied.borrow()
-    }
-
-    pub fn applied_watch(&self) -> watch::Receiver<i64> {
-        self.applied.clone()
-    }
-}
-
-struct Thread {
-    state: State,
-    layout: Layout,
-    applied: watch::Sender<i64>,
-}
-
-impl Thread {
-    fn run(self, rx: mpsc::Receiver<Work>) {
-        let mut read: Option<Rebuild> = None;
-        for work in rx {
-            match work {
-                Work::Events(events) => {
-                    let Some(last) = events.last().map(revision_of) else {
-                        continue;
-                    };
-                    self.apply(&events);
-                    self.applied.send_if_modified(|a| {
-                        let moved = last > *a;
-                        *a = (*a).max(last);
-                        moved
-                    });
-                }
-                Work::ReadPage(kvs) => {
-                    let r = read.get_or_insert_with(Rebuild::default);
-                    for kv in &kvs {
-                        r.add(&self.layout, kv);
-                    }
-                }
-                Work::ReadDone { revision } => {
-                    let clusters = read.take().unwrap_or_default().finish();
-                    self.state.reset_all(clusters);
-                    // The whole keyspace passed through the heap once: give it back.
-                    give_back_heap();
-                    self.applied.send_replace(revision);
-                }
-                Work::ReadFailed => read = None,
-            }
-        }
+    /// Replaces the state with a finished full read.
+    pub fn reset(&self, read: Rebuild) {
+        self.state.reset_all(read.finish());
     }
 
     /// Applies events in order, one revision and one cluster at a time.
-    fn apply(&self, events: &[mvccpb::Event]) {
+    pub fn apply(&self, events: &[mvccpb::Event]) {
         let mut i = 0;
         while i < events.len() {
             let rev = revision_of(&events[i]);
@@ -200,8 +119,8 @@ impl Thread {
 /// beyond the page at hand. etcd returns keys in order, so a cluster's affiliate keys
 /// (`a/…`) come before its endpoint keys (`e/…`), and one affiliate's endpoint keys are
 /// together: each affiliate's endpoints are gathered, then put in creation order.
-#[derive(Default)]
-struct Rebuild {
+#[derive(Debug, Default)]
+pub struct Rebuild {
     clusters: HashMap<String, (Affiliates, i64)>,
     /// The affiliate whose endpoints are being gathered, and those endpoints:
     /// (creation revision, ordinal, endpoint).
@@ -214,7 +133,7 @@ struct Rebuild {
 }
 
 impl Rebuild {
-    fn add(&mut self, layout: &Layout, kv: &mvccpb::KeyValue) {
+    pub fn add(&mut self, layout: &Layout, kv: &mvccpb::KeyValue) {
         match layout.parse(&kv.key) {
             Some(Key::Guard { cluster }) => {
                 self.flush();
@@ -318,17 +237,6 @@ fn decode_endpoint(v: &[u8], key: &[u8]) -> Option<EndpointValue> {
         tracing::warn!(key = %String::from_utf8_lossy(key), "ignoring an endpoint value this server did not write");
     }
     d
-}
-
-/// Returns freed heap memory to the system. Applying etcd's changes interleaves
-/// short-lived buffers (responses, keys) with the copies the mirror keeps; without this
-/// the holes they leave stay resident (about 90 bytes per affiliate in the benchmark).
-pub(super) fn give_back_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free memory; it takes the allocator's locks.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //!
 //! Writes go to etcd as transactions ([`writer`]), concurrent ones batched into one
 //! ([`batch`]); every replica reads the prefix
-//! back through one etcd watch into an in-memory mirror ([`mirror`], applied by
-//! [`applier`] on a thread of its own), the same
+//! back through one etcd watch into an in-memory mirror ([`mirror`], which the
+//! [`applier`] turns into state), the same
 //! [`State`](crate::state::State) the memory backend uses, from which it answers List
 //! and Watch and computes `/metrics`, `/inspect` and `/stats`. Because the mirror applies
 //! etcd's changes in revision order, a Watch's snapshot is the state at one revision and

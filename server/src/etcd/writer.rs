@@ -77,8 +77,7 @@ impl EtcdState {
     ) -> anyhow::Result<(Arc<Self>, tokio::task::JoinHandle<()>)> {
         let client = EtcdClient::new(options)?;
         let layout = Layout::new(prefix);
-        let mirror = Mirror::new(state, layout.clone(), client.clone())
-            .map_err(|e| anyhow::anyhow!("cannot start the etcd mirror's thread: {e}"))?;
+        let mirror = Mirror::new(state, layout.clone(), client.clone());
         let revision = mirror.load().await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot read the state from etcd at {}: {e}",
