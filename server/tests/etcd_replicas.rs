@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::etcd::Etcd;
+use common::slow_proxy::SlowProxy;
 use common::*;
 use discovery_service::proto::server::WatchResponse;
 use discovery_service::proto::server::cluster_client::ClusterClient;
@@ -337,6 +338,42 @@ async fn a_reopened_etcd_watch_skips_and_repeats_nothing() {
         .unwrap();
     want.push(("last".into(), "end".into()));
     assert_eq!(changes(&mut w, want.len()).await, want);
+}
+
+/// A member that commits an update but answers after the replica gave up on it (slow,
+/// or cut off on the way back): the replica sends the transaction again to another
+/// member, whose condition fails because the first attempt landed. The replica finds
+/// its own write in its mirror and acknowledges it rather than writing it again, so
+/// watchers hear of it once.
+#[tokio::test]
+async fn an_update_answered_too_late_is_not_written_twice() {
+    let etcd = Etcd::start(1).await;
+    let member = etcd.endpoints()[0].clone();
+    let proxy = SlowProxy::start(&member, Duration::from_secs(3)).await;
+    let mut config = etcd.config("/late-answer/");
+    // The slow way first: every call starts there.
+    config.etcd_endpoints = vec![proxy.url.clone(), member];
+    let server = start(config).await;
+    let mut c = client(&server).await;
+    let mut w = c.watch(watch_req("c")).await.unwrap().into_inner();
+    assert!(next(&mut w).await.unwrap().unwrap().affiliates.is_empty());
+    c.affiliate_update(update("c", "n1", "v1", &[], 60))
+        .await
+        .unwrap();
+    assert_eq!(changes(&mut w, 1).await, [("n1".into(), "v1".into())]);
+
+    proxy.set_slow(true);
+    c.affiliate_update(update("c", "n1", "v2", &[], 60))
+        .await
+        .unwrap();
+    proxy.set_slow(false);
+    c.affiliate_update(update("c", "n1", "v3", &[], 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        changes(&mut w, 2).await,
+        [("n1".into(), "v2".into()), ("n1".into(), "v3".into())]
+    );
 }
 
 async fn try_update(

@@ -151,6 +151,13 @@ impl EtcdState {
                         // Already applied, or a key is gone: catch up with everything.
                         _ => self.mirror.barrier().await?,
                     }
+                    // A condition also fails when this very write already landed: an
+                    // attempt whose answer was lost (its member answered too late) was
+                    // sent again. Then it is done; writing it again would tell watchers
+                    // twice.
+                    if plan.landed(&self.state().write_view(cluster, u.affiliate_id)) {
+                        return Ok(());
+                    }
                 }
                 Err(CallError::Rejected(s)) if s.message().contains("lease not found") => {
                     last = s.message().to_owned();
@@ -374,6 +381,21 @@ impl Plan {
         })
     }
 
+    /// Whether the affiliate is already as this plan writes it: its expiry (to the
+    /// millisecond: this request's), its data, and every endpoint it writes.
+    fn landed(&self, view: &crate::state::WriteView) -> bool {
+        let Some(a) = &view.current else {
+            return false;
+        };
+        clock::unix_ms(a.expiry()) == self.expiry_ms
+            && self.data.as_ref().is_none_or(|d| a.data() == d)
+            && self.endpoints.iter().all(|w| {
+                a.endpoints()
+                    .iter()
+                    .any(|e| e.blob.as_slice() == w.blob && clock::unix_ms(e.expiry) == w.expiry_ms)
+            })
+    }
+
     /// The expiries whose leases this plan uses.
     fn lease_expiries(&self) -> Vec<i64> {
         let mut v = vec![self.expiry_ms];
@@ -577,5 +599,28 @@ mod tests {
         assert_eq!(blobs(&p), [("e1".into(), 0)]);
         assert_eq!(p.endpoints[0].expiry_ms, T0 + 600_000);
         assert_eq!(p.lease_expiries(), vec![short, short]);
+    }
+
+    #[test]
+    fn a_plan_knows_when_its_own_write_is_already_stored() {
+        let before = stored("old", T0, &[("e1", T0)]);
+        let p = Plan::new(
+            &view(Some(before.clone()), 1),
+            b"new",
+            &[b("e2")],
+            T0 + 9,
+            W,
+        )
+        .unwrap();
+        assert!(!p.landed(&view(Some(before), 1)));
+        assert!(!p.landed(&view(None, 0)));
+        // What etcd holds once this very transaction committed.
+        let after = stored("new", T0 + 9, &[("e1", T0), ("e2", T0 + 9)]);
+        assert!(p.landed(&view(Some(after), 1)));
+        // Another request's write: other data, or another millisecond.
+        let other = stored("other", T0 + 9, &[("e1", T0), ("e2", T0 + 9)]);
+        assert!(!p.landed(&view(Some(other), 1)));
+        let later = stored("new", T0 + 10, &[("e1", T0), ("e2", T0 + 10)]);
+        assert!(!p.landed(&view(Some(later), 1)));
     }
 }

@@ -14,6 +14,7 @@ use discovery_service::proto::server::{
 use discovery_service::{Config, Server};
 
 pub mod etcd;
+pub mod slow_proxy;
 use tonic::transport::Channel;
 
 /// Upper bound for any single wait in a test.
