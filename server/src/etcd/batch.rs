@@ -11,6 +11,7 @@
 //! retried one by one, and only the one whose condition failed hears "conflict".
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 
 use bytes::Bytes;
 use std::sync::Arc;
@@ -36,9 +37,10 @@ pub enum Outcome {
 /// One update's transaction, waiting for a batch.
 struct Member {
     txn: pb::TxnRequest,
-    /// Keys it only compares, and keys it writes (or deletes from).
-    compared: Vec<Bytes>,
-    written: Vec<Bytes>,
+    /// Keys it only compares, and keys it writes (or deletes from), as hashes: two
+    /// keys that collide only make one member wait for the next batch.
+    compared: Vec<u64>,
+    written: Vec<u64>,
     bytes: usize,
     reply: oneshot::Sender<Result<Outcome, CallError>>,
 }
@@ -58,12 +60,18 @@ impl std::fmt::Debug for Member {
     }
 }
 
-fn written_keys(txn: &pb::TxnRequest) -> Vec<Bytes> {
+fn key_hash(key: &[u8]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+fn written_keys(txn: &pb::TxnRequest) -> Vec<u64> {
     txn.success
         .iter()
         .filter_map(|op| match &op.request {
-            Some(request_op::Request::RequestPut(p)) => Some(p.key.clone()),
-            Some(request_op::Request::RequestDeleteRange(d)) => Some(d.key.clone()),
+            Some(request_op::Request::RequestPut(p)) => Some(key_hash(&p.key)),
+            Some(request_op::Request::RequestDeleteRange(d)) => Some(key_hash(&d.key)),
             _ => None,
         })
         .collect()
@@ -84,7 +92,7 @@ impl Batcher {
     pub async fn commit(&self, txn: pb::TxnRequest) -> Result<Outcome, CallError> {
         let (reply, rx) = oneshot::channel();
         let member = Member {
-            compared: txn.compare.iter().map(|c| c.key.clone()).collect(),
+            compared: txn.compare.iter().map(|c| key_hash(&c.key)).collect(),
             written: written_keys(&txn),
             bytes: size_of(&txn),
             txn,
@@ -107,6 +115,8 @@ async fn run(client: EtcdClient, mut rx: mpsc::Receiver<Member>) {
     // Members that shared a key with a batch wait for the next one, first in line.
     let mut held: VecDeque<Member> = VecDeque::new();
     let in_flight = Arc::new(Semaphore::new(ETCD_BATCHES_IN_FLIGHT));
+    // Keys of the batch being formed; kept between batches for their capacity.
+    let (mut compared, mut written) = (HashSet::new(), HashSet::new());
     loop {
         // A batch forms while the previous ones are in flight.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -121,8 +131,10 @@ async fn run(client: EtcdClient, mut rx: mpsc::Receiver<Member>) {
         };
         // Two members may compare the same key (a read), but no key may be written by
         // one and compared or written by another.
-        let mut compared: HashSet<Bytes> = first.compared.iter().cloned().collect();
-        let mut written: HashSet<Bytes> = first.written.iter().cloned().collect();
+        compared.clear();
+        written.clear();
+        compared.extend(first.compared.iter().copied());
+        written.extend(first.written.iter().copied());
         let mut ops = first.txn.compare.len().max(first.txn.success.len());
         let mut bytes = first.bytes;
         let mut batch = vec![first];
@@ -136,8 +148,8 @@ async fn run(client: EtcdClient, mut rx: mpsc::Receiver<Member>) {
                 .any(|k| compared.contains(k) || written.contains(k))
                 || m.compared.iter().any(|k| written.contains(k));
             if fits && !clash {
-                compared.extend(m.compared.iter().cloned());
-                written.extend(m.written.iter().cloned());
+                compared.extend(m.compared.iter().copied());
+                written.extend(m.written.iter().copied());
                 ops += m_ops;
                 bytes += m.bytes;
                 batch.push(m);
@@ -178,8 +190,13 @@ fn expected(txn: &pb::TxnRequest) -> impl Iterator<Item = (&Bytes, i64)> {
 /// The batch as one transaction; when a condition fails, it reads every compared key
 /// back, which tells exactly whose conditions failed.
 fn combined(batch: &[Member]) -> pb::TxnRequest {
-    let mut txn = pb::TxnRequest::default();
-    let mut read: HashSet<&Bytes> = HashSet::new();
+    let compares = batch.iter().map(|m| m.txn.compare.len()).sum();
+    let mut txn = pb::TxnRequest {
+        compare: Vec::with_capacity(compares),
+        success: Vec::with_capacity(batch.iter().map(|m| m.txn.success.len()).sum()),
+        failure: Vec::with_capacity(compares),
+    };
+    let mut read: HashSet<&Bytes> = HashSet::with_capacity(compares);
     for m in batch {
         txn.compare.extend(m.txn.compare.iter().cloned());
         txn.success.extend(m.txn.success.iter().cloned());
