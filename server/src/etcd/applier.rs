@@ -1,9 +1,10 @@
 //! Applies what the mirror reads from etcd to the replica's [`State`]: watch events
 //! revision by revision, and full reads page by page. No I/O: the mirror feeds it.
 //!
-//! It allocates little besides the copies the state keeps (keys are parsed in place,
-//! ids decoded once), because short-lived scraps between those copies would stay
-//! resident as heap fragments.
+//! Besides the copies the state keeps, it allocates a change list per revision and an
+//! id per change (keys are parsed in place), and a full read reuses its buffers:
+//! short-lived scraps between the copies the state keeps stay resident as heap
+//! fragments.
 
 use std::collections::HashMap;
 

@@ -39,9 +39,9 @@ pub enum Key<'k> {
     },
 }
 
-/// An id as a key spells it: the lowercase hex of its UTF-8 bytes, at most
-/// [`ID_MAX`] of them (checked by [`Layout::parse`]). One id has one spelling,
-/// so ids compare equal exactly when their spellings do.
+/// An id as a key spells it: the lowercase hex of its UTF-8 bytes, 1 to [`ID_MAX`]
+/// of them, as the RPCs accept (checked by [`Layout::parse`]). One id has one
+/// spelling, so ids compare equal exactly when their spellings do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HexId<'k>(&'k [u8]);
 
@@ -49,8 +49,8 @@ impl<'k> HexId<'k> {
     fn checked(hex: &'k [u8]) -> Option<Self> {
         let mut buf = [0; ID_MAX];
         let bytes = buf.get_mut(..hex.len() / 2)?;
-        let lowercase = hex.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
-        (lowercase
+        (!hex.is_empty()
+            && lowercase_hex(hex)
             && hex::decode_to_slice(hex, bytes).is_ok()
             && std::str::from_utf8(bytes).is_ok())
         .then_some(Self(hex))
@@ -85,6 +85,11 @@ const ID_MAX: usize = if CLUSTER_ID_MAX > AFFILIATE_ID_MAX {
     AFFILIATE_ID_MAX
 };
 
+/// How this layout spells bytes: lowercase only, so that each value has one key.
+fn lowercase_hex(s: &[u8]) -> bool {
+    s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn nibble(c: u8) -> u8 {
     match c {
         b'0'..=b'9' => c - b'0',
@@ -92,10 +97,10 @@ fn nibble(c: u8) -> u8 {
     }
 }
 
-/// Key builder and parser for one prefix. Every key is built in one allocation of its
-/// exact size, and parsing allocates only the ids it returns: the mirror parses every
-/// key of every change, and short-lived scraps between the copies it keeps would stay
-/// resident as heap fragments.
+/// Key builder and parser for one prefix. The keys of writes are built in one
+/// allocation of their exact size, and parsing allocates nothing: the mirror parses
+/// every key of every change, and short-lived scraps between the copies it keeps would
+/// stay resident as heap fragments.
 #[derive(Debug, Clone)]
 pub struct Layout {
     prefix: Vec<u8>,
@@ -184,7 +189,7 @@ impl Layout {
                 cluster,
                 affiliate: HexId::checked(a)?,
             },
-            (b"e", Some(a), Some(b), None) => {
+            (b"e", Some(a), Some(b), None) if lowercase_hex(b) => {
                 let mut blob = [0; AFFILIATE_ENDPOINT_MAX];
                 let blob = blob.get_mut(..b.len() / 2)?;
                 hex::decode_to_slice(b, blob).ok()?;
@@ -376,6 +381,9 @@ mod tests {
             b"p/c/ff/g", // not UTF-8
             b"p/c/6A/g", // not how we spell it
             b"p/c/6/g",  // odd
+            b"p/c//g",   // an empty id: the RPCs refuse them
+            b"p/c/63/a/",
+            b"p/c/63/e/61/AB",
             b"p/",
             b"p/c/-",
         ] {

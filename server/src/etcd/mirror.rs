@@ -120,7 +120,10 @@ impl Mirror {
         }
     }
 
-    /// One watch stream, from the revision after the last applied, until it breaks.
+    /// One watch stream, from the revision after the last applied, until it breaks or
+    /// is to be reopened. A reopened watch resumes from a revision of our own last
+    /// burst, a moment old, so only a compaction keeping less than that could make it
+    /// re-read everything.
     async fn follow(&self, backoff: &mut Duration) -> Interrupted {
         let (key, range_end) = self.layout.all();
         let start = self.applied() + 1;
@@ -216,6 +219,9 @@ impl Mirror {
                 range_end: end.clone().into(),
                 limit: ETCD_RANGE_PAGE,
                 revision,
+                // Unsorted is etcd's key order (its index is a B-tree), which paging
+                // and the rebuild rely on. Asking for that order explicitly would
+                // make etcd read the whole range for every page, to sort it.
                 ..Default::default()
             };
             let resp = self

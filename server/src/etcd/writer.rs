@@ -381,8 +381,11 @@ impl Plan {
         })
     }
 
-    /// Whether the affiliate is already as this plan writes it: its expiry (to the
-    /// millisecond: this request's), its data, and every endpoint it writes.
+    /// Whether the affiliate already holds everything this plan writes: its expiry to
+    /// the millisecond, its data, and every endpoint it writes with that endpoint's
+    /// expiry. Another request's write matches only if it wrote the same at the same
+    /// millisecond; then acknowledging leaves the state as writing would, with one
+    /// notification fewer.
     fn landed(&self, view: &crate::state::WriteView) -> bool {
         let Some(a) = &view.current else {
             return false;
