@@ -99,6 +99,14 @@ impl Run {
     }
 }
 
+/// When a closed-loop run ends.
+#[derive(Debug, Clone, Copy)]
+pub enum Until {
+    Elapsed(Duration),
+    /// Every request index below this sent once.
+    Sent(usize),
+}
+
 /// Keeps `in_flight` AffiliateUpdate calls going over `client` until `duration` has
 /// passed (or, with `once`, until every request of `pool` was sent once).
 pub async fn closed_loop(
@@ -108,34 +116,56 @@ pub async fn closed_loop(
     duration: Duration,
     once: bool,
 ) -> Run {
+    let until = if once {
+        Until::Sent(pool.len())
+    } else {
+        Until::Elapsed(duration)
+    };
+    let client = client.clone();
+    closed_loop_of(in_flight, until, move |_, i| {
+        let mut client = client.clone();
+        let req = pool[i % pool.len()].clone();
+        async move { client.affiliate_update(req).await.is_ok() }
+    })
+    .await
+}
+
+/// The load generator for any call: `in_flight` tasks, each calling `call(task, i)` for
+/// the next request index `i` as soon as its previous call returned, each call bounded
+/// by [`CALL_TIMEOUT`]; a call succeeded if it returns true.
+pub async fn closed_loop_of<F, Fut>(in_flight: usize, until: Until, call: F) -> Run
+where
+    F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
-    let deadline = start + duration;
     let tasks: Vec<_> = (0..in_flight)
-        .map(|_| {
-            let mut client = client.clone();
-            let pool = pool.clone();
+        .map(|task| {
+            let call = call.clone();
             let next = next.clone();
             tokio::spawn(async move {
                 let mut run = Run::default();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if once && i >= pool.len() || !once && Instant::now() >= deadline {
+                    let over = match until {
+                        Until::Elapsed(d) => start.elapsed() >= d,
+                        Until::Sent(n) => i >= n,
+                    };
+                    if over {
                         break;
                     }
-                    let req = pool[i % pool.len()].clone();
                     let t = Instant::now();
-                    let r = tokio::time::timeout(CALL_TIMEOUT, client.affiliate_update(req)).await;
+                    let r = tokio::time::timeout(CALL_TIMEOUT, call(task, i)).await;
                     let done = Instant::now();
                     let latency = done - t;
                     run.latencies
                         .push(latency.as_micros().min(u32::MAX as u128) as u32);
-                    match r {
-                        Ok(Ok(_)) => {
-                            run.calls += 1;
-                            run.completions.push((done, latency));
-                        }
-                        _ => run.errors += 1,
+                    if matches!(r, Ok(true)) {
+                        run.calls += 1;
+                        run.completions.push((done, latency));
+                    } else {
+                        run.errors += 1;
                     }
                 }
                 run

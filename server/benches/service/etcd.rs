@@ -14,8 +14,8 @@
 //!   connection of the library's `EtcdClient`, the client the replicas use; beside it,
 //!   informational, the same put as the only operation of a transaction (what a
 //!   replica sends is a transaction, and etcd 3.4 serves a leased put far faster that
-//!   way than as a plain Put). All five share one load generator ([`closed_loop`]:
-//!   `client::closed_loop`'s loop, bound and bookkeeping, for any call) and take turns
+//!   way than as a plain Put). All five share one load generator
+//!   (`client::closed_loop_of`, the loop of every throughput bench) and take turns
 //!   in short rounds, the order rotating, as in `throughput.rs`. Each replica and the
 //!   memory backend first get their whole pool once, so the rounds update existing
 //!   affiliates (for a replica: one transaction with the affiliate's put, plus its
@@ -43,7 +43,6 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use discovery_service::etcd::keys::{AffiliateValue, Layout};
@@ -54,7 +53,7 @@ use discovery_service::etcd::{EtcdClient, EtcdOptions, clock};
 use discovery_service::proto::server::{AffiliateUpdateRequest, ListRequest};
 use futures::future::BoxFuture;
 
-use crate::client::{self, CALL_TIMEOUT, Client, Run};
+use crate::client::{self, CALL_TIMEOUT, Client, Run, Until};
 use crate::fanout::{self, Fleet};
 use crate::procs::{self, PROCESS_WAIT, ServerProcess, anon_rss_of, cpu_of, rss_of};
 use crate::report::{Figure, Target};
@@ -204,59 +203,6 @@ const WARM_UP: Duration = Duration::from_secs(2);
 /// One call of a contender: `(task, request index)` → succeeded.
 type Call = Arc<dyn Fn(usize, usize) -> BoxFuture<'static, bool> + Send + Sync>;
 
-#[derive(Clone, Copy)]
-enum Until {
-    Elapsed(Duration),
-    /// Every request index below this sent once.
-    Sent(usize),
-}
-
-/// `client::closed_loop` for any call: `in_flight` tasks, each calling `call(task, i)`
-/// for the next request index `i` as soon as its previous call returned, each call
-/// bounded by [`CALL_TIMEOUT`].
-async fn closed_loop(in_flight: usize, until: Until, call: Call) -> Run {
-    let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..in_flight)
-        .map(|task| {
-            let call = call.clone();
-            let next = next.clone();
-            tokio::spawn(async move {
-                let mut run = Run::default();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let over = match until {
-                        Until::Elapsed(d) => start.elapsed() >= d,
-                        Until::Sent(n) => i >= n,
-                    };
-                    if over {
-                        break;
-                    }
-                    let t = Instant::now();
-                    let r = tokio::time::timeout(CALL_TIMEOUT, call(task, i)).await;
-                    let done = Instant::now();
-                    let latency = done - t;
-                    run.latencies
-                        .push(latency.as_micros().min(u32::MAX as u128) as u32);
-                    if matches!(r, Ok(true)) {
-                        run.calls += 1;
-                        run.completions.push((done, latency));
-                    } else {
-                        run.errors += 1;
-                    }
-                }
-                run
-            })
-        })
-        .collect();
-    let mut total = Run::default();
-    for t in tasks {
-        total.absorb(t.await.unwrap());
-    }
-    total.elapsed = start.elapsed();
-    total
-}
-
 /// AffiliateUpdate of request `i % pool.len()`, task `t` over connection `t % n`.
 fn update_calls(clients: Vec<Client>, pool: Arc<Vec<AffiliateUpdateRequest>>) -> Call {
     Arc::new(move |task, i| {
@@ -346,7 +292,8 @@ impl<'a> Contender<'a> {
 
     async fn round(&mut self, until: Until) {
         let (s0, e0) = (self.servers_cpu(), cpu_of(&self.etcd_pid));
-        let run = closed_loop(IN_FLIGHT, until, self.call.clone()).await;
+        let call = self.call.clone();
+        let run = client::closed_loop_of(IN_FLIGHT, until, move |t, i| call(t, i)).await;
         let (s1, e1) = (self.servers_cpu(), cpu_of(&self.etcd_pid));
         self.run.absorb(run);
         self.server_cpu += s1 - s0;
