@@ -26,6 +26,11 @@ impl Applier {
         Self { state, layout }
     }
 
+    /// The state it applies to.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
     /// Replaces the state with a finished full read.
     pub fn reset(&self, read: Rebuild) {
         self.state.reset_all(read.finish());

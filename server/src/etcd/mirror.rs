@@ -27,7 +27,6 @@ use crate::state::State;
 
 #[derive(Debug)]
 pub struct Mirror {
-    state: State,
     layout: Layout,
     client: EtcdClient,
     applier: Applier,
@@ -48,8 +47,7 @@ enum Interrupted {
 impl Mirror {
     pub fn new(state: State, layout: Layout, client: EtcdClient) -> Arc<Self> {
         Arc::new(Self {
-            applier: Applier::new(state.clone(), layout.clone()),
-            state,
+            applier: Applier::new(state, layout.clone()),
             layout,
             client,
             applied: watch::Sender::new(0),
@@ -58,7 +56,7 @@ impl Mirror {
 
     /// The replica's copy of etcd's state.
     pub fn state(&self) -> &State {
-        &self.state
+        self.applier.state()
     }
 
     pub fn applied(&self) -> i64 {
