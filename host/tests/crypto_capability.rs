@@ -74,10 +74,11 @@ fn without_the_grant_every_call_fails_naming_the_capability() {
         ),
         "{verdict}"
     );
-    // The daemon says once which plugin asked for what.
+    // The daemon says once which plugin asked for what (possibly before it said it
+    // was running, which starting it waited for).
     daemon
         .log
-        .wait_for("the denial in the log", Duration::from_secs(10), |l| {
+        .wait_logged("the denial in the log", Duration::from_secs(10), |l| {
             l.contains("plugin called a capability it was not granted") && l.contains("probe")
         });
     let denials = daemon

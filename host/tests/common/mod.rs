@@ -79,6 +79,19 @@ impl Lines {
         }
     }
 
+    /// Like [`Self::wait_for`], but a line already read (say, by an earlier wait that
+    /// read past it) counts too.
+    pub fn wait_logged(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&str) -> bool,
+    ) -> String {
+        // A line read after this scan is still in the channel: nothing falls between.
+        let earlier = self.seen.lock().unwrap().iter().find(|l| done(l)).cloned();
+        earlier.unwrap_or_else(|| self.wait_for(what, timeout, done))
+    }
+
     pub fn dump(&self) -> String {
         self.seen.lock().unwrap().join("\n")
     }
