@@ -2,6 +2,7 @@
 
 mod common;
 
+use common::etcd::Backend;
 use common::*;
 use discovery_service::proto::server::HelloRequest;
 use tonic::{Code, Request};
@@ -12,9 +13,8 @@ fn with_header(req: HelloRequest, key: &'static str, value: &str) -> Request<Hel
     r
 }
 
-#[tokio::test]
-async fn loopback_client_ip_and_no_redirect() {
-    let server = start(config()).await;
+async fn loopback_client_ip_and_no_redirect(backend: Backend) {
+    let server = start(backend.config("loopback_client_ip_and_no_redirect")).await;
     let mut c = client(&server).await;
     let r = c
         .hello(hello("cluster", "v1.12.0"))
@@ -31,9 +31,8 @@ async fn loopback_client_ip_and_no_redirect() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn ipv6_loopback_client_ip_is_16_bytes() {
-    let mut cfg = config();
+async fn ipv6_loopback_client_ip_is_16_bytes(backend: Backend) {
+    let mut cfg = backend.config("ipv6_loopback_client_ip_is_16_bytes");
     cfg.addr = "[::1]:0".into();
     let Ok(server) = try_start(cfg).await else {
         eprintln!("no IPv6 loopback on this host; skipping");
@@ -49,9 +48,8 @@ async fn ipv6_loopback_client_ip_is_16_bytes() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn trusted_proxy_headers() {
-    let mut cfg = config();
+async fn trusted_proxy_headers(backend: Backend) {
+    let mut cfg = backend.config("trusted_proxy_headers");
     cfg.trust_x_real_ip = true;
     cfg.trust_first_x_forwarded_for = true;
     let server = start(cfg).await;
@@ -75,9 +73,8 @@ async fn trusted_proxy_headers() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn proxy_headers_are_ignored_by_default() {
-    let server = start(config()).await;
+async fn proxy_headers_are_ignored_by_default(backend: Backend) {
+    let server = start(backend.config("proxy_headers_are_ignored_by_default")).await;
     let mut c = client(&server).await;
     let r = c
         .hello(with_header(hello("c", "v1.0.0"), "x-real-ip", "1.2.3.4"))
@@ -92,9 +89,8 @@ async fn proxy_headers_are_ignored_by_default() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn reporting_disabled_and_redirect() {
-    let mut cfg = config();
+async fn reporting_disabled_and_redirect(backend: Backend) {
+    let mut cfg = backend.config("reporting_disabled_and_redirect");
     cfg.disable_client_ip_reporting = true;
     cfg.redirect_endpoint = "new.example.com:443".into();
     let server = start(cfg).await;
@@ -110,9 +106,8 @@ async fn reporting_disabled_and_redirect() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn invalid_hello_is_counted_then_rejected() {
-    let server = start(config()).await;
+async fn invalid_hello_is_counted_then_rejected(backend: Backend) {
+    let server = start(backend.config("invalid_hello_is_counted_then_rejected")).await;
     let mut c = client(&server).await;
     assert_refused(
         c.hello(hello("", "v1.8.3-7-gf7d9f211")).await,
@@ -134,9 +129,8 @@ async fn invalid_hello_is_counted_then_rejected() {
 
 /// Client versions are chosen by unauthenticated clients: past a cap of distinct
 /// labels, new ones count as `unknown`, so the metric cannot grow without bound.
-#[tokio::test]
-async fn distinct_client_version_labels_are_capped() {
-    let server = start(config()).await;
+async fn distinct_client_version_labels_are_capped(backend: Backend) {
+    let server = start(backend.config("distinct_client_version_labels_are_capped")).await;
     let mut c = client(&server).await;
     let max = discovery_service::limits::HELLO_VERSION_LABELS_MAX;
     for minor in 0..max + 20 {
@@ -159,3 +153,13 @@ async fn distinct_client_version_labels_are_capped() {
     assert_eq!(m.with_label_values(&["unknown"]).get(), 21);
     server.shutdown().await.unwrap();
 }
+
+both_backends!(
+    loopback_client_ip_and_no_redirect,
+    ipv6_loopback_client_ip_is_16_bytes,
+    trusted_proxy_headers,
+    proxy_headers_are_ignored_by_default,
+    reporting_disabled_and_redirect,
+    invalid_hello_is_counted_then_rejected,
+    distinct_client_version_labels_are_capped,
+);

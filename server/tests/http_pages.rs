@@ -2,11 +2,11 @@
 
 mod common;
 
+use common::etcd::Backend;
 use common::*;
 
-#[tokio::test]
-async fn landing_inspect_and_stats() {
-    let server = start(config()).await;
+async fn landing_inspect_and_stats(backend: Backend) {
+    let server = start(backend.config("landing_inspect_and_stats")).await;
     let landing = server.landing_addr.unwrap();
     let mut c = client(&server).await;
     c.affiliate_update(update("c/1", "af<1>", "\u{1}\u{2}", &["\u{ab}"], 60))
@@ -66,9 +66,8 @@ async fn landing_inspect_and_stats() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn inspect_can_be_disabled() {
-    let mut cfg = config();
+async fn inspect_can_be_disabled(backend: Backend) {
+    let mut cfg = backend.config("inspect_can_be_disabled");
     cfg.disable_inspect = true;
     let server = start(cfg).await;
     let (status, _, _) = http_get(server.landing_addr.unwrap(), "/inspect?clusterID=c").await;
@@ -76,10 +75,12 @@ async fn inspect_can_be_disabled() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn metrics_have_the_reference_names() {
-    let mut cfg = config();
-    cfg.snapshots_enabled = true;
+/// With snapshots (memory backend) the storage metrics describe the last save; on etcd,
+/// which is the durable copy, there are no snapshots and so no storage metrics.
+async fn metrics_have_the_reference_names(backend: Backend) {
+    let mut cfg = backend.config("metrics_have_the_reference_names");
+    let snapshots = matches!(backend, Backend::Memory);
+    cfg.snapshots_enabled = snapshots;
     let dir = tempfile::tempdir().unwrap();
     cfg.snapshot_path = dir.path().join("s.binpb");
     let server = start(cfg).await;
@@ -88,11 +89,50 @@ async fn metrics_have_the_reference_names() {
     c.affiliate_update(update("c", "af", "d", &["e"], 60))
         .await
         .unwrap();
-    server.save_now().await.unwrap();
-    let file_size = std::fs::metadata(dir.path().join("s.binpb")).unwrap().len();
+    if snapshots {
+        server.save_now().await.unwrap();
+    }
     let (status, ct, body) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
     assert_eq!(status, 200);
     assert!(ct.starts_with("text/plain"));
+    if snapshots {
+        assert_storage_metrics(&body, &dir.path().join("s.binpb"));
+    } else {
+        assert!(!body.contains("discovery_storage_"), "{body}");
+    }
+    for needle in [
+        "discovery_server_hello_requests_total{client_version=\"v1.12\"} 1",
+        "discovery_server_hello_requests_total{client_version=\"unknown\"} 0",
+        "discovery_state_clusters 1",
+        "discovery_state_affiliates 1",
+        "discovery_state_endpoints 1",
+        "discovery_state_subscriptions 0",
+        "discovery_state_gc_runs_total",
+        "discovery_state_gc_clusters_total",
+        "discovery_state_gc_affiliates_total",
+        "grpc_server_started_total{grpc_method=\"Hello\",grpc_service=\"sidero.discovery.server.Cluster\",grpc_type=\"unary\"} 1",
+        "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"AffiliateUpdate\",grpc_service=\"sidero.discovery.server.Cluster\",grpc_type=\"unary\"} 1",
+        "grpc_server_handled_total{grpc_code=\"Aborted\",grpc_method=\"Watch\",grpc_service=\"sidero.discovery.server.Cluster\",grpc_type=\"server_stream\"} 0",
+        "grpc_server_msg_received_total",
+        "grpc_server_msg_sent_total",
+        "grpc_server_handling_seconds_bucket{grpc_method=\"List\",grpc_service=\"sidero.discovery.server.Cluster\",grpc_type=\"unary\",le=\"2.5\"} 0",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(body.contains(needle), "missing {needle} in\n{body}");
+    }
+    server.shutdown().await.unwrap();
+
+    // Without snapshots there are no storage metrics.
+    let server = start(backend.config("metrics_have_the_reference_names")).await;
+    let (_, _, body) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
+    assert!(!body.contains("discovery_storage_"));
+    server.shutdown().await.unwrap();
+}
+
+/// The storage metrics after one save of one cluster, one affiliate and one endpoint
+/// to `file`, and after the failed load at start (there was no file yet).
+fn assert_storage_metrics(body: &str, file: &std::path::Path) {
+    let file_size = std::fs::metadata(file).unwrap().len();
     // What the last save wrote.
     let save_metric = |name: &str| {
         let prefix = format!("{name}{{operation=\"save\"}} ");
@@ -125,33 +165,14 @@ async fn metrics_have_the_reference_names() {
             "discovery_storage_operations_total{operation=\"save\",status=\"success\"} 1"
         )
     );
-    for needle in [
-        "discovery_server_hello_requests_total{client_version=\"v1.12\"} 1",
-        "discovery_server_hello_requests_total{client_version=\"unknown\"} 0",
-        "discovery_state_clusters 1",
-        "discovery_state_affiliates 1",
-        "discovery_state_endpoints 1",
-        "discovery_state_subscriptions 0",
-        "discovery_state_gc_runs_total",
-        "discovery_state_gc_clusters_total",
-        "discovery_state_gc_affiliates_total",
-        "discovery_storage_operations_total{operation=\"load\",status=\"error\"} 1",
-        "discovery_storage_last_snapshot_size_bytes",
-        "grpc_server_started_total{grpc_method=\"Hello\",grpc_service=\"sidero.discovery.server.Cluster\",grpc_type=\"unary\"} 1",
-        "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"AffiliateUpdate\",grpc_service=\"sidero.discovery.server.Cluster\",grpc_type=\"unary\"} 1",
-        "grpc_server_handled_total{grpc_code=\"Aborted\",grpc_method=\"Watch\",grpc_service=\"sidero.discovery.server.Cluster\",grpc_type=\"server_stream\"} 0",
-        "grpc_server_msg_received_total",
-        "grpc_server_msg_sent_total",
-        "grpc_server_handling_seconds_bucket{grpc_method=\"List\",grpc_service=\"sidero.discovery.server.Cluster\",grpc_type=\"unary\",le=\"2.5\"} 0",
-        "process_resident_memory_bytes",
-    ] {
-        assert!(body.contains(needle), "missing {needle} in\n{body}");
-    }
-    server.shutdown().await.unwrap();
-
-    // Without snapshots there are no storage metrics.
-    let server = start(config()).await;
-    let (_, _, body) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
-    assert!(!body.contains("discovery_storage_"));
-    server.shutdown().await.unwrap();
+    assert!(
+        body.contains("discovery_storage_operations_total{operation=\"load\",status=\"error\"} 1"),
+        "{body}"
+    );
 }
+
+both_backends!(
+    landing_inspect_and_stats,
+    inspect_can_be_disabled,
+    metrics_have_the_reference_names,
+);

@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::etcd::Backend;
 use common::*;
 use discovery_service::proto::server::HelloRequest;
 use discovery_service::proto::server::cluster_client::ClusterClient;
@@ -33,10 +34,9 @@ async fn burst(c: &mut ClusterClient<Channel>, n: usize) -> Vec<Result<(), tonic
     out
 }
 
-#[tokio::test]
-async fn sixty_pass_then_the_deadline_bounded_wait_fails() {
+async fn sixty_pass_then_the_deadline_bounded_wait_fails(backend: Backend) {
     // Upstream's test: 1 rps, burst 60, 1 s deadline.
-    let mut cfg = config();
+    let mut cfg = backend.config("sixty_pass_then_the_deadline_bounded_wait_fails");
     cfg.rate_limit_per_second = 1.0;
     cfg.rate_limit_burst = 60;
     let server = start(cfg).await;
@@ -64,7 +64,7 @@ async fn sixty_pass_then_the_deadline_bounded_wait_fails() {
     );
 
     // Another client IP has its own bucket.
-    let mut v6 = config();
+    let mut v6 = backend.config("sixty_pass_then_the_deadline_bounded_wait_fails");
     v6.addr = "[::1]:0".into();
     v6.rate_limit_per_second = 1.0;
     v6.rate_limit_burst = 1;
@@ -78,9 +78,8 @@ async fn sixty_pass_then_the_deadline_bounded_wait_fails() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn default_rate_allows_fifteen_per_second_after_the_burst() {
-    let mut cfg = config();
+async fn default_rate_allows_fifteen_per_second_after_the_burst(backend: Backend) {
+    let mut cfg = backend.config("default_rate_allows_fifteen_per_second_after_the_burst");
     cfg.rate_limit_per_second = 15.0;
     cfg.rate_limit_burst = 60;
     let server = start(cfg).await;
@@ -104,10 +103,9 @@ async fn default_rate_allows_fifteen_per_second_after_the_burst() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_watch_costs_one_token_when_it_starts_and_none_per_message() {
+async fn a_watch_costs_one_token_when_it_starts_and_none_per_message(backend: Backend) {
     // Burst 1 and a refill far away: the watch takes the only token.
-    let mut cfg = config();
+    let mut cfg = backend.config("a_watch_costs_one_token_when_it_starts_and_none_per_message");
     cfg.rate_limit_per_second = 0.01;
     cfg.rate_limit_burst = 1;
     let server = start(cfg).await;
@@ -142,3 +140,9 @@ async fn a_watch_costs_one_token_when_it_starts_and_none_per_message() {
     }
     server.shutdown().await.unwrap();
 }
+
+both_backends!(
+    sixty_pass_then_the_deadline_bounded_wait_fails,
+    default_rate_allows_fifteen_per_second_after_the_burst,
+    a_watch_costs_one_token_when_it_starts_and_none_per_message,
+);

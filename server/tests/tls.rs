@@ -5,6 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::etcd::Backend;
 use common::*;
 use discovery_service::proto::server::cluster_client::ClusterClient;
 use hyper_util::rt::TokioIo;
@@ -58,15 +59,14 @@ async fn presented(
         .map(|c| c[0].clone().into_owned())
 }
 
-#[tokio::test]
-async fn grpc_over_tls_and_reload_on_change() {
+async fn grpc_over_tls_and_reload_on_change(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     let first = self_signed();
     std::fs::write(&cert_path, &first.cert_pem).unwrap();
     std::fs::write(&key_path, &first.key_pem).unwrap();
 
-    let mut cfg = config();
+    let mut cfg = backend.config("grpc_over_tls_and_reload_on_change");
     cfg.certificate_path = cert_path.display().to_string();
     cfg.key_path = key_path.display().to_string();
     let server = start(cfg).await;
@@ -109,9 +109,8 @@ async fn grpc_over_tls_and_reload_on_change() {
     server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_missing_certificate_aborts_start() {
-    let mut cfg = config();
+async fn a_missing_certificate_aborts_start(backend: Backend) {
+    let mut cfg = backend.config("a_missing_certificate_aborts_start");
     cfg.certificate_path = "/nonexistent/tls.crt".into();
     cfg.key_path = "/nonexistent/tls.key".into();
     let err = try_start(cfg).await.unwrap_err();
@@ -120,3 +119,8 @@ async fn a_missing_certificate_aborts_start() {
         "{err:#}"
     );
 }
+
+both_backends!(
+    grpc_over_tls_and_reload_on_change,
+    a_missing_certificate_aborts_start,
+);
