@@ -1,12 +1,14 @@
 //! Applies what the mirror reads from etcd to the replica's [`State`]: watch events
 //! revision by revision, and full reads page by page. No I/O: the mirror feeds it.
 //!
-//! Besides the copies the state keeps, it allocates a change list per revision and an
-//! id per change (keys are parsed in place), and a full read reuses its buffers:
-//! short-lived scraps between the copies the state keeps stay resident as heap
-//! fragments.
+//! Besides the copies the state keeps, it allocates nothing per change (keys are
+//! parsed in place, ids decoded into a buffer kept between watch responses), and a full
+//! read reuses its buffers: short-lived scraps between the copies the state keeps would
+//! stay resident as heap fragments.
 
 use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Mutex;
 
 use bytes::Bytes;
 
@@ -19,11 +21,49 @@ use crate::state::{Affiliate, Affiliates, Change, Endpoint, State};
 pub struct Applier {
     state: State,
     layout: Layout,
+    scratch: Mutex<Scratch>,
+}
+
+/// Buffers of [`Applier::apply`], kept between calls: allocated anew for every watch
+/// response, they would leave holes between the copies the state keeps.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Every id of the events, decoded.
+    ids: String,
+    /// The changes, in the order they are applied.
+    order: Vec<Pending>,
+}
+
+/// One change to apply, its ids as ranges of [`Scratch::ids`].
+#[derive(Debug)]
+struct Pending {
+    revision: i64,
+    cluster: Range<usize>,
+    /// Its place among the events.
+    seq: usize,
+    change: Change<Range<usize>>,
+}
+
+impl Scratch {
+    /// What one large response needed is not kept for the next.
+    fn shrink(&mut self) {
+        const KEEP: usize = 64 * 1024;
+        if self.ids.capacity() > KEEP {
+            self.ids = String::new();
+        }
+        if self.order.capacity() * std::mem::size_of::<Pending>() > KEEP {
+            self.order = Vec::new();
+        }
+    }
 }
 
 impl Applier {
     pub fn new(state: State, layout: Layout) -> Self {
-        Self { state, layout }
+        Self {
+            state,
+            layout,
+            scratch: Mutex::default(),
+        }
     }
 
     /// The state it applies to.
@@ -37,88 +77,93 @@ impl Applier {
     }
 
     /// Applies events in order, one revision and one cluster at a time.
-    pub fn apply(&self, events: &[mvccpb::Event]) {
-        let mut i = 0;
-        while i < events.len() {
-            let rev = revision_of(&events[i]);
-            let mut j = i;
-            // One revision's changes, grouped by cluster in first-seen order.
-            let mut by_cluster: Vec<(HexId<'_>, Vec<Change>)> = Vec::new();
-            while j < events.len() && revision_of(&events[j]) == rev {
-                if let Some((cluster, change)) = self.change_of(&events[j]) {
-                    match by_cluster.iter_mut().find(|(c, _)| *c == cluster) {
-                        Some((_, v)) => v.push(change),
-                        None => by_cluster.push((cluster, vec![change])),
-                    }
-                }
-                j += 1;
-            }
-            for (cluster, changes) in by_cluster {
-                self.state.apply(&cluster.decode(), &changes);
-            }
-            i = j;
+    ///
+    /// Allocates nothing per change: the events are decoded into buffers kept from one
+    /// call to the next, and freed before the state allocates what it keeps (their
+    /// place is then free for it, not a hole among its copies).
+    pub fn apply(&self, events: Vec<mvccpb::Event>) {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let Scratch { ids, order } = &mut *scratch;
+        ids.clear();
+        order.clear();
+        for (seq, e) in events.iter().enumerate() {
+            let Some(kv) = e.kv.as_ref() else {
+                continue;
+            };
+            let Some(key) = self.layout.parse(&kv.key) else {
+                continue;
+            };
+            let mut push = |id: HexId<'_>| {
+                let start = ids.len();
+                id.push_to(ids);
+                start..ids.len()
+            };
+            let cluster = push(key.cluster());
+            let id = key.affiliate().map_or(0..0, &mut push);
+            let Some(change) = change_of(e, kv, key, id) else {
+                continue;
+            };
+            order.push(Pending {
+                revision: kv.mod_revision,
+                cluster,
+                seq,
+                change,
+            });
         }
+        drop(events);
+        let ids = ids.as_str();
+        for revision in order.chunk_by_mut(|a, b| a.revision == b.revision) {
+            // Grouped by cluster, each cluster's changes in etcd's order (clusters are
+            // independent: a watcher follows one).
+            revision.sort_unstable_by(|a, b| {
+                (&ids[a.cluster.clone()], a.seq).cmp(&(&ids[b.cluster.clone()], b.seq))
+            });
+            for cluster in
+                revision.chunk_by(|a, b| ids[a.cluster.clone()] == ids[b.cluster.clone()])
+            {
+                let changes = cluster
+                    .iter()
+                    .map(|p| p.change.map_id(|id| &ids[id.clone()]));
+                self.state.apply(&ids[cluster[0].cluster.clone()], changes);
+            }
+        }
+        scratch.shrink();
     }
+}
 
-    fn change_of<'e>(&self, e: &'e mvccpb::Event) -> Option<(HexId<'e>, Change)> {
-        let kv = e.kv.as_ref()?;
-        let key = self.layout.parse(&kv.key)?;
-        let put = e.r#type == mvccpb::event::EventType::Put as i32;
-        Some(match key {
-            Key::Guard { cluster } => (
-                cluster,
-                Change::Guard {
-                    revision: if put { kv.mod_revision } else { 0 },
-                },
-            ),
-            Key::Affiliate { cluster, affiliate } if put => {
-                let v = decode_affiliate(&kv.value, &kv.key)?;
-                (
-                    cluster,
-                    Change::PutAffiliate {
-                        id: affiliate.decode(),
-                        data: v.data,
-                        data_set: v.data_set,
-                        expiry: clock::instant(v.expiry_ms),
-                        revision: kv.mod_revision,
-                    },
-                )
+fn change_of<Id>(
+    e: &mvccpb::Event,
+    kv: &mvccpb::KeyValue,
+    key: Key<'_>,
+    id: Id,
+) -> Option<Change<Id>> {
+    let put = e.r#type == mvccpb::event::EventType::Put as i32;
+    Some(match key {
+        Key::Guard { .. } => Change::Guard {
+            revision: if put { kv.mod_revision } else { 0 },
+        },
+        Key::Affiliate { .. } if put => {
+            let v = decode_affiliate(&kv.value, &kv.key)?;
+            Change::PutAffiliate {
+                id,
+                data: v.data,
+                data_set: v.data_set,
+                expiry: clock::instant(v.expiry_ms),
+                revision: kv.mod_revision,
             }
-            Key::Affiliate { cluster, affiliate } => (
-                cluster,
-                Change::DeleteAffiliate {
-                    id: affiliate.decode(),
-                },
-            ),
-            Key::Endpoint {
-                cluster,
-                affiliate,
+        }
+        Key::Affiliate { .. } => Change::DeleteAffiliate { id },
+        Key::Endpoint { blob, .. } if put => {
+            let v = decode_endpoint(&kv.value, &kv.key)?;
+            Change::PutEndpoint {
+                id,
                 blob,
-            } if put => {
-                let v = decode_endpoint(&kv.value, &kv.key)?;
-                (
-                    cluster,
-                    Change::PutEndpoint {
-                        id: affiliate.decode(),
-                        blob,
-                        expiry: clock::instant(v.expiry_ms),
-                        ordinal: v.ordinal,
-                    },
-                )
+                expiry: clock::instant(v.expiry_ms),
+                ordinal: v.ordinal,
             }
-            Key::Endpoint {
-                cluster,
-                affiliate,
-                blob,
-            } => (
-                cluster,
-                Change::DeleteEndpoint {
-                    id: affiliate.decode(),
-                    blob,
-                },
-            ),
-        })
-    }
+        }
+        Key::Endpoint { blob, .. } => Change::DeleteEndpoint { id, blob },
+    })
 }
 
 /// A full read turned into clusters page by page, holding nothing of the keyspace
@@ -385,5 +430,81 @@ mod tests {
         }
         let one_per_page: Vec<&[mvccpb::KeyValue]> = all.chunks(1).collect();
         assert_eq!(rebuilt(&l, &one_per_page), whole);
+    }
+
+    fn event(kv: mvccpb::KeyValue, revision: i64, put: bool) -> mvccpb::Event {
+        let r#type = if put {
+            mvccpb::event::EventType::Put
+        } else {
+            mvccpb::event::EventType::Delete
+        };
+        mvccpb::Event {
+            r#type: r#type as i32,
+            kv: Some(mvccpb::KeyValue {
+                mod_revision: revision,
+                ..kv
+            }),
+            prev_kv: None,
+        }
+    }
+
+    /// What a watcher heard: `id data [endpoints]`, or `-id` for a deletion.
+    fn heard(sub: &mut crate::state::Subscription) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(n) = sub.try_recv().unwrap() {
+            out.push(match &*n {
+                crate::state::Notification::Update(v) => {
+                    let eps: Vec<_> = v
+                        .endpoints
+                        .iter()
+                        .map(|e| String::from_utf8_lossy(e))
+                        .collect();
+                    format!(
+                        "{} {} [{}]",
+                        v.id,
+                        String::from_utf8_lossy(&v.data),
+                        eps.join(",")
+                    )
+                }
+                crate::state::Notification::Deleted(id) => format!("-{id}"),
+            });
+        }
+        out
+    }
+
+    /// A watch response may carry several revisions, each touching several clusters
+    /// in any order: each cluster's watchers hear once per affiliate per revision,
+    /// after all of that revision's changes to it, and keys or values this layout
+    /// never writes are skipped.
+    #[test]
+    fn watch_events_apply_per_revision_and_cluster_in_etcd_order() {
+        let l = Layout::new("p/");
+        let applier = Applier::new(State::new(), l.clone());
+        let (_, mut c1) = applier.state().watch("c1", 32);
+        let (_, mut c2) = applier.state().watch("c2", 32);
+        let events = vec![
+            // One batch of three updates, interleaving the two clusters.
+            event(affiliate(&l, "c2", "a1", "one"), 10, true),
+            event(kv(l.guard("c2"), Vec::new(), 0), 10, true),
+            event(affiliate(&l, "c1", "b", "bee"), 10, true),
+            event(endpoint(&l, "c2", "a1", "e1", 10, 0), 10, true),
+            event(kv(b"p/c/zz/g".to_vec(), Vec::new(), 0), 10, true),
+            event(endpoint(&l, "c1", "b", "x", 10, 0), 10, true),
+            event(affiliate(&l, "c2", "a2", "two"), 10, true),
+            event(kv(l.affiliate("c2", "bad"), b"?".to_vec(), 0), 10, true),
+            event(endpoint(&l, "c2", "a1", "e2", 10, 1), 10, true),
+            // Leases ending: an endpoint of one cluster, an affiliate of the other.
+            event(kv(l.endpoint("c2", "a1", b"e1"), Vec::new(), 0), 11, false),
+            event(kv(l.affiliate("c1", "b"), Vec::new(), 0), 11, false),
+            event(kv(l.endpoint("c1", "b", b"x"), Vec::new(), 0), 11, false),
+        ];
+        applier.apply(events);
+        assert_eq!(heard(&mut c1), ["b bee [x]", "-b"]);
+        assert_eq!(
+            heard(&mut c2),
+            ["a1 one [e1,e2]", "a2 two []", "a1 one [e2]"]
+        );
+        assert_eq!(applier.state().write_view("c2", "a1").guard_revision, 10);
+        assert!(applier.state().list("c1").is_empty());
     }
 }

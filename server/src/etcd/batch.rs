@@ -37,10 +37,6 @@ pub enum Outcome {
 /// One update's transaction, waiting for a batch.
 struct Member {
     txn: pb::TxnRequest,
-    /// Keys it only compares, and keys it writes (or deletes from), as hashes: two
-    /// keys that collide only make one member wait for the next batch.
-    compared: Vec<u64>,
-    written: Vec<u64>,
     bytes: usize,
     reply: oneshot::Sender<Result<Outcome, CallError>>,
 }
@@ -54,27 +50,32 @@ pub struct Batcher {
 impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Member")
-            .field("compared", &self.compared.len())
-            .field("written", &self.written.len())
+            .field("compared", &self.txn.compare.len())
+            .field("written", &self.txn.success.len())
             .finish()
     }
 }
 
+/// Keys are compared for clashes as hashes: two keys that collide only make one
+/// member wait for the next batch.
 fn key_hash(key: &[u8]) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     key.hash(&mut h);
     h.finish()
 }
 
-fn written_keys(txn: &pb::TxnRequest) -> Vec<u64> {
-    txn.success
-        .iter()
-        .filter_map(|op| match &op.request {
-            Some(request_op::Request::RequestPut(p)) => Some(key_hash(&p.key)),
-            Some(request_op::Request::RequestDeleteRange(d)) => Some(key_hash(&d.key)),
-            _ => None,
-        })
-        .collect()
+/// Keys the member only compares.
+fn compared_keys(txn: &pb::TxnRequest) -> impl Iterator<Item = u64> {
+    txn.compare.iter().map(|c| key_hash(&c.key))
+}
+
+/// Keys the member writes (or deletes from).
+fn written_keys(txn: &pb::TxnRequest) -> impl Iterator<Item = u64> {
+    txn.success.iter().filter_map(|op| match &op.request {
+        Some(request_op::Request::RequestPut(p)) => Some(key_hash(&p.key)),
+        Some(request_op::Request::RequestDeleteRange(d)) => Some(key_hash(&d.key)),
+        _ => None,
+    })
 }
 
 fn size_of(txn: &pb::TxnRequest) -> usize {
@@ -92,8 +93,6 @@ impl Batcher {
     pub async fn commit(&self, txn: pb::TxnRequest) -> Result<Outcome, CallError> {
         let (reply, rx) = oneshot::channel();
         let member = Member {
-            compared: txn.compare.iter().map(|c| key_hash(&c.key)).collect(),
-            written: written_keys(&txn),
             bytes: size_of(&txn),
             txn,
             reply,
@@ -133,8 +132,8 @@ async fn run(client: EtcdClient, mut rx: mpsc::Receiver<Member>) {
         // one and compared or written by another.
         compared.clear();
         written.clear();
-        compared.extend(first.compared.iter().copied());
-        written.extend(first.written.iter().copied());
+        compared.extend(compared_keys(&first.txn));
+        written.extend(written_keys(&first.txn));
         let mut ops = first.txn.compare.len().max(first.txn.success.len());
         let mut bytes = first.bytes;
         let mut batch = vec![first];
@@ -142,14 +141,11 @@ async fn run(client: EtcdClient, mut rx: mpsc::Receiver<Member>) {
         let mut take = |m: Member, batch: &mut Vec<Member>, next_held: &mut VecDeque<Member>| {
             let m_ops = m.txn.compare.len().max(m.txn.success.len());
             let fits = ops + m_ops <= ETCD_BATCH_OPS && bytes + m.bytes <= ETCD_BATCH_BYTES;
-            let clash = m
-                .written
-                .iter()
-                .any(|k| compared.contains(k) || written.contains(k))
-                || m.compared.iter().any(|k| written.contains(k));
+            let clash = written_keys(&m.txn).any(|k| compared.contains(&k) || written.contains(&k))
+                || compared_keys(&m.txn).any(|k| written.contains(&k));
             if fits && !clash {
-                compared.extend(m.compared.iter().copied());
-                written.extend(m.written.iter().copied());
+                compared.extend(compared_keys(&m.txn));
+                written.extend(written_keys(&m.txn));
                 ops += m_ops;
                 bytes += m.bytes;
                 batch.push(m);

@@ -15,7 +15,7 @@
 //! its expiry; the expiry is also in the value, because the update rules compare
 //! expiries (an endpoint's is raised, never lowered) and leases are per bucket.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 
 use crate::limits::{AFFILIATE_ENDPOINT_MAX, AFFILIATE_ID_MAX, CLUSTER_ID_MAX};
 use crate::state::Blob;
@@ -37,6 +37,24 @@ pub enum Key<'k> {
         affiliate: HexId<'k>,
         blob: Blob,
     },
+}
+
+impl<'k> Key<'k> {
+    pub fn cluster(&self) -> HexId<'k> {
+        match self {
+            Key::Guard { cluster }
+            | Key::Affiliate { cluster, .. }
+            | Key::Endpoint { cluster, .. } => *cluster,
+        }
+    }
+
+    /// The affiliate the key belongs to (none for a cluster's guard).
+    pub fn affiliate(&self) -> Option<HexId<'k>> {
+        match self {
+            Key::Guard { .. } => None,
+            Key::Affiliate { affiliate, .. } | Key::Endpoint { affiliate, .. } => Some(*affiliate),
+        }
+    }
 }
 
 /// An id as a key spells it: the lowercase hex of its UTF-8 bytes, 1 to [`ID_MAX`]
@@ -65,16 +83,27 @@ impl<'k> HexId<'k> {
 
     /// The id, decoded into `buf` (whose allocation is reused).
     pub fn decode_into<'b>(&self, buf: &'b mut String) -> &'b str {
-        let mut bytes = std::mem::take(buf).into_bytes();
-        bytes.clear();
-        bytes.extend(
-            self.0
-                .chunks_exact(2)
-                .map(|p| nibble(p[0]) << 4 | nibble(p[1])),
-        );
-        // Checked when parsed: valid hex of valid UTF-8.
-        *buf = String::from_utf8(bytes).unwrap_or_default();
+        buf.clear();
+        self.push_to(buf);
         buf.as_str()
+    }
+
+    /// Appends the id to `out`.
+    pub fn push_to(&self, out: &mut String) {
+        let mut buf = [0; ID_MAX];
+        let Some(bytes) = buf.get_mut(..self.0.len() / 2) else {
+            return;
+        };
+        for (b, p) in bytes.iter_mut().zip(self.0.chunks_exact(2)) {
+            *b = nibble(p[0]) << 4 | nibble(p[1]);
+        }
+        // Checked when parsed: valid hex of valid UTF-8, at most `ID_MAX` bytes.
+        out.push_str(std::str::from_utf8(bytes).unwrap_or_default());
+    }
+
+    /// The length of the decoded id.
+    pub fn decoded_len(&self) -> usize {
+        self.0.len() / 2
     }
 }
 
@@ -97,8 +126,9 @@ fn nibble(c: u8) -> u8 {
     }
 }
 
-/// Key builder and parser for one prefix. The keys of writes are built in one
-/// allocation of their exact size, and parsing allocates nothing: the mirror parses
+/// Key builder and parser for one prefix. A key is built in one allocation of its
+/// exact size, or into the caller's buffer (`put_*`, with `*_len` to size it: a
+/// transaction's keys and values share one buffer), and parsing allocates nothing: the mirror parses
 /// every key of every change, and short-lived scraps between the copies it keeps would
 /// stay resident as heap fragments.
 #[derive(Debug, Clone)]
@@ -113,14 +143,16 @@ impl Layout {
         }
     }
 
-    /// `P c/<cluster>/`, with room for `more` bytes after it.
-    fn cluster_key(&self, cluster: &str, more: usize) -> Vec<u8> {
-        let mut k = Vec::with_capacity(self.prefix.len() + 3 + 2 * cluster.len() + more);
-        k.extend_from_slice(&self.prefix);
-        k.extend_from_slice(b"c/");
-        push_hex(&mut k, cluster.as_bytes());
-        k.push(b'/');
-        k
+    /// `P c/<cluster>/`.
+    fn put_cluster(&self, k: &mut impl BufMut, cluster: &str) {
+        k.put_slice(&self.prefix);
+        k.put_slice(b"c/");
+        put_hex(k, cluster.as_bytes());
+        k.put_u8(b'/');
+    }
+
+    fn cluster_len(&self, cluster: &str) -> usize {
+        self.prefix.len() + 3 + 2 * cluster.len()
     }
 
     /// Every key of the service: what the mirror watches.
@@ -140,38 +172,64 @@ impl Layout {
     }
 
     pub fn guard(&self, cluster: &str) -> Vec<u8> {
-        let mut k = self.cluster_key(cluster, 1);
-        k.push(b'g');
-        k
+        exact(self.guard_len(cluster), |k| self.put_guard(k, cluster))
+    }
+
+    pub fn guard_len(&self, cluster: &str) -> usize {
+        self.cluster_len(cluster) + 1
+    }
+
+    pub fn put_guard(&self, k: &mut impl BufMut, cluster: &str) {
+        self.put_cluster(k, cluster);
+        k.put_u8(b'g');
     }
 
     pub fn affiliate(&self, cluster: &str, affiliate: &str) -> Vec<u8> {
-        let mut k = self.cluster_key(cluster, 2 + 2 * affiliate.len());
-        k.extend_from_slice(b"a/");
-        push_hex(&mut k, affiliate.as_bytes());
-        k
+        exact(self.affiliate_len(cluster, affiliate), |k| {
+            self.put_affiliate(k, cluster, affiliate)
+        })
     }
 
-    /// `P c/<cluster>/e/<affiliate>/`, with room for `more` bytes after it.
-    fn endpoints_prefix(&self, cluster: &str, affiliate: &str, more: usize) -> Vec<u8> {
-        let mut k = self.cluster_key(cluster, 3 + 2 * affiliate.len() + more);
-        k.extend_from_slice(b"e/");
-        push_hex(&mut k, affiliate.as_bytes());
-        k.push(b'/');
-        k
+    pub fn affiliate_len(&self, cluster: &str, affiliate: &str) -> usize {
+        self.cluster_len(cluster) + 2 + 2 * affiliate.len()
+    }
+
+    pub fn put_affiliate(&self, k: &mut impl BufMut, cluster: &str, affiliate: &str) {
+        self.put_cluster(k, cluster);
+        k.put_slice(b"a/");
+        put_hex(k, affiliate.as_bytes());
+    }
+
+    /// `P c/<cluster>/e/<affiliate>/`.
+    fn put_endpoints_prefix(&self, k: &mut impl BufMut, cluster: &str, affiliate: &str) {
+        self.put_cluster(k, cluster);
+        k.put_slice(b"e/");
+        put_hex(k, affiliate.as_bytes());
+        k.put_u8(b'/');
     }
 
     /// The range of an affiliate's endpoint keys.
     pub fn endpoints(&self, cluster: &str, affiliate: &str) -> (Vec<u8>, Vec<u8>) {
-        let k = self.endpoints_prefix(cluster, affiliate, 0);
+        let k = exact(self.endpoint_len(cluster, affiliate, &[]), |k| {
+            self.put_endpoints_prefix(k, cluster, affiliate)
+        });
         let end = range_end(&k);
         (k, end)
     }
 
     pub fn endpoint(&self, cluster: &str, affiliate: &str, blob: &[u8]) -> Vec<u8> {
-        let mut k = self.endpoints_prefix(cluster, affiliate, 2 * blob.len());
-        push_hex(&mut k, blob);
-        k
+        exact(self.endpoint_len(cluster, affiliate, blob), |k| {
+            self.put_endpoint(k, cluster, affiliate, blob)
+        })
+    }
+
+    pub fn endpoint_len(&self, cluster: &str, affiliate: &str, blob: &[u8]) -> usize {
+        self.cluster_len(cluster) + 3 + 2 * affiliate.len() + 2 * blob.len()
+    }
+
+    pub fn put_endpoint(&self, k: &mut impl BufMut, cluster: &str, affiliate: &str, blob: &[u8]) {
+        self.put_endpoints_prefix(k, cluster, affiliate);
+        put_hex(k, blob);
     }
 
     /// Names a key read back from etcd; `None` for anything this layout never writes
@@ -207,11 +265,19 @@ impl Layout {
 
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
-fn push_hex(k: &mut Vec<u8>, bytes: &[u8]) {
+fn put_hex(k: &mut impl BufMut, bytes: &[u8]) {
     for b in bytes {
-        k.push(HEX_DIGITS[usize::from(b >> 4)]);
-        k.push(HEX_DIGITS[usize::from(b & 0xf)]);
+        k.put_u8(HEX_DIGITS[usize::from(b >> 4)]);
+        k.put_u8(HEX_DIGITS[usize::from(b & 0xf)]);
     }
+}
+
+/// A key built in one allocation of its exact size.
+fn exact(len: usize, build: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut k = Vec::with_capacity(len);
+    build(&mut k);
+    debug_assert_eq!(k.len(), len);
+    k
 }
 
 /// The smallest key after every key starting with `prefix` (etcd's `range_end`).
@@ -243,12 +309,21 @@ pub struct AffiliateValue {
 
 impl AffiliateValue {
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(10 + self.data.len());
-        b.push(VERSION);
-        b.push(if self.data_set { DATA_SET } else { 0 });
-        b.extend_from_slice(&self.expiry_ms.to_be_bytes());
-        b.extend_from_slice(&self.data);
-        b
+        exact(Self::len(&self.data), |b| {
+            Self::put(b, self.data_set, self.expiry_ms, &self.data)
+        })
+    }
+
+    pub fn len(data: &[u8]) -> usize {
+        10 + data.len()
+    }
+
+    /// The value's bytes, from borrowed data.
+    pub fn put(b: &mut impl BufMut, data_set: bool, expiry_ms: i64, data: &[u8]) {
+        b.put_u8(VERSION);
+        b.put_u8(if data_set { DATA_SET } else { 0 });
+        b.put_i64(expiry_ms);
+        b.put_slice(data);
     }
 
     pub fn decode(v: &Bytes) -> Option<Self> {
@@ -275,16 +350,20 @@ pub struct EndpointValue {
 }
 
 impl EndpointValue {
+    pub const LEN: usize = 11;
+
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(11);
-        b.push(VERSION);
-        b.extend_from_slice(&self.ordinal.to_be_bytes());
-        b.extend_from_slice(&self.expiry_ms.to_be_bytes());
-        b
+        exact(Self::LEN, |b| self.put(b))
+    }
+
+    pub fn put(&self, b: &mut impl BufMut) {
+        b.put_u8(VERSION);
+        b.put_u16(self.ordinal);
+        b.put_i64(self.expiry_ms);
     }
 
     pub fn decode(v: &[u8]) -> Option<Self> {
-        if v.len() != 11 || v[0] != VERSION {
+        if v.len() != Self::LEN || v[0] != VERSION {
             return None;
         }
         Some(Self {

@@ -188,15 +188,21 @@ impl Mirror {
                     resp.cancel_reason
                 ));
             }
-            pending.extend(resp.events);
             if resp.fragment {
+                pending.extend(resp.events);
                 continue;
             }
-            let events = std::mem::take(&mut pending);
+            // A whole response needs no second list (fragments are rare).
+            let events = if pending.is_empty() {
+                resp.events
+            } else {
+                pending.extend(resp.events);
+                std::mem::take(&mut pending)
+            };
             let Some(last) = events.last().map(revision_of) else {
                 continue;
             };
-            self.applier.apply(&events);
+            self.applier.apply(events);
             burst = true;
             if last > self.applied() {
                 self.applied.send_replace(last);

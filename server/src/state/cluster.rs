@@ -41,12 +41,15 @@ impl std::ops::AddAssign for ClusterCounts {
     }
 }
 
-/// One change of a cluster read back from etcd, decoded (etcd backend's mirror).
+/// One change of a cluster read back from etcd, decoded (etcd backend's mirror),
+/// naming its affiliate by `Id`: the state applies changes whose ids are borrowed
+/// (`&str`, from the applier's buffer of a whole watch response), so applying
+/// allocates nothing per change beyond what the state keeps.
 #[derive(Debug, Clone)]
-pub enum Change {
+pub enum Change<Id> {
     /// The affiliate's key was written: its whole stored value.
     PutAffiliate {
-        id: String,
+        id: Id,
         data: Bytes,
         /// The write carried data: watchers are told even if nothing else changed.
         data_set: bool,
@@ -54,21 +57,72 @@ pub enum Change {
         revision: i64,
     },
     DeleteAffiliate {
-        id: String,
+        id: Id,
     },
     PutEndpoint {
-        id: String,
+        id: Id,
         blob: Blob,
         expiry: Instant,
         ordinal: u16,
     },
     DeleteEndpoint {
-        id: String,
+        id: Id,
         blob: Blob,
     },
     Guard {
         revision: i64,
     },
+}
+
+impl<Id> Change<Id> {
+    /// The affiliate it changes (none for the cluster's guard).
+    fn affiliate(&self) -> Option<&Id> {
+        match self {
+            Change::PutAffiliate { id, .. }
+            | Change::DeleteAffiliate { id }
+            | Change::PutEndpoint { id, .. }
+            | Change::DeleteEndpoint { id, .. } => Some(id),
+            Change::Guard { .. } => None,
+        }
+    }
+
+    /// The same change, its id named by `f` (the data is shared, not copied).
+    pub fn map_id<J>(&self, f: impl FnOnce(&Id) -> J) -> Change<J> {
+        match self {
+            Change::PutAffiliate {
+                id,
+                data,
+                data_set,
+                expiry,
+                revision,
+            } => Change::PutAffiliate {
+                id: f(id),
+                data: data.clone(),
+                data_set: *data_set,
+                expiry: *expiry,
+                revision: *revision,
+            },
+            Change::DeleteAffiliate { id } => Change::DeleteAffiliate { id: f(id) },
+            Change::PutEndpoint {
+                id,
+                blob,
+                expiry,
+                ordinal,
+            } => Change::PutEndpoint {
+                id: f(id),
+                blob: *blob,
+                expiry: *expiry,
+                ordinal: *ordinal,
+            },
+            Change::DeleteEndpoint { id, blob } => Change::DeleteEndpoint {
+                id: f(id),
+                blob: *blob,
+            },
+            Change::Guard { revision } => Change::Guard {
+                revision: *revision,
+            },
+        }
+    }
 }
 
 /// What an update transaction is planned from: the affiliate as the mirror holds it
@@ -248,23 +302,29 @@ impl Cluster {
     /// Applies the changes of one etcd revision, then tells watchers once per affiliate
     /// touched, as the memory backend does once per update: an intermediate state (the
     /// data before the endpoints written with it) is never seen.
-    pub(super) fn apply(&self, changes: &[Change]) -> Result<(), Removed> {
+    pub(super) fn apply<'c, I>(&self, changes: I) -> Result<(), Removed>
+    where
+        I: IntoIterator<Item = Change<&'c str>>,
+        I::IntoIter: Clone,
+    {
         let mut inner = self.live()?;
-        // Affiliates touched, in first-touch order: (id, existed before, changed).
+        // Affiliates touched, in first-touch order: (id, existed before, changed). Only
+        // watchers need them: with none, nothing is tracked.
+        let watched = !inner.subscribers.is_empty();
         let mut touched: Vec<(&str, bool, bool)> = Vec::new();
-        fn touch<'c>(
-            touched: &mut Vec<(&'c str, bool, bool)>,
-            inner: &Inner,
-            id: &'c str,
-        ) -> usize {
-            if let Some(i) = touched.iter().position(|t| t.0 == id) {
-                return i;
-            }
-            touched.push((id, inner.affiliates.contains_key(id), false));
-            touched.len() - 1
-        }
-        for c in changes {
-            match c {
+        let mut rest = changes.into_iter();
+        while let Some(c) = rest.next() {
+            let t = match c.affiliate().copied() {
+                Some(id) if watched => match touched.iter().position(|t| t.0 == id) {
+                    Some(i) => Some(i),
+                    None => {
+                        touched.push((id, inner.affiliates.contains_key(id), false));
+                        Some(touched.len() - 1)
+                    }
+                },
+                _ => None,
+            };
+            let changed = match &c {
                 Change::PutAffiliate {
                     id,
                     data,
@@ -272,8 +332,7 @@ impl Cluster {
                     expiry,
                     revision,
                 } => {
-                    let t = touch(&mut touched, &inner, id);
-                    let created = match inner.affiliates.get_mut(id.as_str()) {
+                    let created = match inner.affiliates.get_mut(*id) {
                         Some(a) => {
                             a.set_stored(data, *expiry, *revision);
                             false
@@ -281,16 +340,22 @@ impl Cluster {
                         None => {
                             let mut a = Affiliate::new(*expiry);
                             a.set_stored(data, *expiry, *revision);
-                            inner.affiliates.insert(id.as_str().into(), a);
+                            // Its endpoints follow in the same revision: room for all
+                            // of them at once, not one reallocation each.
+                            a.reserve_endpoints(
+                                rest.clone()
+                                    .filter(|c| matches!(c, Change::PutEndpoint { id: e, .. } if e == id))
+                                    .count(),
+                            );
+                            inner.affiliates.insert((*id).into(), a);
                             true
                         }
                     };
-                    touched[t].2 |= created || *data_set;
+                    created || *data_set
                 }
                 Change::DeleteAffiliate { id } => {
-                    let t = touch(&mut touched, &inner, id);
-                    inner.affiliates.remove(id.as_str());
-                    touched[t].2 = true;
+                    inner.affiliates.remove(*id);
+                    true
                 }
                 Change::PutEndpoint {
                     id,
@@ -298,23 +363,24 @@ impl Cluster {
                     expiry,
                     ordinal,
                 } => {
-                    let t = touch(&mut touched, &inner, id);
                     // An endpoint outliving its affiliate is ignored, as on a resync.
-                    if let Some(a) = inner.affiliates.get_mut(id.as_str()) {
-                        touched[t].2 |= a.put_endpoint(*blob, *expiry, *ordinal);
-                    }
+                    inner
+                        .affiliates
+                        .get_mut(*id)
+                        .is_some_and(|a| a.put_endpoint(*blob, *expiry, *ordinal))
                 }
-                Change::DeleteEndpoint { id, blob } => {
-                    let t = touch(&mut touched, &inner, id);
-                    if let Some(a) = inner.affiliates.get_mut(id.as_str()) {
-                        touched[t].2 |= a.remove_endpoint(blob);
-                    }
+                Change::DeleteEndpoint { id, blob } => inner
+                    .affiliates
+                    .get_mut(*id)
+                    .is_some_and(|a| a.remove_endpoint(blob)),
+                Change::Guard { revision } => {
+                    inner.guard_revision = *revision;
+                    false
                 }
-                Change::Guard { revision } => inner.guard_revision = *revision,
+            };
+            if let Some(t) = t {
+                touched[t].2 |= changed;
             }
-        }
-        if inner.subscribers.is_empty() {
-            return Ok(());
         }
         for (id, existed, changed) in touched {
             if !changed {
@@ -637,9 +703,15 @@ mod tests {
         Blob::new(s.as_bytes()).unwrap()
     }
 
-    fn put_aff(id: &str, data: &str, data_set: bool, exp: Instant, revision: i64) -> Change {
+    fn put_aff<'a>(
+        id: &'a str,
+        data: &str,
+        data_set: bool,
+        exp: Instant,
+        revision: i64,
+    ) -> Change<&'a str> {
         Change::PutAffiliate {
-            id: id.into(),
+            id,
             data: b(data),
             data_set,
             expiry: exp,
@@ -647,9 +719,9 @@ mod tests {
         }
     }
 
-    fn put_ep(id: &str, e: &str, exp: Instant) -> Change {
+    fn put_ep<'a>(id: &'a str, e: &str, exp: Instant) -> Change<&'a str> {
         Change::PutEndpoint {
-            id: id.into(),
+            id,
             blob: blob(e),
             expiry: exp,
             ordinal: 0,
@@ -662,7 +734,7 @@ mod tests {
         let c = Arc::new(Cluster::default());
         let (_, mut sub) = c.subscribe(32).unwrap();
         // The transaction of one update: the affiliate, the guard, two endpoints.
-        c.apply(&[
+        c.apply([
             put_aff("af", "d", true, exp, 5),
             Change::Guard { revision: 5 },
             put_ep("af", "e1", exp),
@@ -674,30 +746,30 @@ mod tests {
         assert_eq!((v.affiliates, v.guard_revision), (1, 5));
         assert_eq!(v.current.unwrap().revision(), 5);
         // A refresh without data or new endpoints is silent; with data it is not.
-        c.apply(&[put_aff("af", "d", false, exp, 6), put_ep("af", "e1", exp)])
+        c.apply([put_aff("af", "d", false, exp, 6), put_ep("af", "e1", exp)])
             .unwrap();
         assert_eq!(drain(&mut sub), vec![]);
-        c.apply(&[put_aff("af", "d", true, exp, 7)]).unwrap();
+        c.apply([put_aff("af", "d", true, exp, 7)]).unwrap();
         assert_eq!(drain(&mut sub), vec![upd("af", "d", &["e1", "e2"])]);
         // An endpoint's lease ends: an update with what remains (Q1).
-        c.apply(&[Change::DeleteEndpoint {
-            id: "af".into(),
+        c.apply([Change::DeleteEndpoint {
+            id: "af",
             blob: blob("e1"),
         }])
         .unwrap();
         assert_eq!(drain(&mut sub), vec![upd("af", "d", &["e2"])]);
         // The affiliate's lease ends with its last endpoint's: one deletion.
-        c.apply(&[
-            Change::DeleteAffiliate { id: "af".into() },
+        c.apply([
+            Change::DeleteAffiliate { id: "af" },
             Change::DeleteEndpoint {
-                id: "af".into(),
+                id: "af",
                 blob: blob("e2"),
             },
         ])
         .unwrap();
         assert_eq!(drain(&mut sub), vec![Notification::Deleted("af".into())]);
         // An endpoint outliving its affiliate is ignored.
-        c.apply(&[put_ep("af", "late", exp)]).unwrap();
+        c.apply([put_ep("af", "late", exp)]).unwrap();
         assert_eq!(drain(&mut sub), vec![]);
         assert!(c.list().is_empty());
     }
@@ -706,7 +778,7 @@ mod tests {
     fn a_reset_replaces_everything_and_restarts_watchers() {
         let exp = Instant::now() + Duration::from_secs(60);
         let c = Arc::new(Cluster::default());
-        c.apply(&[put_aff("old", "d", true, exp, 2)]).unwrap();
+        c.apply([put_aff("old", "d", true, exp, 2)]).unwrap();
         let (_, mut sub) = c.subscribe(32).unwrap();
         let mut fresh = Affiliate::new(exp);
         fresh.set_stored(b"n", exp, 9);

@@ -105,9 +105,18 @@ impl State {
     }
 
     /// Applies one etcd revision's changes to a cluster (etcd backend's mirror).
-    pub fn apply(&self, cluster_id: &str, changes: &[Change]) {
+    pub fn apply<'c, I>(&self, cluster_id: &str, changes: I)
+    where
+        I: IntoIterator<Item = Change<&'c str>>,
+        I::IntoIter: Clone,
+    {
+        let changes = changes.into_iter();
         loop {
-            if self.get_or_create(cluster_id).apply(changes).is_ok() {
+            if self
+                .get_or_create(cluster_id)
+                .apply(changes.clone())
+                .is_ok()
+            {
                 return;
             }
         }
