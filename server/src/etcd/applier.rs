@@ -127,6 +127,9 @@ impl Applier {
                 self.state.apply(&ids[cluster[0].cluster.clone()], changes);
             }
         }
+        // The changes' data are slices of the response's receive buffer: kept, they
+        // would hold it until the next response.
+        order.clear();
         scratch.shrink();
     }
 }
