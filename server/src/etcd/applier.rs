@@ -510,4 +510,21 @@ mod tests {
         assert_eq!(applier.state().write_view("c2", "a1").guard_revision, 10);
         assert!(applier.state().list("c1").is_empty());
     }
+
+    /// Applied data is copied: nothing of a watch response (its receive buffer) is
+    /// held once it is applied, even while etcd stays quiet.
+    #[test]
+    fn nothing_of_an_applied_response_is_held() {
+        let l = Layout::new("p/");
+        let applier = Applier::new(State::new(), l.clone());
+        let mut kv = affiliate(&l, "c", "a", "data");
+        let received = Bytes::from(kv.value.to_vec());
+        kv.value = received.clone();
+        applier.apply(vec![event(kv, 5, true)]);
+        assert_eq!(applier.state().list("c").len(), 1);
+        assert!(
+            received.is_unique(),
+            "the response's bytes are still shared"
+        );
+    }
 }
