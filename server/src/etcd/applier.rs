@@ -79,8 +79,9 @@ impl Applier {
     /// Applies events in order, one revision and one cluster at a time.
     ///
     /// Allocates nothing per change: the events are decoded into buffers kept from one
-    /// call to the next, and freed before the state allocates what it keeps (their
-    /// place is then free for it, not a hole among its copies).
+    /// call to the next, and their list is freed before the state allocates what it
+    /// keeps (its place is then free for it, not a hole among its copies). The
+    /// changes' data stay slices of the response's receive buffer until applied.
     pub fn apply(&self, events: Vec<mvccpb::Event>) {
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let Scratch { ids, order } = &mut *scratch;

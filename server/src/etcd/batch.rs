@@ -50,8 +50,8 @@ pub struct Batcher {
 impl std::fmt::Debug for Member {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Member")
-            .field("compared", &self.txn.compare.len())
-            .field("written", &self.txn.success.len())
+            .field("compared", &compared_keys(&self.txn).count())
+            .field("written", &written_keys(&self.txn).count())
             .finish()
     }
 }

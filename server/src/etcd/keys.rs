@@ -90,6 +90,10 @@ impl<'k> HexId<'k> {
 
     /// Appends the id to `out`.
     pub fn push_to(&self, out: &mut String) {
+        debug_assert!(
+            self.0.len() / 2 <= ID_MAX,
+            "a HexId is only made by `checked`"
+        );
         let mut buf = [0; ID_MAX];
         let Some(bytes) = buf.get_mut(..self.0.len() / 2) else {
             return;
@@ -99,11 +103,6 @@ impl<'k> HexId<'k> {
         }
         // Checked when parsed: valid hex of valid UTF-8, at most `ID_MAX` bytes.
         out.push_str(std::str::from_utf8(bytes).unwrap_or_default());
-    }
-
-    /// The length of the decoded id.
-    pub fn decoded_len(&self) -> usize {
-        self.0.len() / 2
     }
 }
 
@@ -128,9 +127,9 @@ fn nibble(c: u8) -> u8 {
 
 /// Key builder and parser for one prefix. A key is built in one allocation of its
 /// exact size, or into the caller's buffer (`put_*`, with `*_len` to size it: a
-/// transaction's keys and values share one buffer), and parsing allocates nothing: the mirror parses
-/// every key of every change, and short-lived scraps between the copies it keeps would
-/// stay resident as heap fragments.
+/// transaction's keys share one buffer), and parsing allocates nothing: the mirror
+/// parses every key of every change, and short-lived scraps between the copies it
+/// keeps would stay resident as heap fragments.
 #[derive(Debug, Clone)]
 pub struct Layout {
     prefix: Vec<u8>,

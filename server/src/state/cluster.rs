@@ -340,13 +340,19 @@ impl Cluster {
                         None => {
                             let mut a = Affiliate::new(*expiry);
                             a.set_stored(data, *expiry, *revision);
-                            // Its endpoints follow in the same revision: room for all
-                            // of them at once, not one reallocation each.
-                            a.reserve_endpoints(
-                                rest.clone()
-                                    .filter(|c| matches!(c, Change::PutEndpoint { id: e, .. } if e == id))
-                                    .count(),
-                            );
+                            // Its endpoints follow it in the transaction (after the
+                            // guard): room for all of them at once, not one
+                            // reallocation each.
+                            let endpoints = rest
+                                .clone()
+                                .take_while(|c| match c {
+                                    Change::Guard { .. } => true,
+                                    Change::PutEndpoint { id: e, .. } => e == id,
+                                    _ => false,
+                                })
+                                .filter(|c| matches!(c, Change::PutEndpoint { .. }))
+                                .count();
+                            a.reserve_endpoints(endpoints);
                             inner.affiliates.insert((*id).into(), a);
                             true
                         }
