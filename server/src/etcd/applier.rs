@@ -272,10 +272,6 @@ impl Rebuild {
     }
 }
 
-pub(super) fn revision_of(e: &mvccpb::Event) -> i64 {
-    e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0)
-}
-
 /// Values this layout never writes are skipped with a warning: only another program
 /// writing under our prefix produces them.
 fn decode_affiliate(v: &Bytes, key: &[u8]) -> Option<AffiliateValue> {

@@ -98,10 +98,10 @@ impl<'k> HexId<'k> {
         let Some(bytes) = buf.get_mut(..self.0.len() / 2) else {
             return;
         };
-        for (b, p) in bytes.iter_mut().zip(self.0.chunks_exact(2)) {
-            *b = nibble(p[0]) << 4 | nibble(p[1]);
-        }
         // Checked when parsed: valid hex of valid UTF-8, at most `ID_MAX` bytes.
+        if hex::decode_to_slice(self.0, bytes).is_err() {
+            return;
+        }
         out.push_str(std::str::from_utf8(bytes).unwrap_or_default());
     }
 }
@@ -116,13 +116,6 @@ const ID_MAX: usize = if CLUSTER_ID_MAX > AFFILIATE_ID_MAX {
 /// How this layout spells bytes: lowercase only, so that each value has one key.
 fn lowercase_hex(s: &[u8]) -> bool {
     s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-fn nibble(c: u8) -> u8 {
-    match c {
-        b'0'..=b'9' => c - b'0',
-        _ => c.wrapping_sub(b'a' - 10),
-    }
 }
 
 /// Key builder and parser for one prefix. A key is built in one allocation of its

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::applier::{Applier, Rebuild, revision_of};
+use super::applier::{Applier, Rebuild};
 use super::client::{EtcdClient, Unavailable};
 use super::keys::Layout;
 use super::proto::etcdserverpb as pb;
@@ -287,6 +287,10 @@ impl Mirror {
             ))),
         }
     }
+}
+
+fn revision_of(e: &mvccpb::Event) -> i64 {
+    e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0)
 }
 
 /// Returns freed heap memory to the system. Applying etcd's changes interleaves
