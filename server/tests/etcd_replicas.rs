@@ -444,6 +444,55 @@ async fn losing_one_etcd_member_is_invisible_and_losing_two_is_unavailable_until
     replica.shutdown().await.unwrap();
 }
 
+/// A member that stops answering without closing its connections (a hung process, a
+/// stalled disk) while the replica's calls and its etcd watch are on it: the calls
+/// move to another member after one attempt, and so does the watch once it has
+/// delivered nothing while a later revision is known to be committed. Updates keep
+/// being acknowledged within Talos's 10 s, and watchers keep hearing of them.
+#[tokio::test]
+async fn a_frozen_member_holding_the_watch_is_left_within_one_rpc() {
+    let mut etcd = Etcd::start(3).await;
+    // Member 0 is first in the list: the replica's calls and watch start there.
+    let replica = start(etcd.config("/frozen/")).await;
+    let mut c = client(&replica).await;
+    try_update(&mut c, "before", "d").await.unwrap();
+    let mut w = c.watch(watch_req("c")).await.unwrap().into_inner();
+    assert_eq!(next(&mut w).await.unwrap().unwrap().affiliates.len(), 1);
+
+    etcd.freeze(0);
+    let started = std::time::Instant::now();
+    let acknowledged = tokio::time::timeout(
+        Duration::from_secs(10),
+        try_update(&mut c, "while-frozen", "d"),
+    )
+    .await;
+    assert!(
+        matches!(acknowledged, Ok(Ok(()))),
+        "update with member 0 frozen: {acknowledged:?} after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        next(&mut w).await.unwrap().unwrap().affiliates[0].id,
+        "while-frozen"
+    );
+    // Later calls go straight to a member that answers.
+    for i in 0..5 {
+        within(
+            "update on the next member",
+            try_update(&mut c, &format!("after-{i}"), "d"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            next(&mut w).await.unwrap().unwrap().affiliates[0].id,
+            format!("after-{i}")
+        );
+    }
+    assert_eq!(list(&mut c, "c").await.len(), 7);
+    etcd.thaw(0);
+    replica.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn ttls_are_shared_leases_and_expire_across_replica_restarts() {
     let etcd = Etcd::start(1).await;

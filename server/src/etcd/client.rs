@@ -4,8 +4,8 @@
 //! Written here rather than taken from the `etcd-client` crate because that crate's
 //! build script needs a system `protoc`; these are the same generated stubs, compiled
 //! with protox like the rest of the server. Each member gets its own lazily connected
-//! channel; a call that fails on one member (down, partitioned, timed out) moves on to
-//! the next, so losing a member costs at most one attempt.
+//! channel; a call that fails on one member (down, partitioned, timed out) moves every
+//! call on to the next, so losing a member costs at most one attempt per call in flight.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,9 +67,13 @@ struct Member {
 #[derive(Debug, Clone)]
 pub struct EtcdClient {
     members: Arc<[Member]>,
-    /// The member tried first; moves on when a call fails there.
+    /// The member calls go to (modulo their number); moves on when a call fails there.
     current: Arc<AtomicUsize>,
 }
+
+/// Which member a call or watch went to: the value of the rotation it read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Turn(usize);
 
 /// Largest message accepted from etcd: a watch catching up can batch many events.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -120,9 +124,21 @@ impl EtcdClient {
         })
     }
 
-    fn member(&self, offset: usize) -> &Member {
-        let i = self.current.load(Ordering::Relaxed).wrapping_add(offset) % self.members.len();
-        &self.members[i]
+    /// The member calls go to now.
+    fn member(&self) -> (Turn, &Member) {
+        let turn = self.current.load(Ordering::Relaxed);
+        (Turn(turn), &self.members[turn % self.members.len()])
+    }
+
+    /// Moves calls on from the member of `turn`, which failed; once only, however many
+    /// calls saw it fail, so concurrent failures do not skip a working member.
+    pub fn leave(&self, turn: Turn) {
+        let _ = self.current.compare_exchange(
+            turn.0,
+            turn.0.wrapping_add(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 
     /// Runs `call` on one member after another until one answers, each attempt bounded
@@ -137,7 +153,8 @@ impl EtcdClient {
         let mut last = String::new();
         let mut attempt = 0usize;
         while tokio::time::Instant::now() < deadline {
-            let m = self.member(0).clone();
+            let (turn, m) = self.member();
+            let m = m.clone();
             let result = tokio::time::timeout(ETCD_ATTEMPT_TIMEOUT, call(m.channel)).await;
             match result {
                 Ok(Ok(v)) => return Ok(v),
@@ -151,7 +168,7 @@ impl EtcdClient {
                 }
             }
             tracing::debug!(error = %last, "etcd call failed; trying the next member");
-            self.current.fetch_add(1, Ordering::Relaxed);
+            self.leave(turn);
             attempt += 1;
             // After a full round, pause a little so a lost quorum is not hammered.
             if attempt.is_multiple_of(self.members.len()) {
@@ -222,12 +239,15 @@ impl EtcdClient {
 
     /// A watch stream on the current member: the requests go out through `requests`.
     /// `hasleader` makes a member that lost its quorum end the stream instead of going
-    /// silent, so the mirror notices and moves to another member.
+    /// silent, so the mirror notices and moves to another member. If it cannot be
+    /// opened, calls have already moved on from that member; if it breaks later, the
+    /// caller [leaves](Self::leave) the member of the returned turn.
     pub async fn watch(
         &self,
         requests: impl futures::Stream<Item = pb::WatchRequest> + Send + 'static,
-    ) -> Result<(String, tonic::Streaming<pb::WatchResponse>), Unavailable> {
-        let m = self.member(0).clone();
+    ) -> Result<(Turn, String, tonic::Streaming<pb::WatchResponse>), Unavailable> {
+        let (turn, m) = self.member();
+        let m = m.clone();
         let mut req = tonic::Request::new(requests);
         req.metadata_mut().insert(
             "hasleader",
@@ -237,24 +257,19 @@ impl EtcdClient {
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         match tokio::time::timeout(ETCD_ATTEMPT_TIMEOUT, client.watch(req)).await {
-            Ok(Ok(stream)) => Ok((m.url, stream.into_inner())),
+            Ok(Ok(stream)) => Ok((turn, m.url, stream.into_inner())),
             Ok(Err(s)) => {
-                self.current.fetch_add(1, Ordering::Relaxed);
+                self.leave(turn);
                 Err(Unavailable(format!("{} (watch): {}", m.url, s.message())))
             }
             Err(_) => {
-                self.current.fetch_add(1, Ordering::Relaxed);
+                self.leave(turn);
                 Err(Unavailable(format!(
                     "{} (watch): no answer within {:?}",
                     m.url, ETCD_ATTEMPT_TIMEOUT
                 )))
             }
         }
-    }
-
-    /// Moves the next calls and watches to another member (the watch on this one broke).
-    pub fn rotate(&self) {
-        self.current.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -327,4 +342,38 @@ fn tls_config(o: &EtcdOptions) -> anyhow::Result<Option<ClientTlsConfig>> {
         _ => anyhow::bail!("--etcd-cert and --etcd-key go together: give both or neither"),
     }
     Ok(Some(tls))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(n: usize) -> EtcdClient {
+        let endpoints = (0..n).map(|i| format!("http://127.0.0.1:{}", 1 + i)).collect();
+        EtcdClient::new(&EtcdOptions {
+            endpoints,
+            ..EtcdOptions::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_failed_member_is_left_once_however_many_calls_saw_it_fail() {
+        let c = client(3);
+        let (turn, m) = c.member();
+        assert_eq!(m.url, "http://127.0.0.1:1");
+        // Three calls in flight on member 0 fail: calls move to member 1, not past it.
+        for _ in 0..3 {
+            c.leave(turn);
+        }
+        let (next, m) = c.member();
+        assert_eq!(m.url, "http://127.0.0.1:2");
+        // A late failure report for member 0 does not move them off member 1 either.
+        c.leave(turn);
+        assert_eq!(c.member().0, next);
+        c.leave(next);
+        assert_eq!(c.member().1.url, "http://127.0.0.1:3");
+        c.leave(c.member().0);
+        assert_eq!(c.member().1.url, "http://127.0.0.1:1", "round and round");
+    }
 }

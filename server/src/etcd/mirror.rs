@@ -21,7 +21,8 @@ use super::keys::Layout;
 use super::proto::etcdserverpb as pb;
 use super::proto::mvccpb;
 use crate::limits::{
-    ETCD_BARRIER_TIMEOUT, ETCD_QUIET_TRIM, ETCD_RANGE_PAGE, ETCD_WATCH_BUFFER_KEEP,
+    ETCD_ATTEMPT_TIMEOUT, ETCD_BARRIER_TIMEOUT, ETCD_QUIET_TRIM, ETCD_RANGE_PAGE,
+    ETCD_WATCH_BUFFER_KEEP,
 };
 use crate::state::State;
 
@@ -34,6 +35,10 @@ pub struct Mirror {
     /// our prefix: etcd 3.4's progress notifications can run ahead of events still in
     /// flight (etcd#15220), so they are not asked for.
     applied: watch::Sender<i64>,
+    /// The applied revision at which a caller saw the watch stall: nothing arrived
+    /// for a whole attempt's time while a later revision was committed. The watch
+    /// leaves its member if it is still there.
+    stalled: watch::Sender<i64>,
 }
 
 /// Why the watch loop stopped feeding: resume on another member, read everything
@@ -51,6 +56,7 @@ impl Mirror {
             layout,
             client,
             applied: watch::Sender::new(0),
+            stalled: watch::Sender::new(0),
         })
     }
 
@@ -109,7 +115,6 @@ impl Mirror {
                 }
                 Interrupted::Resume(why) => {
                     tracing::warn!(reason = %why, applied = self.applied(), "etcd watch interrupted; resuming on another member");
-                    self.client.rotate();
                     if sleep_or_stop(&stop, &mut backoff).await {
                         return;
                     }
@@ -140,9 +145,15 @@ impl Mirror {
         };
         // One request, then the request side stays open for the life of the stream.
         let requests = futures::stream::once(async { create }).chain(futures::stream::pending());
-        let (member, mut stream) = match self.client.watch(requests).await {
+        // Kicks from before this watch opened were for another.
+        let mut stalled = self.stalled.subscribe();
+        let (turn, member, mut stream) = match self.client.watch(requests).await {
             Ok(s) => s,
             Err(e) => return Interrupted::Resume(e.to_string()),
+        };
+        let leave = |why: String| {
+            self.client.leave(turn);
+            Interrupted::Resume(why)
         };
         tracing::debug!(%member, start, "watching etcd");
         // Fragments of one response, applied together once the last one arrives.
@@ -152,26 +163,32 @@ impl Mirror {
         // as much (several messages can wait in it at once), and never shrinks.
         let mut carried = 0;
         loop {
-            // Once etcd goes quiet after a burst, return what the burst freed.
-            let next = if burst {
-                tokio::select! {
-                    m = stream.message() => m,
-                    _ = tokio::time::sleep(ETCD_QUIET_TRIM) => {
-                        if carried > ETCD_WATCH_BUFFER_KEEP && pending.is_empty() {
-                            return Interrupted::Reopen;
-                        }
-                        give_back_heap();
-                        burst = false;
-                        continue;
+            let next = tokio::select! {
+                m = stream.message() => m,
+                // Once etcd goes quiet after a burst, return what the burst freed.
+                _ = tokio::time::sleep(ETCD_QUIET_TRIM), if burst => {
+                    if carried > ETCD_WATCH_BUFFER_KEEP && pending.is_empty() {
+                        return Interrupted::Reopen;
                     }
+                    give_back_heap();
+                    burst = false;
+                    continue;
                 }
-            } else {
-                stream.message().await
+                Ok(()) = stalled.changed() => {
+                    let at = *stalled.borrow_and_update();
+                    if at != self.applied() {
+                        continue; // It moved since: not stalled.
+                    }
+                    return leave(format!(
+                        "{member} sent nothing for {ETCD_ATTEMPT_TIMEOUT:?} while later \
+                         revisions were committed (applied {at})"
+                    ));
+                }
             };
             let resp = match next {
                 Ok(Some(r)) => r,
-                Ok(None) => return Interrupted::Resume(format!("{member} ended the watch")),
-                Err(s) => return Interrupted::Resume(format!("{member}: {}", s.message())),
+                Ok(None) => return leave(format!("{member} ended the watch")),
+                Err(s) => return leave(format!("{member}: {}", s.message())),
             };
             *backoff = Duration::from_millis(50);
             carried += prost::Message::encoded_len(&resp);
@@ -183,7 +200,7 @@ impl Mirror {
                 ));
             }
             if resp.canceled {
-                return Interrupted::Resume(format!(
+                return leave(format!(
                     "{member} canceled the watch: {}",
                     resp.cancel_reason
                 ));
@@ -273,18 +290,33 @@ impl Mirror {
         self.wait_for(revision).await
     }
 
-    /// Waits until revision `revision`, which changed a key of ours, is applied.
+    /// Waits until revision `revision`, which changed a key of ours, is applied. If
+    /// nothing is applied for a whole attempt's time meanwhile, the watch's member is
+    /// taken to be stalled (hung, or cut off without its connection closing, which
+    /// keepalives notice only later): the watch moves to another member.
     pub async fn wait_for(&self, revision: i64) -> Result<(), Unavailable> {
+        let deadline = tokio::time::Instant::now() + ETCD_BARRIER_TIMEOUT;
         let mut rx = self.applied.subscribe();
-        let caught_up = rx.wait_for(|applied| *applied >= revision);
-        match tokio::time::timeout(ETCD_BARRIER_TIMEOUT, caught_up).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(Unavailable("the etcd mirror stopped".into())),
-            Err(_) => Err(Unavailable(format!(
-                "this replica has applied etcd revision {} but {revision} is committed; \
-                 its watch on etcd is not keeping up",
-                self.applied()
-            ))),
+        loop {
+            let applied = *rx.borrow_and_update();
+            if applied >= revision {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(Unavailable(format!(
+                    "this replica has applied etcd revision {applied} but {revision} is \
+                     committed; its watch on etcd is not keeping up"
+                )));
+            }
+            let progress = (now + ETCD_ATTEMPT_TIMEOUT).min(deadline);
+            match tokio::time::timeout_at(progress, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Unavailable("the etcd mirror stopped".into())),
+                Err(_) => {
+                    self.stalled.send_replace(applied);
+                }
+            }
         }
     }
 }

@@ -247,6 +247,23 @@ impl Etcd {
         }
     }
 
+    /// Freezes member `i` (SIGSTOP): its connections stay open but nothing answers,
+    /// as with a hung process or a stalled disk.
+    pub fn freeze(&mut self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a frozen member `i` run again (SIGCONT).
+    pub fn thaw(&mut self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&mut self, i: usize, signal: nix::sys::signal::Signal) {
+        let child = self.members[i].child.as_ref().expect("member is running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal the etcd member");
+    }
+
     /// Starts member `i` again on its data.
     pub fn restart(&mut self, i: usize) {
         assert!(self.members[i].child.is_none(), "member {i} is running");
