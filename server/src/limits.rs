@@ -66,6 +66,9 @@ pub const ETCD_BATCH_BYTES: usize = 1 << 20;
 pub const ETCD_BATCHES_IN_FLIGHT: usize = 4;
 /// Updates one replica lets wait for etcd; past it, updates fail with UNAVAILABLE.
 pub const ETCD_QUEUE_MAX: usize = 4096;
+/// Updates held back for a later batch (each shares a key with an update before it)
+/// at most; while this many are held, no more leave the queue, which stays bounded.
+pub const ETCD_HELD_MAX: usize = ETCD_BATCH_OPS;
 /// A mirror whose etcd watch has been quiet this long after a burst of changes gives
 /// freed heap memory back to the system.
 pub const ETCD_QUIET_TRIM: Duration = Duration::from_millis(250);

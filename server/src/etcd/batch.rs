@@ -20,7 +20,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::client::{CallError, EtcdClient, Unavailable};
 use super::proto::etcdserverpb::{self as pb, request_op};
-use crate::limits::{ETCD_BATCH_BYTES, ETCD_BATCH_OPS, ETCD_BATCHES_IN_FLIGHT, ETCD_QUEUE_MAX};
+use crate::limits::{
+    ETCD_BATCH_BYTES, ETCD_BATCH_OPS, ETCD_BATCHES_IN_FLIGHT, ETCD_HELD_MAX, ETCD_QUEUE_MAX,
+};
 
 /// What became of one member's transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,61 +116,104 @@ async fn run(client: EtcdClient, mut rx: mpsc::Receiver<Member>) {
     // Members that shared a key with a batch wait for the next one, first in line.
     let mut held: VecDeque<Member> = VecDeque::new();
     let in_flight = Arc::new(Semaphore::new(ETCD_BATCHES_IN_FLIGHT));
-    // Keys of the batch being formed; kept between batches for their capacity.
-    let (mut compared, mut written) = (HashSet::new(), HashSet::new());
+    let mut former = Former::default();
     loop {
         // A batch forms while the previous ones are in flight.
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let first = match held.pop_front() {
-            Some(m) => m,
-            None => match rx.recv().await {
+        let first = loop {
+            let m = match held.pop_front() {
                 Some(m) => m,
-                None => return,
-            },
-        };
-        // Two members may compare the same key (a read), but no key may be written by
-        // one and compared or written by another.
-        compared.clear();
-        written.clear();
-        compared.extend(compared_keys(&first.txn));
-        written.extend(written_keys(&first.txn));
-        let mut ops = first.txn.compare.len().max(first.txn.success.len());
-        let mut bytes = first.bytes;
-        let mut batch = vec![first];
-        let mut next_held = VecDeque::new();
-        let mut take = |m: Member, batch: &mut Vec<Member>, next_held: &mut VecDeque<Member>| {
-            let m_ops = m.txn.compare.len().max(m.txn.success.len());
-            let fits = ops + m_ops <= ETCD_BATCH_OPS && bytes + m.bytes <= ETCD_BATCH_BYTES;
-            let clash = written_keys(&m.txn).any(|k| compared.contains(&k) || written.contains(&k))
-                || compared_keys(&m.txn).any(|k| written.contains(&k));
-            if fits && !clash {
-                compared.extend(compared_keys(&m.txn));
-                written.extend(written_keys(&m.txn));
-                ops += m_ops;
-                bytes += m.bytes;
-                batch.push(m);
-            } else {
-                next_held.push_back(m);
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            if !m.abandoned() {
+                break m;
             }
         };
-        while let Some(m) = held.pop_front() {
-            take(m, &mut batch, &mut next_held);
-        }
-        while let Ok(m) = rx.try_recv() {
-            // The caller gave up (its RPC ended): nothing to commit for it.
-            if m.reply.is_closed() {
-                continue;
-            }
-            take(m, &mut batch, &mut next_held);
-        }
-        held = next_held;
+        let batch = former.form(first, &mut held, || rx.try_recv().ok());
         let client = client.clone();
         tokio::spawn(async move {
             commit(&client, batch).await;
             drop(permit);
         });
+    }
+}
+
+impl Member {
+    /// The caller gave up (its RPC ended): there is nothing to commit for it.
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn ops(&self) -> usize {
+        self.txn.compare.len().max(self.txn.success.len())
+    }
+}
+
+/// Forms batches; its key sets are kept between batches for their capacity.
+#[derive(Default)]
+struct Former {
+    compared: HashSet<u64>,
+    written: HashSet<u64>,
+}
+
+impl Former {
+    /// The batch that starts with `first`: the members held from earlier batches
+    /// first, in order, then new ones from `incoming` until the batch is full or
+    /// [`ETCD_HELD_MAX`] are held back, so that what waits beyond the queue's own bound
+    /// stays bounded. Two members may compare the same key (a read), but no key may be
+    /// written by one and compared or written by another: such members are held for a
+    /// later batch. Abandoned members are dropped.
+    fn form(
+        &mut self,
+        first: Member,
+        held: &mut VecDeque<Member>,
+        mut incoming: impl FnMut() -> Option<Member>,
+    ) -> Vec<Member> {
+        self.compared.clear();
+        self.written.clear();
+        self.compared.extend(compared_keys(&first.txn));
+        self.written.extend(written_keys(&first.txn));
+        let mut ops = first.ops();
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        let mut full = false;
+        let mut still_held = VecDeque::new();
+        // Says whether the batch is full: `m` did not fit.
+        let mut take = |m: Member, still_held: &mut VecDeque<Member>| {
+            if m.abandoned() {
+                return false;
+            }
+            let fits = ops + m.ops() <= ETCD_BATCH_OPS && bytes + m.bytes <= ETCD_BATCH_BYTES;
+            let clash = written_keys(&m.txn)
+                .any(|k| self.compared.contains(&k) || self.written.contains(&k))
+                || compared_keys(&m.txn).any(|k| self.written.contains(&k));
+            if fits && !clash {
+                self.compared.extend(compared_keys(&m.txn));
+                self.written.extend(written_keys(&m.txn));
+                ops += m.ops();
+                bytes += m.bytes;
+                batch.push(m);
+            } else {
+                still_held.push_back(m);
+            }
+            !fits
+        };
+        while let Some(m) = held.pop_front() {
+            full |= take(m, &mut still_held);
+        }
+        while !full && still_held.len() < ETCD_HELD_MAX {
+            let Some(m) = incoming() else {
+                break;
+            };
+            full |= take(m, &mut still_held);
+        }
+        *held = still_held;
+        batch
     }
 }
 
@@ -266,4 +311,134 @@ async fn commit(client: &EtcdClient, mut batch: Vec<Member>) {
         r.await
     });
     futures::future::join_all(alone).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member comparing `compare` and writing `write`, and its caller's receiver
+    /// (dropping it abandons the member).
+    fn member(
+        compare: &[&str],
+        write: &[&str],
+    ) -> (Member, oneshot::Receiver<Result<Outcome, CallError>>) {
+        let txn = pb::TxnRequest {
+            compare: compare
+                .iter()
+                .map(|k| pb::Compare {
+                    key: Bytes::copy_from_slice(k.as_bytes()),
+                    ..Default::default()
+                })
+                .collect(),
+            success: write
+                .iter()
+                .map(|k| pb::RequestOp {
+                    request: Some(request_op::Request::RequestPut(pb::PutRequest {
+                        key: Bytes::copy_from_slice(k.as_bytes()),
+                        ..Default::default()
+                    })),
+                })
+                .collect(),
+            failure: Vec::new(),
+        };
+        let (reply, rx) = oneshot::channel();
+        let m = Member {
+            bytes: size_of(&txn),
+            txn,
+            reply,
+        };
+        (m, rx)
+    }
+
+    fn written(batch: &[Member]) -> Vec<u64> {
+        batch.iter().flat_map(|m| written_keys(&m.txn)).collect()
+    }
+
+    #[test]
+    fn members_comparing_one_key_share_a_batch_and_a_writer_of_it_waits() {
+        let (first, _r0) = member(&["guard"], &["a"]);
+        let (reader, _r1) = member(&["guard"], &["b"]);
+        let (writer, _r2) = member(&["c"], &["guard"]);
+        let mut incoming = vec![writer, reader].into_iter().rev().collect::<Vec<_>>();
+        let mut held = VecDeque::new();
+        let batch = Former::default().form(first, &mut held, || incoming.pop());
+        assert_eq!(written(&batch), [key_hash(b"a"), key_hash(b"b")]);
+        assert_eq!(held.len(), 1);
+        assert_eq!(written_keys(&held[0].txn).next(), Some(key_hash(b"guard")));
+    }
+
+    #[test]
+    fn held_members_go_first_and_abandoned_ones_are_dropped() {
+        let (first, _r0) = member(&[], &["a"]);
+        let (kept, _r1) = member(&[], &["b"]);
+        let (gone, r2) = member(&[], &["c"]);
+        drop(r2);
+        let (new, _r3) = member(&[], &["d"]);
+        let (gone_new, r4) = member(&[], &["e"]);
+        drop(r4);
+        let mut held = VecDeque::from([gone, kept]);
+        let mut incoming = vec![gone_new, new];
+        let batch = Former::default().form(first, &mut held, || incoming.pop());
+        assert_eq!(
+            written(&batch),
+            [key_hash(b"a"), key_hash(b"b"), key_hash(b"d")]
+        );
+        assert!(held.is_empty());
+    }
+
+    #[test]
+    fn a_full_batch_takes_no_more_from_the_queue() {
+        let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+        let (first, _r) = member(&[], &["first"]);
+        let mut receivers = Vec::new();
+        let mut incoming = keys.iter().map(|k| {
+            let (m, r) = member(&[], &[k.as_str()]);
+            receivers.push(r);
+            m
+        });
+        let mut pulled = 0;
+        let mut held = VecDeque::new();
+        let batch = Former::default().form(first, &mut held, || {
+            pulled += 1;
+            incoming.next()
+        });
+        assert_eq!(batch.len(), ETCD_BATCH_OPS);
+        assert_eq!(
+            held.len(),
+            1,
+            "the one that did not fit waits, first in line"
+        );
+        assert_eq!(pulled, ETCD_BATCH_OPS, "nothing more left the queue");
+    }
+
+    #[test]
+    fn members_held_for_clashing_never_exceed_the_bound() {
+        // Creations in one cluster all rewrite its guard key: one per batch.
+        let (first, _r) = member(&[], &["guard"]);
+        let mut receivers = Vec::new();
+        let mut incoming = std::iter::repeat_with(|| {
+            let (m, r) = member(&[], &["guard"]);
+            receivers.push(r);
+            m
+        })
+        .take(10_000);
+        let mut pulled = 0;
+        let mut held = VecDeque::new();
+        let mut former = Former::default();
+        let batch = former.form(first, &mut held, || {
+            pulled += 1;
+            incoming.next()
+        });
+        assert_eq!(batch.len(), 1);
+        assert_eq!((held.len(), pulled), (ETCD_HELD_MAX, ETCD_HELD_MAX));
+        // The next batch takes one of them and pulls one more.
+        let first = held.pop_front().unwrap();
+        let batch = former.form(first, &mut held, || {
+            pulled += 1;
+            incoming.next()
+        });
+        assert_eq!(batch.len(), 1);
+        assert_eq!((held.len(), pulled), (ETCD_HELD_MAX, ETCD_HELD_MAX + 1));
+    }
 }

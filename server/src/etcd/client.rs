@@ -349,7 +349,9 @@ mod tests {
     use super::*;
 
     fn client(n: usize) -> EtcdClient {
-        let endpoints = (0..n).map(|i| format!("http://127.0.0.1:{}", 1 + i)).collect();
+        let endpoints = (0..n)
+            .map(|i| format!("http://127.0.0.1:{}", 1 + i))
+            .collect();
         EtcdClient::new(&EtcdOptions {
             endpoints,
             ..EtcdOptions::default()
