@@ -493,6 +493,33 @@ async fn a_frozen_member_holding_the_watch_is_left_within_one_rpc() {
     replica.shutdown().await.unwrap();
 }
 
+/// An etcd whose database reached its quota refuses every write until an operator
+/// frees space: updates fail with UNAVAILABLE saying why (the service is down, the
+/// request is not at fault), not with INTERNAL.
+#[tokio::test]
+async fn an_etcd_out_of_space_makes_updates_unavailable_and_says_why() {
+    let etcd = Etcd::start_flags(&["--quota-backend-bytes", "1048576"]).await;
+    let replica = start(etcd.config("/full/")).await;
+    let mut c = client(&replica).await;
+    let data = "d".repeat(2000);
+    let mut refused = None;
+    for i in 0..5000 {
+        // Spread over clusters: the 1024-affiliate limit must not come first.
+        let req = update(&format!("c{}", i / 1000), &format!("a{i}"), &data, &[], 300);
+        if let Err(s) = within("update", c.affiliate_update(req)).await {
+            refused = Some(s);
+            break;
+        }
+    }
+    let refused = refused.expect("a 1 MiB etcd fills up");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("database space exceeded"),
+        "{refused:?}"
+    );
+    replica.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn ttls_are_shared_leases_and_expire_across_replica_restarts() {
     let etcd = Etcd::start(1).await;

@@ -158,6 +158,17 @@ impl EtcdClient {
             let result = tokio::time::timeout(ETCD_ATTEMPT_TIMEOUT, call(m.channel)).await;
             match result {
                 Ok(Ok(v)) => return Ok(v),
+                // Every member refuses writes alike until an operator acts: nothing to
+                // retry, but the service is unavailable, not the request at fault.
+                Ok(Err(s)) if out_of_space(&s) => {
+                    return Err(CallError::Unavailable(Unavailable(format!(
+                        "{} ({}): {}; etcd needs its history compacted, defragmenting and \
+                         its NOSPACE alarm disarmed",
+                        m.url,
+                        what,
+                        s.message()
+                    ))));
+                }
                 Ok(Err(s)) if !retryable(&s) => return Err(CallError::Rejected(s)),
                 Ok(Err(s)) => last = format!("{} ({}): {}", m.url, what, s.message()),
                 Err(_) => {
@@ -320,6 +331,13 @@ fn retryable(s: &tonic::Status) -> bool {
     }
 }
 
+/// etcd's answer once its database reached its quota ("mvcc: database space
+/// exceeded", "etcdserver: no space"): it takes no more writes until an operator frees
+/// space and disarms the alarm.
+fn out_of_space(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::ResourceExhausted && s.message().contains("space")
+}
+
 fn tls_config(o: &EtcdOptions) -> anyhow::Result<Option<ClientTlsConfig>> {
     if o.ca.is_none() && o.cert.is_none() && o.key.is_none() {
         return Ok(None);
@@ -357,6 +375,24 @@ mod tests {
             ..EtcdOptions::default()
         })
         .unwrap()
+    }
+
+    #[test]
+    fn etcd_errors_are_retried_refused_or_unavailable() {
+        use tonic::{Code, Status};
+        let shed = Status::new(Code::ResourceExhausted, "etcdserver: too many requests");
+        assert!(retryable(&shed) && !out_of_space(&shed));
+        let full = Status::new(Code::ResourceExhausted, "mvcc: database space exceeded");
+        assert!(out_of_space(&full) && !retryable(&full));
+        let no_space = Status::new(Code::ResourceExhausted, "etcdserver: no space");
+        assert!(out_of_space(&no_space));
+        let no_leader = Status::new(Code::Unavailable, "etcdserver: no leader");
+        assert!(retryable(&no_leader));
+        let compacted = Status::new(
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted",
+        );
+        assert!(!retryable(&compacted) && !out_of_space(&compacted));
     }
 
     #[tokio::test]

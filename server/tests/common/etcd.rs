@@ -27,6 +27,7 @@ struct Member {
 pub struct Etcd {
     members: Vec<Member>,
     initial_cluster: String,
+    flags: Vec<String>,
     tls: Option<TlsFiles>,
     _dir: tempfile::TempDir,
 }
@@ -106,15 +107,20 @@ fn etcd_binary() -> &'static str {
 impl Etcd {
     /// Starts `n` members and waits until the cluster answers (bounded).
     pub async fn start(n: usize) -> Self {
-        Self::start_with(n, false).await
+        Self::start_with(n, false, &[]).await
     }
 
     /// One member serving clients over TLS only, requiring a client certificate.
     pub async fn start_tls() -> Self {
-        Self::start_with(1, true).await
+        Self::start_with(1, true, &[]).await
     }
 
-    async fn start_with(n: usize, tls: bool) -> Self {
+    /// One member started with these extra `flags`.
+    pub async fn start_flags(flags: &[&str]) -> Self {
+        Self::start_with(1, false, flags).await
+    }
+
+    async fn start_with(n: usize, tls: bool, flags: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let scheme = if tls { "https" } else { "http" };
         let tls = tls.then(|| TlsFiles::create(dir.path()));
@@ -135,6 +141,7 @@ impl Etcd {
         let mut etcd = Self {
             members,
             initial_cluster,
+            flags: flags.iter().map(|f| f.to_string()).collect(),
             tls,
             _dir: dir,
         };
@@ -177,6 +184,7 @@ impl Etcd {
             "--log-level",
             "error",
         ])
+        .args(&self.flags)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
