@@ -520,6 +520,59 @@ async fn an_etcd_out_of_space_makes_updates_unavailable_and_says_why() {
     replica.shutdown().await.unwrap();
 }
 
+/// A lease the replica holds for a bucket ends early (revoked by an operator, or
+/// granted by a member whose lease state was lost): etcd refuses the next write that
+/// uses it with "lease not found". The replica forgets that bucket's lease, grants a
+/// fresh one and the update goes through.
+#[tokio::test]
+async fn a_lease_revoked_behind_the_replicas_back_is_replaced() {
+    use discovery_service::etcd::proto::etcdserverpb::lease_client::LeaseClient;
+    use discovery_service::etcd::proto::etcdserverpb::{LeaseLeasesRequest, LeaseRevokeRequest};
+
+    let etcd = Etcd::start(1).await;
+    let mut cfg = etcd.config("/revoked/");
+    // Both updates' expiries in one bucket, whenever the test runs.
+    cfg.etcd_lease_bucket = Duration::from_secs(3600);
+    let replica = start(cfg).await;
+    let mut c = client(&replica).await;
+    try_update(&mut c, "first", "d").await.unwrap();
+    let channel = within(
+        "connect to etcd",
+        Channel::from_shared(etcd.endpoints()[0].clone())
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut leases = LeaseClient::new(channel);
+    let held = within("lease list", leases.lease_leases(LeaseLeasesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert_eq!(held.len(), 1, "one bucket, one lease: {held:?}");
+    within(
+        "lease revoke",
+        leases.lease_revoke(LeaseRevokeRequest { id: held[0].id }),
+    )
+    .await
+    .unwrap();
+    // Same TTL, same bucket: the replica still has the revoked lease for it.
+    within("update after the revoke", try_update(&mut c, "second", "d"))
+        .await
+        .unwrap();
+    let ids: Vec<String> = list(&mut c, "c").await.into_iter().map(|a| a.id).collect();
+    assert_eq!(ids, ["second"], "the revoke deleted the first one's keys");
+    let now = within("lease list", leases.lease_leases(LeaseLeasesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert_eq!(now.len(), 1, "a fresh lease replaced it: {now:?}");
+    assert_ne!(now[0].id, held[0].id);
+    replica.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn ttls_are_shared_leases_and_expire_across_replica_restarts() {
     let etcd = Etcd::start(1).await;

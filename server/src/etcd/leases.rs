@@ -91,9 +91,12 @@ impl Leases {
         Ok(granted.id)
     }
 
-    /// Forgets a lease etcd no longer knows (it answered "lease not found").
-    pub async fn forget(&self, id: i64) {
-        self.by_bucket.lock().await.retain(|_, v| *v != id);
+    /// Forgets the lease of the bucket holding `expiry_ms` (as [`Self::for_expiry`]
+    /// chose it at `now_ms`): etcd no longer knows it (it answered "lease not found").
+    /// Grants nothing: the next write to the bucket does.
+    pub async fn forget(&self, expiry_ms: i64, now_ms: i64) {
+        let end = self.bucket_end(expiry_ms.max(now_ms));
+        self.by_bucket.lock().await.remove(&end);
     }
 }
 

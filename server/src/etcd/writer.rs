@@ -163,9 +163,7 @@ impl EtcdState {
                 Err(CallError::Rejected(s)) if s.message().contains("lease not found") => {
                     last = s.message().to_owned();
                     for l in plan.lease_expiries() {
-                        if let Ok(id) = self.leases.for_expiry(&self.client, l, now_ms).await {
-                            self.leases.forget(id).await;
-                        }
+                        self.leases.forget(l, now_ms).await;
                     }
                 }
                 Err(e) => return Err(e.into()),
