@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::etcd::Etcd;
+use common::etcd::{Etcd, compact_history};
 use common::slow_proxy::SlowProxy;
 use common::*;
 use discovery_service::proto::server::WatchResponse;
@@ -573,6 +573,50 @@ async fn a_lease_revoked_behind_the_replicas_back_is_replaced() {
     replica.shutdown().await.unwrap();
 }
 
+/// etcd compacts while a replica starts, between two pages of its full read, so the
+/// revision it reads at is gone: it reads again at the latest revision and starts with
+/// everything, rather than failing to start.
+#[tokio::test]
+async fn a_compaction_during_the_first_full_read_is_read_through() {
+    let etcd = Etcd::start(1).await;
+    let member = etcd.endpoints()[0].clone();
+    let writer = start(etcd.config("/compact-start/")).await;
+    let mut c = client(&writer).await;
+    // More keys than one page of the full read (2,000).
+    const N: usize = 2100;
+    for i in 0..N {
+        let req = update(&format!("c{}", i / 1000), &format!("a{i}"), "d", &[], 300);
+        within("update", c.affiliate_update(req)).await.unwrap();
+    }
+    // Answers held back 1 s (under the 2 s attempt timeout): the first page stays in
+    // the proxy while the test compacts.
+    let proxy = SlowProxy::start(&member, Duration::from_secs(1)).await;
+    proxy.set_slow(true);
+    let mut cfg = etcd.config("/compact-start/");
+    cfg.etcd_endpoints = vec![proxy.url.clone()];
+    let starting = tokio::spawn(try_start(cfg));
+    // The first page (2,000 keys of about 80 bytes) has left etcd.
+    until("etcd answers the first page", || {
+        proxy.delayed_bytes() > 100_000
+    })
+    .await;
+    try_update(&mut c, "later", "d").await.unwrap();
+    compact_history(&[member]).await;
+    proxy.set_slow(false);
+    let replica = within("the replica starts", starting)
+        .await
+        .unwrap()
+        .expect("the replica starts despite the compaction");
+    let mut r = client(&replica).await;
+    let mut listed = 0;
+    for cluster in ["c0", "c1", "c2", "c"] {
+        listed += list(&mut r, cluster).await.len();
+    }
+    assert_eq!(listed, N + 1);
+    replica.shutdown().await.unwrap();
+    writer.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn ttls_are_shared_leases_and_expire_across_replica_restarts() {
     let etcd = Etcd::start(1).await;
@@ -652,24 +696,7 @@ async fn a_replica_behind_compaction_restarts_its_watchers_with_a_fresh_snapshot
         })
         .await
         .unwrap();
-    let mut history =
-        discovery_service::etcd::EtcdClient::new(&discovery_service::etcd::EtcdOptions {
-            endpoints: endpoints[1..].to_vec(),
-            ..Default::default()
-        })
-        .unwrap();
-    let revision = history
-        .range(discovery_service::etcd::proto::etcdserverpb::RangeRequest {
-            key: b"x"[..].into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .header
-        .unwrap()
-        .revision;
-    history.compact(revision).await.unwrap();
-    let _ = &mut history;
+    compact_history(&endpoints[1..]).await;
     etcd.restart(0);
 
     // The watcher is ended (it cannot be told what it missed) and a new one gets the

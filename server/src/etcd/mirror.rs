@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::applier::{Applier, Rebuild};
-use super::client::{EtcdClient, Unavailable};
+use super::client::{CallError, EtcdClient, Unavailable};
 use super::keys::Layout;
 use super::proto::etcdserverpb as pb;
 use super::proto::mvccpb;
@@ -230,6 +230,21 @@ impl Mirror {
     /// Reads every key at one revision and replaces the state with it, building it page
     /// by page; returns that revision.
     async fn read_all(&self) -> Result<i64, Unavailable> {
+        // A compaction between two pages removes the revision being read: read again
+        // at the latest one. Compactions are minutes apart, so a few tries suffice.
+        let mut tries = 0;
+        loop {
+            match self.read_all_at_one_revision().await {
+                Err(CallError::Rejected(s)) if s.code() == tonic::Code::OutOfRange && tries < 3 => {
+                    tries += 1;
+                    tracing::info!(reason = %s.message(), "etcd compacted during a full read; reading again");
+                }
+                r => return r.map_err(|e| Unavailable(e.to_string())),
+            }
+        }
+    }
+
+    async fn read_all_at_one_revision(&self) -> Result<i64, CallError> {
         let (start, end) = self.layout.all();
         let mut key = start;
         let mut revision = 0;
@@ -245,11 +260,7 @@ impl Mirror {
                 // make etcd read the whole range for every page, to sort it.
                 ..Default::default()
             };
-            let resp = self
-                .client
-                .range(req)
-                .await
-                .map_err(|e| Unavailable(e.to_string()))?;
+            let resp = self.client.range(req).await?;
             if revision == 0 {
                 revision = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
             }

@@ -325,6 +325,26 @@ pub fn shared() -> &'static [String] {
     })
 }
 
+/// Compacts etcd's history up to its current revision, through `endpoints`.
+pub async fn compact_history(endpoints: &[String]) {
+    let client = EtcdClient::new(&EtcdOptions {
+        endpoints: endpoints.to_vec(),
+        ..Default::default()
+    })
+    .unwrap();
+    let revision = client
+        .range(RangeRequest {
+            key: b"x"[..].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .header
+        .unwrap()
+        .revision;
+    client.compact(revision).await.unwrap();
+}
+
 /// Which backend a parametrised test runs on.
 #[derive(Debug, Clone, Copy)]
 pub enum Backend {

@@ -4,7 +4,7 @@
 //! a member whose answers arrive after its client gave up on them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,6 +16,8 @@ pub struct SlowProxy {
     /// The client URL to give instead of the member's.
     pub url: String,
     slow: Arc<AtomicBool>,
+    /// Bytes the member sent while the proxy was slow.
+    delayed: Arc<AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -30,19 +32,31 @@ impl SlowProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let slow = Arc::new(AtomicBool::new(false));
-        let flag = slow.clone();
+        let delayed = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (slow.clone(), delayed.clone());
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if let Ok(member) = TcpStream::connect(&target).await {
-                    tokio::spawn(pipe(client, member, flag.clone(), delay));
+                    tokio::spawn(pipe(client, member, flag.clone(), count.clone(), delay));
                 }
             }
         });
-        Self { url, slow, accept }
+        Self {
+            url,
+            slow,
+            delayed,
+            accept,
+        }
     }
 
     pub fn set_slow(&self, slow: bool) {
         self.slow.store(slow, Ordering::SeqCst);
+    }
+
+    /// How many bytes of answers the member has sent while the proxy was slow (they
+    /// reach the client a delay later).
+    pub fn delayed_bytes(&self) -> usize {
+        self.delayed.load(Ordering::SeqCst)
     }
 }
 
@@ -52,7 +66,13 @@ impl Drop for SlowProxy {
     }
 }
 
-async fn pipe(client: TcpStream, member: TcpStream, slow: Arc<AtomicBool>, delay: Duration) {
+async fn pipe(
+    client: TcpStream,
+    member: TcpStream,
+    slow: Arc<AtomicBool>,
+    delayed: Arc<AtomicUsize>,
+    delay: Duration,
+) {
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_member, mut to_member) = member.into_split();
     // Requests go through at once.
@@ -67,6 +87,7 @@ async fn pipe(client: TcpStream, member: TcpStream, slow: Arc<AtomicBool>, delay
         while let Ok(n @ 1..) = from_member.read(&mut buf).await {
             let due = Instant::now()
                 + if slow.load(Ordering::SeqCst) {
+                    delayed.fetch_add(n, Ordering::SeqCst);
                     delay
                 } else {
                     Duration::ZERO
