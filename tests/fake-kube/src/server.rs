@@ -78,12 +78,16 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Checked and registered under the connections' lock: a connection accepted just
+        // before refusing began is then either refused or registered before
+        // `drop_connections` can drain the set, never missed by both.
+        let mut open = conns.lock();
         if ctx.shared.read(|s| s.refuse_connections) {
+            drop(open);
             reset(tcp);
             continue;
         }
         let id = conns.next.fetch_add(1, Ordering::Relaxed);
-        let mut open = conns.lock();
         let task = tokio::spawn(serve_connection(
             tcp,
             ctx.clone(),
