@@ -143,6 +143,10 @@ pub struct Config {
     /// expire at its end (tests shorten it).
     #[arg(long, default_value = "5s", value_parser = parse_go_duration, hide = true)]
     pub etcd_lease_bucket: Duration,
+    /// With nothing applied from etcd for this long, a replica writes a marker key so
+    /// its watch position stays recent (tests shorten it).
+    #[arg(long, default_value = "1m", value_parser = parse_go_duration, hide = true)]
+    pub etcd_quiet_mark: Duration,
     /// Token refill per client IP per second (tests lower it).
     #[arg(long, default_value_t = crate::limits::IP_RATE_REQUESTS_PER_SECOND_MAX, hide = true)]
     pub rate_limit_per_second: f64,
@@ -181,6 +185,7 @@ impl Config {
             cert: self.etcd_cert.clone(),
             key: self.etcd_key.clone(),
             lease_bucket: self.etcd_lease_bucket,
+            quiet_mark: self.etcd_quiet_mark,
         }
     }
 

@@ -69,6 +69,10 @@ pub const ETCD_QUEUE_MAX: usize = 4096;
 /// Updates held back for a later batch (each shares a key with an update before it)
 /// at most; while this many are held, no more leave the queue, which stays bounded.
 pub const ETCD_HELD_MAX: usize = ETCD_BATCH_OPS;
+/// A replica that has applied nothing from etcd for this long writes a marker key, so
+/// its watch position stays recent: a watch that breaks after a quiet stretch longer
+/// than etcd's compaction retention then resumes instead of re-reading everything.
+pub const ETCD_QUIET_MARK: Duration = Duration::from_secs(60);
 /// A mirror whose etcd watch has been quiet this long after a burst of changes gives
 /// freed heap memory back to the system.
 pub const ETCD_QUIET_TRIM: Duration = Duration::from_millis(250);

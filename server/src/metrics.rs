@@ -112,6 +112,36 @@ impl Collector for StateCollector {
     }
 }
 
+/// How the etcd backend's mirror follows etcd, read at scrape time.
+struct EtcdCollector {
+    etcd: std::sync::Arc<crate::etcd::EtcdState>,
+    applied: IntGauge,
+    resyncs: IntCounter,
+    resumes: IntCounter,
+}
+
+impl Collector for EtcdCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut d = self.applied.desc();
+        d.extend(self.resyncs.desc());
+        d.extend(self.resumes.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let p = self.etcd.progress();
+        self.applied.set(p.applied);
+        // Both only grow; a counter is brought up to the mirror's count.
+        for (c, n) in [(&self.resyncs, p.resyncs), (&self.resumes, p.resumes)] {
+            c.inc_by(n.saturating_sub(c.get()));
+        }
+        let mut m = self.applied.collect();
+        m.extend(self.resyncs.collect());
+        m.extend(self.resumes.collect());
+        m
+    }
+}
+
 #[derive(Debug)]
 struct StorageMetrics {
     operations: IntCounterVec,
@@ -372,6 +402,34 @@ impl Metrics {
             grpc_handled,
             storage,
             methods,
+        }
+    }
+
+    /// Adds the etcd backend's series: the revision this replica has applied, and how
+    /// often its watch resumed or had to read everything again.
+    pub fn register_etcd(&self, etcd: std::sync::Arc<crate::etcd::EtcdState>) {
+        let collector = EtcdCollector {
+            etcd,
+            applied: IntGauge::new(
+                "discovery_etcd_applied_revision",
+                "The last etcd revision this replica has applied to its copy of the state.",
+            )
+            .expect("static metric definition"),
+            resyncs: IntCounter::new(
+                "discovery_etcd_resyncs_total",
+                "Full reads of etcd after the watch could not resume (etcd had compacted \
+                 what it needed); each restarts this replica's watchers.",
+            )
+            .expect("static metric definition"),
+            resumes: IntCounter::new(
+                "discovery_etcd_watch_resumes_total",
+                "etcd watches resumed after a break (a member lost, stalled or restarted), \
+                 with nothing skipped.",
+            )
+            .expect("static metric definition"),
+        };
+        if let Err(e) = self.registry.register(Box::new(collector)) {
+            tracing::warn!(error = %e, "etcd metrics not registered");
         }
     }
 

@@ -144,6 +144,7 @@ impl Server {
             )
             .await?;
             loops.push(mirror);
+            metrics.register_etcd(etcd.clone());
             Backend::Etcd(etcd)
         } else {
             Backend::Memory(state.clone())

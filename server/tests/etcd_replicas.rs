@@ -721,8 +721,70 @@ async fn a_replica_behind_compaction_restarts_its_watchers_with_a_fresh_snapshot
         .map(|a| a.id)
         .collect();
     assert_eq!(ids, (0..10).map(|i| format!("new{i}")).collect());
+    assert_eq!(metric(&lagging, "discovery_etcd_resyncs_total").await, 1);
     lagging.shutdown().await.unwrap();
     other.shutdown().await.unwrap();
+}
+
+/// A series of the server's `/metrics`.
+async fn metric(server: &discovery_service::Server, series: &str) -> i64 {
+    let (_, _, body) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {body}"))
+}
+
+/// A replica whose prefix is quiet (etcd shared with other users, who keep writing
+/// elsewhere) marks the quiet stretch, so its watch position stays recent. When its
+/// watch then breaks after etcd compacted that stretch, it resumes: its watchers are
+/// not restarted and nothing is read again.
+#[tokio::test]
+async fn a_quiet_replica_resumes_its_watch_after_a_compaction_without_restarting_watchers() {
+    use discovery_service::etcd::proto::etcdserverpb::PutRequest;
+
+    let mut etcd = Etcd::start(1).await;
+    let mut cfg = etcd.config("/quiet/");
+    cfg.etcd_quiet_mark = Duration::from_millis(200);
+    let replica = start(cfg).await;
+    let mut c = client(&replica).await;
+    try_update(&mut c, "a", "d").await.unwrap();
+    let mut w = c.watch(watch_req("c")).await.unwrap().into_inner();
+    assert_eq!(next(&mut w).await.unwrap().unwrap().affiliates.len(), 1);
+
+    let others = etcd.client();
+    let mut last = 0;
+    for i in 0..20 {
+        let put = PutRequest {
+            key: format!("/elsewhere/{i}").into_bytes().into(),
+            value: b"x"[..].into(),
+            ..Default::default()
+        };
+        last = others.put(put).await.unwrap().header.unwrap().revision;
+    }
+    within("the replica marks the quiet stretch", async {
+        while metric(&replica, "discovery_etcd_applied_revision").await <= last {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Everything up to the others' last write is compacted; then the watch breaks.
+    others.compact(last).await.unwrap();
+    etcd.kill(0);
+    etcd.restart(0);
+    etcd.wait_ready().await;
+
+    within("an update once the member is back", async {
+        while let Err(s) = try_update(&mut c, "b", "d").await {
+            assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // The same watch goes on: no restart, and the change arrives.
+    assert_eq!(next(&mut w).await.unwrap().unwrap().affiliates[0].id, "b");
+    assert_eq!(metric(&replica, "discovery_etcd_resyncs_total").await, 0);
+    assert!(metric(&replica, "discovery_etcd_watch_resumes_total").await >= 1);
+    replica.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -824,6 +886,7 @@ async fn every_replica_serves_the_pages_and_metrics_of_the_shared_state() {
             !body.contains("discovery_storage_"),
             "no snapshot metrics with etcd"
         );
+        assert!(metric(r, "discovery_etcd_applied_revision").await > 0);
     }
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();

@@ -32,6 +32,9 @@ pub struct EtcdOptions {
     pub key: Option<PathBuf>,
     /// Width of a lease bucket (see [`super::leases`]).
     pub lease_bucket: Duration,
+    /// How long a replica applies nothing before it marks the quiet stretch
+    /// ([`crate::limits::ETCD_QUIET_MARK`]).
+    pub quiet_mark: Duration,
 }
 
 impl Default for EtcdOptions {
@@ -42,6 +45,7 @@ impl Default for EtcdOptions {
             cert: None,
             key: None,
             lease_bucket: crate::limits::LEASE_BUCKET,
+            quiet_mark: crate::limits::ETCD_QUIET_MARK,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! turns what this reads into state.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -39,6 +40,24 @@ pub struct Mirror {
     /// for a whole attempt's time while a later revision was committed. The watch
     /// leaves its member if it is still there.
     stalled: watch::Sender<i64>,
+    /// With nothing applied for this long, the mirror writes the sentinel itself, so
+    /// `applied` stays recent even when nobody writes: a watch that breaks then can
+    /// resume after etcd compacted the quiet stretch, instead of reading everything
+    /// again and restarting every watcher.
+    quiet_mark: Duration,
+    resyncs: AtomicU64,
+    resumes: AtomicU64,
+}
+
+/// How the mirror follows etcd, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// The last etcd revision applied.
+    pub applied: i64,
+    /// Full reads after the watch could not resume (each restarts every watcher).
+    pub resyncs: u64,
+    /// Watches resumed after a break, on another member, with nothing lost.
+    pub resumes: u64,
 }
 
 /// Why the watch loop stopped feeding: resume on another member, read everything
@@ -50,14 +69,30 @@ enum Interrupted {
 }
 
 impl Mirror {
-    pub fn new(state: State, layout: Layout, client: EtcdClient) -> Arc<Self> {
+    pub fn new(
+        state: State,
+        layout: Layout,
+        client: EtcdClient,
+        quiet_mark: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             applier: Applier::new(state, layout.clone()),
             layout,
             client,
             applied: watch::Sender::new(0),
             stalled: watch::Sender::new(0),
+            quiet_mark,
+            resyncs: AtomicU64::new(0),
+            resumes: AtomicU64::new(0),
         })
+    }
+
+    pub fn progress(&self) -> Progress {
+        Progress {
+            applied: self.applied(),
+            resyncs: self.resyncs.load(Ordering::Relaxed),
+            resumes: self.resumes.load(Ordering::Relaxed),
+        }
     }
 
     /// The replica's copy of etcd's state.
@@ -76,6 +111,31 @@ impl Mirror {
 
     /// Feeds the state from etcd until `stop`; call [`Self::load`] first.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        tokio::join!(self.follow_until(&stop), self.mark_when_quiet(&stop));
+    }
+
+    /// Writes the sentinel whenever nothing has been applied for `quiet_mark`: one
+    /// small write per quiet stretch, shared by every replica of the prefix (each sees
+    /// the others' marks).
+    async fn mark_when_quiet(&self, stop: &CancellationToken) {
+        let mut applied = self.applied.subscribe();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                moved = tokio::time::timeout(self.quiet_mark, applied.changed()) => match moved {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        if let Err(e) = self.mark().await {
+                            tracing::debug!(error = %e, "cannot mark a quiet stretch in etcd");
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    async fn follow_until(&self, stop: &CancellationToken) {
         let mut backoff = Duration::from_millis(50);
         let mut resync = false;
         loop {
@@ -83,6 +143,7 @@ impl Mirror {
                 match self.read_all().await {
                     Ok(revision) => {
                         resync = false;
+                        self.resyncs.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(
                             revision,
                             "re-read the state from etcd; watchers were restarted with a fresh snapshot"
@@ -90,7 +151,7 @@ impl Mirror {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot re-read the state from etcd; retrying");
-                        if sleep_or_stop(&stop, &mut backoff).await {
+                        if sleep_or_stop(stop, &mut backoff).await {
                             return;
                         }
                         continue;
@@ -114,8 +175,9 @@ impl Mirror {
                     give_back_heap();
                 }
                 Interrupted::Resume(why) => {
+                    self.resumes.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(reason = %why, applied = self.applied(), "etcd watch interrupted; resuming on another member");
-                    if sleep_or_stop(&stop, &mut backoff).await {
+                    if sleep_or_stop(stop, &mut backoff).await {
                         return;
                     }
                 }
@@ -288,6 +350,12 @@ impl Mirror {
     /// point, since its event is certain to arrive. Fails when etcd has no quorum or
     /// this replica cannot catch up.
     pub async fn barrier(&self) -> Result<(), Unavailable> {
+        let revision = self.mark().await?;
+        self.wait_for(revision).await
+    }
+
+    /// Writes the sentinel key; returns the revision of that write.
+    async fn mark(&self) -> Result<i64, Unavailable> {
         let req = pb::PutRequest {
             key: self.layout.sentinel().into(),
             ..Default::default()
@@ -297,8 +365,7 @@ impl Mirror {
             .put(req)
             .await
             .map_err(|e| Unavailable(e.to_string()))?;
-        let revision = resp.header.map(|h| h.revision).unwrap_or(0);
-        self.wait_for(revision).await
+        Ok(resp.header.map(|h| h.revision).unwrap_or(0))
     }
 
     /// Waits until revision `revision`, which changed a key of ours, is applied. If

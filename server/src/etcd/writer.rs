@@ -78,7 +78,7 @@ impl EtcdState {
     ) -> anyhow::Result<(Arc<Self>, tokio::task::JoinHandle<()>)> {
         let client = EtcdClient::new(options)?;
         let layout = Layout::new(prefix);
-        let mirror = Mirror::new(state, layout.clone(), client.clone());
+        let mirror = Mirror::new(state, layout.clone(), client.clone(), options.quiet_mark);
         let revision = mirror.load().await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot read the state from etcd at {}: {e}",
@@ -102,6 +102,11 @@ impl EtcdState {
     /// This replica's mirror of etcd: what List and Watch serve, and the pages show.
     pub fn state(&self) -> &State {
         self.mirror.state()
+    }
+
+    /// How the mirror follows etcd (for `/metrics`).
+    pub fn progress(&self) -> super::mirror::Progress {
+        self.mirror.progress()
     }
 
     /// AffiliateUpdate with expiry `expiry` (request time + TTL), same rules as memory.
