@@ -118,26 +118,43 @@ struct EtcdCollector {
     applied: IntGauge,
     resyncs: IntCounter,
     resumes: IntCounter,
+    read_restarts: IntCounter,
+    /// Scrapes may run at once: one at a time brings the counters up to date.
+    collecting: std::sync::Mutex<()>,
+}
+
+impl EtcdCollector {
+    fn counters(&self) -> [&IntCounter; 3] {
+        [&self.resyncs, &self.resumes, &self.read_restarts]
+    }
 }
 
 impl Collector for EtcdCollector {
     fn desc(&self) -> Vec<&Desc> {
         let mut d = self.applied.desc();
-        d.extend(self.resyncs.desc());
-        d.extend(self.resumes.desc());
+        for c in self.counters() {
+            d.extend(c.desc());
+        }
         d
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
+        let _one = self.collecting.lock().unwrap_or_else(|e| e.into_inner());
         let p = self.etcd.progress();
         self.applied.set(p.applied);
-        // Both only grow; a counter is brought up to the mirror's count.
-        for (c, n) in [(&self.resyncs, p.resyncs), (&self.resumes, p.resumes)] {
+        // They only grow; each counter is brought up to the mirror's count.
+        let [resyncs, resumes, read_restarts] = self.counters();
+        for (c, n) in [
+            (resyncs, p.resyncs),
+            (resumes, p.resumes),
+            (read_restarts, p.read_restarts),
+        ] {
             c.inc_by(n.saturating_sub(c.get()));
         }
         let mut m = self.applied.collect();
-        m.extend(self.resyncs.collect());
-        m.extend(self.resumes.collect());
+        for c in self.counters() {
+            m.extend(c.collect());
+        }
         m
     }
 }
@@ -423,10 +440,17 @@ impl Metrics {
             .expect("static metric definition"),
             resumes: IntCounter::new(
                 "discovery_etcd_watch_resumes_total",
-                "etcd watches resumed after a break (a member lost, stalled or restarted), \
-                 with nothing skipped.",
+                "etcd watches that broke (a member lost, stalled or restarted); each \
+                 resumes from the next revision, nothing skipped.",
             )
             .expect("static metric definition"),
+            read_restarts: IntCounter::new(
+                "discovery_etcd_full_read_restarts_total",
+                "Full reads of etcd begun again because etcd compacted the revision \
+                 they read at.",
+            )
+            .expect("static metric definition"),
+            collecting: std::sync::Mutex::new(()),
         };
         if let Err(e) = self.registry.register(Box::new(collector)) {
             tracing::warn!(error = %e, "etcd metrics not registered");

@@ -531,8 +531,8 @@ async fn a_lease_revoked_behind_the_replicas_back_is_replaced() {
 
     let etcd = Etcd::start(1).await;
     let mut cfg = etcd.config("/revoked/");
-    // Both updates' expiries in one bucket, whenever the test runs.
-    cfg.etcd_lease_bucket = Duration::from_secs(3600);
+    // Both updates' expiries in one bucket (a day's), whenever the test runs.
+    cfg.etcd_lease_bucket = Duration::from_secs(86_400);
     let replica = start(cfg).await;
     let mut c = client(&replica).await;
     try_update(&mut c, "first", "d").await.unwrap();
@@ -588,9 +588,9 @@ async fn a_compaction_during_the_first_full_read_is_read_through() {
         let req = update(&format!("c{}", i / 1000), &format!("a{i}"), "d", &[], 300);
         within("update", c.affiliate_update(req)).await.unwrap();
     }
-    // Answers held back 1 s (under the 2 s attempt timeout): the first page stays in
+    // Answers held back 1.5 s (under the 2 s attempt timeout): the first page stays in
     // the proxy while the test compacts.
-    let proxy = SlowProxy::start(&member, Duration::from_secs(1)).await;
+    let proxy = SlowProxy::start(&member, Duration::from_millis(1500)).await;
     proxy.set_slow(true);
     let mut cfg = etcd.config("/compact-start/");
     cfg.etcd_endpoints = vec![proxy.url.clone()];
@@ -613,6 +613,11 @@ async fn a_compaction_during_the_first_full_read_is_read_through() {
         listed += list(&mut r, cluster).await.len();
     }
     assert_eq!(listed, N + 1);
+    assert_eq!(
+        metric(&replica, "discovery_etcd_full_read_restarts_total").await,
+        1,
+        "the compaction came between the pages"
+    );
     replica.shutdown().await.unwrap();
     writer.shutdown().await.unwrap();
 }

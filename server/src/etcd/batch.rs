@@ -157,6 +157,9 @@ impl Member {
 /// Forms batches; its key sets are kept between batches for their capacity.
 #[derive(Default)]
 struct Former {
+    /// Keys compared, and written, by the members taken or held so far: a later
+    /// member that would write one, or compare one written, waits behind them, so
+    /// updates to one key reach etcd in the order they came.
     compared: HashSet<u64>,
     written: HashSet<u64>,
 }
@@ -167,7 +170,8 @@ impl Former {
     /// [`ETCD_HELD_MAX`] are held back, so that what waits beyond the queue's own bound
     /// stays bounded. Two members may compare the same key (a read), but no key may be
     /// written by one and compared or written by another: such members are held for a
-    /// later batch. Abandoned members are dropped.
+    /// later batch, and so are those that touch a key of a held one. Abandoned members
+    /// are dropped.
     fn form(
         &mut self,
         first: Member,
@@ -192,9 +196,9 @@ impl Former {
             let clash = written_keys(&m.txn)
                 .any(|k| self.compared.contains(&k) || self.written.contains(&k))
                 || compared_keys(&m.txn).any(|k| self.written.contains(&k));
+            self.compared.extend(compared_keys(&m.txn));
+            self.written.extend(written_keys(&m.txn));
             if fits && !clash {
-                self.compared.extend(compared_keys(&m.txn));
-                self.written.extend(written_keys(&m.txn));
                 ops += m.ops();
                 bytes += m.bytes;
                 batch.push(m);
@@ -360,12 +364,38 @@ mod tests {
         let (first, _r0) = member(&["guard"], &["a"]);
         let (reader, _r1) = member(&["guard"], &["b"]);
         let (writer, _r2) = member(&["c"], &["guard"]);
-        let mut incoming = vec![writer, reader].into_iter().rev().collect::<Vec<_>>();
+        // Popped from the end: the reader comes first.
+        let mut incoming = vec![writer, reader];
         let mut held = VecDeque::new();
         let batch = Former::default().form(first, &mut held, || incoming.pop());
         assert_eq!(written(&batch), [key_hash(b"a"), key_hash(b"b")]);
         assert_eq!(held.len(), 1);
         assert_eq!(written_keys(&held[0].txn).next(), Some(key_hash(b"guard")));
+    }
+
+    #[test]
+    fn a_member_touching_a_key_of_a_held_one_waits_behind_it() {
+        let (first, _r0) = member(&[], &["guard"]);
+        // Clashes with the first (the guard), and compares "k".
+        let (held, _r1) = member(&["k"], &["guard", "a"]);
+        // Clashes with nothing in the batch, but writes "k": it must not overtake.
+        let (writer, _r2) = member(&[], &["k"]);
+        let (other, _r3) = member(&[], &["b"]);
+        let mut incoming = vec![other, writer, held];
+        let mut held_back = VecDeque::new();
+        let batch = Former::default().form(first, &mut held_back, || incoming.pop());
+        assert_eq!(written(&batch), [key_hash(b"guard"), key_hash(b"b")]);
+        let order: Vec<Vec<u64>> = held_back
+            .iter()
+            .map(|m| written_keys(&m.txn).collect())
+            .collect();
+        assert_eq!(
+            order,
+            [
+                vec![key_hash(b"guard"), key_hash(b"a")],
+                vec![key_hash(b"k")]
+            ]
+        );
     }
 
     #[test]

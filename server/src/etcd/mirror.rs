@@ -36,10 +36,11 @@ pub struct Mirror {
     /// our prefix: etcd 3.4's progress notifications can run ahead of events still in
     /// flight (etcd#15220), so they are not asked for.
     applied: watch::Sender<i64>,
-    /// The applied revision at which a caller saw the watch stall: nothing arrived
-    /// for a whole attempt's time while a later revision was committed. The watch
-    /// leaves its member if it is still there.
-    stalled: watch::Sender<i64>,
+    /// A caller saw the watch stall: nothing was applied for a whole attempt's time,
+    /// from the instant given, while a later revision was committed; the revision is
+    /// the one applied all along. The watch leaves its member if it has received
+    /// nothing in that time either (a catch-up in fragments is progress too).
+    stalled: watch::Sender<(i64, tokio::time::Instant)>,
     /// With nothing applied for this long, the mirror writes the sentinel itself, so
     /// `applied` stays recent even when nobody writes: a watch that breaks then can
     /// resume after etcd compacted the quiet stretch, instead of reading everything
@@ -47,6 +48,7 @@ pub struct Mirror {
     quiet_mark: Duration,
     resyncs: AtomicU64,
     resumes: AtomicU64,
+    read_restarts: AtomicU64,
 }
 
 /// How the mirror follows etcd, for `/metrics`.
@@ -56,8 +58,11 @@ pub struct Progress {
     pub applied: i64,
     /// Full reads after the watch could not resume (each restarts every watcher).
     pub resyncs: u64,
-    /// Watches resumed after a break, on another member, with nothing lost.
+    /// Watches that broke (a member lost, stalled or restarted); each resumes from the
+    /// next revision, with nothing skipped.
     pub resumes: u64,
+    /// Full reads begun again because etcd compacted the revision they read at.
+    pub read_restarts: u64,
 }
 
 /// Why the watch loop stopped feeding: resume on another member, read everything
@@ -80,10 +85,12 @@ impl Mirror {
             layout,
             client,
             applied: watch::Sender::new(0),
-            stalled: watch::Sender::new(0),
-            quiet_mark,
+            stalled: watch::Sender::new((0, tokio::time::Instant::now())),
+            // A mark per moment would be a write loop.
+            quiet_mark: quiet_mark.max(Duration::from_millis(100)),
             resyncs: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
+            read_restarts: AtomicU64::new(0),
         })
     }
 
@@ -92,6 +99,7 @@ impl Mirror {
             applied: self.applied(),
             resyncs: self.resyncs.load(Ordering::Relaxed),
             resumes: self.resumes.load(Ordering::Relaxed),
+            read_restarts: self.read_restarts.load(Ordering::Relaxed),
         }
     }
 
@@ -120,17 +128,21 @@ impl Mirror {
     async fn mark_when_quiet(&self, stop: &CancellationToken) {
         let mut applied = self.applied.subscribe();
         loop {
-            tokio::select! {
+            let quiet = tokio::select! {
                 _ = stop.cancelled() => return,
                 moved = tokio::time::timeout(self.quiet_mark, applied.changed()) => match moved {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => continue,
                     Ok(Err(_)) => return,
-                    Err(_) => {
-                        if let Err(e) = self.mark().await {
-                            tracing::debug!(error = %e, "cannot mark a quiet stretch in etcd");
-                        }
-                    }
+                    Err(_) => true,
                 },
+            };
+            if quiet {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    marked = self.mark() => if let Err(e) = marked {
+                        tracing::debug!(error = %e, "cannot mark a quiet stretch in etcd");
+                    },
+                }
             }
         }
     }
@@ -175,7 +187,6 @@ impl Mirror {
                     give_back_heap();
                 }
                 Interrupted::Resume(why) => {
-                    self.resumes.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(reason = %why, applied = self.applied(), "etcd watch interrupted; resuming on another member");
                     if sleep_or_stop(stop, &mut backoff).await {
                         return;
@@ -215,8 +226,11 @@ impl Mirror {
         };
         let leave = |why: String| {
             self.client.leave(turn);
+            self.resumes.fetch_add(1, Ordering::Relaxed);
             Interrupted::Resume(why)
         };
+        // When it last received anything: a stall is a whole window without.
+        let mut heard = tokio::time::Instant::now();
         tracing::debug!(%member, start, "watching etcd");
         // Fragments of one response, applied together once the last one arrives.
         let mut pending: Vec<mvccpb::Event> = Vec::new();
@@ -237,9 +251,9 @@ impl Mirror {
                     continue;
                 }
                 Ok(()) = stalled.changed() => {
-                    let at = *stalled.borrow_and_update();
-                    if at != self.applied() {
-                        continue; // It moved since: not stalled.
+                    let (at, since) = *stalled.borrow_and_update();
+                    if at != self.applied() || since < heard {
+                        continue; // Progress since, or a window begun before it.
                     }
                     return leave(format!(
                         "{member} sent nothing for {ETCD_ATTEMPT_TIMEOUT:?} while later \
@@ -252,6 +266,7 @@ impl Mirror {
                 Ok(None) => return leave(format!("{member} ended the watch")),
                 Err(s) => return leave(format!("{member}: {}", s.message())),
             };
+            heard = tokio::time::Instant::now();
             *backoff = Duration::from_millis(50);
             carried += prost::Message::encoded_len(&resp);
             if resp.compact_revision > 0 {
@@ -299,6 +314,7 @@ impl Mirror {
             match self.read_all_at_one_revision().await {
                 Err(CallError::Rejected(s)) if s.code() == tonic::Code::OutOfRange && tries < 3 => {
                     tries += 1;
+                    self.read_restarts.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(reason = %s.message(), "etcd compacted during a full read; reading again");
                 }
                 r => return r.map_err(|e| Unavailable(e.to_string())),
@@ -392,7 +408,7 @@ impl Mirror {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(Unavailable("the etcd mirror stopped".into())),
                 Err(_) => {
-                    self.stalled.send_replace(applied);
+                    self.stalled.send_replace((applied, now));
                 }
             }
         }
