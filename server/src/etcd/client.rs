@@ -228,15 +228,20 @@ impl EtcdClient {
         .await
     }
 
-    /// Every lease etcd holds (tests and diagnostics).
-    pub async fn lease_count(&self) -> Result<usize, CallError> {
+    /// The IDs of every lease etcd holds.
+    pub async fn lease_ids(&self) -> Result<Vec<i64>, CallError> {
         self.call("lease list", |ch| async move {
             let r = LeaseClient::new(ch)
                 .lease_leases(pb::LeaseLeasesRequest {})
                 .await?;
-            Ok(r.into_inner().leases.len())
+            Ok(r.into_inner().leases.iter().map(|l| l.id).collect())
         })
         .await
+    }
+
+    /// How many leases etcd holds (tests and diagnostics).
+    pub async fn lease_count(&self) -> Result<usize, CallError> {
+        Ok(self.lease_ids().await?.len())
     }
 
     /// Compacts etcd's history up to `revision` (tests: a replica behind compaction).

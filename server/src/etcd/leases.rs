@@ -91,12 +91,32 @@ impl Leases {
         Ok(granted.id)
     }
 
-    /// Forgets the lease of the bucket holding `expiry_ms` (as [`Self::for_expiry`]
-    /// chose it at `now_ms`): etcd no longer knows it (it answered "lease not found").
-    /// Grants nothing: the next write to the bucket does.
-    pub async fn forget(&self, expiry_ms: i64, now_ms: i64) {
-        let end = self.bucket_end(expiry_ms.max(now_ms));
-        self.by_bucket.lock().await.remove(&end);
+    /// After etcd answered "lease not found": forgets exactly the leases it no longer
+    /// holds (revoked, or lost), never one another writer has just granted. Grants
+    /// nothing: the next write to a bucket does. If etcd cannot list its leases, the
+    /// buckets of `expiries` (as [`Self::for_expiry`] chose them at `now_ms`) are
+    /// forgotten instead.
+    pub async fn forget_unknown(
+        &self,
+        client: &EtcdClient,
+        expiries: impl IntoIterator<Item = i64>,
+        now_ms: i64,
+    ) {
+        match client.lease_ids().await {
+            Ok(held) => {
+                let held: std::collections::HashSet<i64> = held.into_iter().collect();
+                self.by_bucket
+                    .lock()
+                    .await
+                    .retain(|_, id| held.contains(id));
+            }
+            Err(_) => {
+                let mut map = self.by_bucket.lock().await;
+                for expiry_ms in expiries {
+                    map.remove(&self.bucket_end(expiry_ms.max(now_ms)));
+                }
+            }
+        }
     }
 }
 

@@ -167,9 +167,9 @@ impl EtcdState {
                 }
                 Err(CallError::Rejected(s)) if s.message().contains("lease not found") => {
                     last = s.message().to_owned();
-                    for l in plan.lease_expiries() {
-                        self.leases.forget(l, now_ms).await;
-                    }
+                    self.leases
+                        .forget_unknown(&self.client, plan.lease_expiries(), now_ms)
+                        .await;
                 }
                 Err(e) => return Err(e.into()),
             }
