@@ -174,6 +174,12 @@ fn change_of<Id>(
 /// beyond the page at hand. etcd returns keys in order, so a cluster's affiliate keys
 /// (`a/…`) come before its endpoint keys (`e/…`), and one affiliate's endpoint keys are
 /// together: each affiliate's endpoints are gathered, then put in creation order.
+///
+/// An endpoint key can outlive its affiliate's key by up to a bucket (their leases are
+/// separate). Its affiliate may be created again meanwhile: the watch dropped the old
+/// endpoints with the old affiliate, so the read skips a key not written since the
+/// affiliate's creation; one the new affiliate wrote again kept its old creation
+/// revision, so it counts as created with the affiliate, where the watch put it.
 #[derive(Debug, Default)]
 pub struct Rebuild {
     clusters: HashMap<String, (Affiliates, i64)>,
@@ -182,9 +188,20 @@ pub struct Rebuild {
     run_cluster: String,
     run_affiliate: String,
     run: Vec<(i64, u16, Endpoint)>,
+    /// Creation revisions of the affiliates of cluster `created_in` (the one being
+    /// read), by a hash of their id; reused from cluster to cluster.
+    created: HashMap<u64, i64>,
+    created_in: String,
     /// Reused to decode ids for lookups.
     cluster: String,
     affiliate: String,
+}
+
+fn id_hash(id: HexId<'_>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
 }
 
 impl Rebuild {
@@ -202,6 +219,11 @@ impl Rebuild {
                 let expiry = clock::instant(v.expiry_ms);
                 let mut a = Affiliate::new(expiry);
                 a.set_stored(&v.data, expiry, kv.mod_revision);
+                if cluster.decode_into(&mut self.cluster) != self.created_in {
+                    self.created.clear();
+                    std::mem::swap(&mut self.created_in, &mut self.cluster);
+                }
+                self.created.insert(id_hash(affiliate), kv.create_revision);
                 let id = affiliate.decode().into_boxed_str();
                 self.in_cluster(cluster, |c| {
                     c.0.insert(id, a);
@@ -219,6 +241,14 @@ impl Rebuild {
                     cluster.decode_into(&mut self.cluster),
                     affiliate.decode_into(&mut self.affiliate),
                 );
+                let born = if c == self.created_in {
+                    self.created.get(&id_hash(affiliate)).copied()
+                } else {
+                    None
+                };
+                if born.is_some_and(|born| kv.mod_revision < born) {
+                    return; // Left from the affiliate's earlier life.
+                }
                 if c != self.run_cluster || a != self.run_affiliate {
                     self.flush();
                     std::mem::swap(&mut self.run_cluster, &mut self.cluster);
@@ -229,7 +259,8 @@ impl Rebuild {
                     expiry: clock::instant(v.expiry_ms),
                     ordinal: v.ordinal,
                 };
-                self.run.push((kv.create_revision, v.ordinal, e));
+                let created = born.map_or(kv.create_revision, |b| kv.create_revision.max(b));
+                self.run.push((created, v.ordinal, e));
             }
             None => {}
         }
@@ -413,6 +444,42 @@ mod tests {
                 (s("c2"), 111, vec![]),
                 (s("c3"), 0, vec![(s("n1"), s("three"), vec![s("e")])]),
             ]
+        );
+    }
+
+    /// An endpoint key left from an affiliate's earlier life (its lease ends a little
+    /// after the affiliate's): the watch dropped it with the old affiliate, so the read
+    /// skips it unless the new affiliate wrote it again, and then counts it as created
+    /// with the new affiliate, in the order of that transaction.
+    #[test]
+    fn endpoints_left_from_an_earlier_life_are_skipped_or_ordered_as_rewritten() {
+        let l = Layout::new("p/");
+        let at = |mut kv: mvccpb::KeyValue, created: i64, modified: i64| {
+            kv.create_revision = created;
+            kv.mod_revision = modified;
+            kv
+        };
+        let mut kvs = vec![
+            at(affiliate(&l, "c", "n", "new life"), 50, 50),
+            // Created in the earlier life, never written since: gone from the watch.
+            at(endpoint(&l, "c", "n", "stale", 0, 0), 10, 20),
+            // Created then, written again by the new affiliate's creation.
+            at(endpoint(&l, "c", "n", "kept", 0, 1), 10, 50),
+            at(endpoint(&l, "c", "n", "fresh", 0, 0), 50, 50),
+            at(endpoint(&l, "c", "n", "later", 0, 0), 60, 60),
+        ];
+        kvs.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(
+            rebuilt(&l, &[&kvs]),
+            vec![(
+                s("c"),
+                0,
+                vec![(
+                    s("n"),
+                    s("new life"),
+                    vec![s("fresh"), s("kept"), s("later")]
+                )]
+            )]
         );
     }
 

@@ -60,7 +60,7 @@ impl<'k> Key<'k> {
 /// An id as a key spells it: the lowercase hex of its UTF-8 bytes, 1 to [`ID_MAX`]
 /// of them, as the RPCs accept (checked by [`Layout::parse`]). One id has one
 /// spelling, so ids compare equal exactly when their spellings do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HexId<'k>(&'k [u8]);
 
 impl<'k> HexId<'k> {
