@@ -403,13 +403,15 @@ impl Mirror {
                      committed; its watch on etcd is not keeping up"
                 )));
             }
-            let progress = (now + ETCD_ATTEMPT_TIMEOUT).min(deadline);
-            match tokio::time::timeout_at(progress, rx.changed()).await {
+            let window = now + ETCD_ATTEMPT_TIMEOUT;
+            match tokio::time::timeout_at(window.min(deadline), rx.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(Unavailable("the etcd mirror stopped".into())),
-                Err(_) => {
+                // A whole window without progress (not one cut short by the deadline).
+                Err(_) if window <= deadline => {
                     self.stalled.send_replace((applied, now));
                 }
+                Err(_) => {}
             }
         }
     }
