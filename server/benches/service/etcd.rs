@@ -38,7 +38,6 @@
 //!   etcd client's, which are file-backed and shared).
 
 use std::fs;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -55,6 +54,7 @@ use futures::future::BoxFuture;
 
 use crate::client::{self, CALL_TIMEOUT, Client, Run, Until};
 use crate::fanout::{self, Fleet};
+use crate::ports::free_port;
 use crate::procs::{self, PROCESS_WAIT, ServerProcess, anon_rss_of, cpu_of, rss_of};
 use crate::report::{Figure, Target};
 
@@ -100,14 +100,6 @@ struct Member {
 }
 
 /// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Member {
     /// The flags of `tests/common/etcd.rs`, for a single member.
     fn start(dir: &Path) -> Self {

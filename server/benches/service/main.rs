@@ -39,6 +39,8 @@ mod fanout;
 mod logs;
 mod memory;
 mod noop;
+#[path = "../../tests/common/ports.rs"]
+mod ports;
 mod procs;
 mod report;
 mod snapshot;

@@ -3,7 +3,6 @@
 //! killed and restarted to test what the service does without them.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,6 +13,8 @@ use discovery_service::Config;
 use discovery_service::config::StateBackend;
 use discovery_service::etcd::proto::etcdserverpb::RangeRequest;
 use discovery_service::etcd::{EtcdClient, EtcdOptions};
+
+use super::ports::free_port;
 
 struct Member {
     name: String,
@@ -79,14 +80,6 @@ impl TlsFiles {
 }
 
 /// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn etcd_binary() -> &'static str {
     static FOUND: OnceLock<()> = OnceLock::new();
     FOUND.get_or_init(|| {

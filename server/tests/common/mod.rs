@@ -14,6 +14,7 @@ use discovery_service::proto::server::{
 use discovery_service::{Config, Server};
 
 pub mod etcd;
+pub mod ports;
 pub mod slow_proxy;
 use tonic::transport::Channel;
 
