@@ -376,6 +376,19 @@ async fn an_update_answered_too_late_is_not_written_twice() {
     );
 }
 
+/// Retries an update (bounded) while etcd members come back: until then each attempt
+/// must fail with UNAVAILABLE. The replica's client reconnects at its own pace, with
+/// nothing to await from outside, hence the pause between attempts.
+async fn update_once_etcd_answers(c: &mut ClusterClient<Channel>, id: &str, what: &str) {
+    within(what, async {
+        while let Err(s) = try_update(c, id, "d").await {
+            assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+}
+
 async fn try_update(
     c: &mut ClusterClient<Channel>,
     id: &str,
@@ -423,16 +436,7 @@ async fn losing_one_etcd_member_is_invisible_and_losing_two_is_unavailable_until
     etcd.restart(0);
     etcd.restart(1);
     etcd.wait_ready().await;
-    within("update after quorum returns", async {
-        loop {
-            match try_update(&mut c, "after", "d").await {
-                Ok(()) => return,
-                Err(s) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    update_once_etcd_answers(&mut c, "after", "update after quorum returns").await;
     // Everything acknowledged is there. The refused update may be there too: a
     // member that had lost its quorum may still have logged it, and the members that
     // returned commit it; UNAVAILABLE means "not acknowledged", as for any timeout.
@@ -766,6 +770,7 @@ async fn a_quiet_replica_resumes_its_watch_after_a_compaction_without_restarting
         };
         last = others.put(put).await.unwrap().header.unwrap().revision;
     }
+    // The metrics are scraped, not pushed: poll them (bounded).
     within("the replica marks the quiet stretch", async {
         while metric(&replica, "discovery_etcd_applied_revision").await <= last {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -778,13 +783,7 @@ async fn a_quiet_replica_resumes_its_watch_after_a_compaction_without_restarting
     etcd.restart(0);
     etcd.wait_ready().await;
 
-    within("an update once the member is back", async {
-        while let Err(s) = try_update(&mut c, "b", "d").await {
-            assert_eq!(s.code(), Code::Unavailable, "{s:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    update_once_etcd_answers(&mut c, "b", "an update once the member is back").await;
     // The same watch goes on: no restart, and the change arrives.
     assert_eq!(next(&mut w).await.unwrap().unwrap().affiliates[0].id, "b");
     assert_eq!(metric(&replica, "discovery_etcd_resyncs_total").await, 0);

@@ -61,6 +61,12 @@ impl Leases {
         bucket_end(expiry_ms, self.width)
     }
 
+    /// The bucket whose lease a key expiring at `expiry_ms` gets at `now_ms`: an
+    /// expiry already past gets the current bucket.
+    fn lease_bucket(&self, expiry_ms: i64, now_ms: i64) -> i64 {
+        self.bucket_end(expiry_ms.max(now_ms))
+    }
+
     /// The lease for keys expiring at `expiry_ms`; an expiry already past gets the
     /// current bucket's, so the key lives for at most one bucket.
     pub async fn for_expiry(
@@ -69,7 +75,7 @@ impl Leases {
         expiry_ms: i64,
         now_ms: i64,
     ) -> Result<i64, CallError> {
-        let end = self.bucket_end(expiry_ms.max(now_ms));
+        let end = self.lease_bucket(expiry_ms, now_ms);
         let mut map = self.by_bucket.lock().await;
         // Buckets that have ended are gone from etcd (one ending now may be too: its
         // write then fails with "lease not found" and is retried with a fresh lease).
@@ -113,7 +119,7 @@ impl Leases {
             Err(_) => {
                 let mut map = self.by_bucket.lock().await;
                 for expiry_ms in expiries {
-                    map.remove(&self.bucket_end(expiry_ms.max(now_ms)));
+                    map.remove(&self.lease_bucket(expiry_ms, now_ms));
                 }
             }
         }
