@@ -35,7 +35,8 @@
 //!   after it (its mirror reads the 10,000 from etcd at start), the etcd member's own
 //!   RSS (it holds every earlier sub-measurement's data and history too), and RssAnon
 //!   after the load (the heap alone: the replica's binary touches more code pages, the
-//!   etcd client's, which are file-backed and shared).
+//!   etcd client's, which are file-backed and shared), and what the load added to each
+//!   (loaded minus idle: the data's own cost, without the etcd client's fixed one).
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -547,6 +548,12 @@ async fn memory_at(dir: &Path, member: &Member, clusters: usize) -> Vec<Figure> 
         .target(Target::RatioAtMost(1.0)),
         Figure::new("  RSS idle, etcd vs memory", "MiB", mib(replica_idle))
             .baseline(mib(memory_idle)),
+        Figure::new(
+            &format!("  RSS the {k}k added (loaded - idle)"),
+            "MiB",
+            mib(replica_rss.saturating_sub(replica_idle)),
+        )
+        .baseline(mib(memory_rss.saturating_sub(memory_idle))),
         Figure::new(
             &format!("  RssAnon (heap, no code pages) with {k}k"),
             "MiB",
