@@ -7,8 +7,13 @@ use std::time::Duration;
 /// Sidero's wire limits, shared with the daemon and the plugin SDK.
 pub use discovery_common::sidero_limits::*;
 
-/// Notifications a watcher may fall behind before its stream is aborted.
+/// Notifications a watcher may have waiting when a burst of changes begins; with this
+/// many it is behind, and its stream is aborted (see `state::subscription`).
 pub const WATCH_BUFFER: usize = 32;
+/// Notifications of one burst a watcher that was not behind may have waiting beyond
+/// [`WATCH_BUFFER`]: twice a full cluster, so only a burst that changes a whole cluster
+/// more than twice over (a watch catching up after a long stall) aborts anyway.
+pub const WATCH_BURST_MAX: usize = 2 * CLUSTER_AFFILIATES_MAX;
 
 /// Largest `ClusterSnapshot` record accepted on load (upstream's `MaxClusterSize`). It is
 /// generous: the exact encoded size of 1024 affiliates with 256-byte IDs, 2048-byte data,

@@ -376,6 +376,92 @@ async fn an_update_answered_too_late_is_not_written_twice() {
     );
 }
 
+/// etcd answers slowly, so 40 concurrent updates of one cluster queue behind the
+/// first and are batched into one transaction: one revision with 40 changes, which
+/// every replica applies at once. A watcher of that cluster gets all 40, although its
+/// buffer holds 32: it could not read in the middle of them, so it is not behind and
+/// its stream goes on (it used to be aborted, and every Talos node of the cluster
+/// reconnected and sent its update again, making the next burst).
+#[tokio::test]
+async fn a_watcher_gets_a_batch_larger_than_its_buffer_whole() {
+    use discovery_service::etcd::proto::etcdserverpb::RangeRequest;
+    use discovery_service::etcd::proto::etcdserverpb::kv_client::KvClient;
+
+    let etcd = Etcd::start(1).await;
+    let member = etcd.endpoints()[0].clone();
+    // Held back well under the 2 s attempt timeout: slow, not failing.
+    let proxy = SlowProxy::start(&member, Duration::from_millis(500)).await;
+    let mut config = etcd.config("/burst/");
+    config.etcd_endpoints = vec![proxy.url.clone()];
+    // Every expiry in one bucket (a day's), so no lease grant splits the updates.
+    config.etcd_lease_bucket = Duration::from_secs(86_400);
+    let replica = start(config).await;
+    let mut c = client(&replica).await;
+    let ids: Vec<String> = (0..40).map(|i| format!("n{i:02}")).collect();
+    for id in &ids {
+        within(
+            "create",
+            c.affiliate_update(update("c", id, "v1", &[], 300)),
+        )
+        .await
+        .unwrap();
+    }
+    let mut w = c.watch(watch_req("c")).await.unwrap().into_inner();
+    assert_eq!(next(&mut w).await.unwrap().unwrap().affiliates.len(), 40);
+
+    proxy.set_slow(true);
+    let updates = ids.iter().map(|id| {
+        let mut c = c.clone();
+        async move { c.affiliate_update(update("c", id, "v2", &[], 300)).await }
+    });
+    for r in within("40 updates", futures::future::join_all(updates)).await {
+        r.unwrap();
+    }
+    proxy.set_slow(false);
+
+    // The premise: most of them went in one revision.
+    let channel = within(
+        "connect to etcd",
+        Channel::from_shared(member).unwrap().connect(),
+    )
+    .await
+    .unwrap();
+    let kvs = within(
+        "range",
+        KvClient::new(channel).range(RangeRequest {
+            key: bytes::Bytes::from_static(b"/burst/"),
+            range_end: bytes::Bytes::from_static(b"/burst0"),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .kvs;
+    let mut per_revision: BTreeMap<i64, usize> = BTreeMap::new();
+    for kv in kvs
+        .iter()
+        .filter(|kv| kv.key.windows(3).any(|w| w == b"/a/"))
+    {
+        *per_revision.entry(kv.mod_revision).or_default() += 1;
+    }
+    let largest = per_revision.values().max().copied().unwrap_or(0);
+    assert!(largest > 32, "one batch should hold most: {per_revision:?}");
+
+    let got = changes(&mut w, 40).await;
+    let want: BTreeSet<(String, String)> = ids.iter().map(|id| (id.clone(), "v2".into())).collect();
+    assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), want);
+    // And the stream goes on.
+    within(
+        "one more",
+        c.affiliate_update(update("c", "n00", "v3", &[], 300)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(changes(&mut w, 1).await, [("n00".into(), "v3".into())]);
+    replica.shutdown().await.unwrap();
+}
+
 /// Retries an update (bounded) while etcd members come back: until then each attempt
 /// must fail with UNAVAILABLE. The replica's client reconnects at its own pace, with
 /// nothing to await from outside, hence the pause between attempts.

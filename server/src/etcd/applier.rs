@@ -15,7 +15,7 @@ use bytes::Bytes;
 use super::clock;
 use super::keys::{AffiliateValue, EndpointValue, HexId, Key, Layout};
 use super::proto::mvccpb;
-use crate::state::{Affiliate, Affiliates, Change, Endpoint, State};
+use crate::state::{Affiliate, Affiliates, Burst, Change, Endpoint, State};
 
 #[derive(Debug)]
 pub struct Applier {
@@ -76,7 +76,9 @@ impl Applier {
         self.state.reset_all(read.finish());
     }
 
-    /// Applies events in order, one revision and one cluster at a time.
+    /// Applies events in order, one revision and one cluster at a time. A watcher gets
+    /// them as one [`Burst`]: it cannot read between them, so their number says nothing
+    /// about its pace.
     ///
     /// Allocates nothing per change: the events are decoded into buffers kept from one
     /// call to the next, and their list is freed before the state allocates what it
@@ -113,6 +115,7 @@ impl Applier {
         }
         drop(events);
         let ids = ids.as_str();
+        let burst = Burst::new();
         for revision in order.chunk_by_mut(|a, b| a.revision == b.revision) {
             // Grouped by cluster, each cluster's changes in etcd's order (clusters are
             // independent: a watcher follows one).
@@ -125,7 +128,8 @@ impl Applier {
                 let changes = cluster
                     .iter()
                     .map(|p| p.change.map_id(|id| &ids[id.clone()]));
-                self.state.apply(&ids[cluster[0].cluster.clone()], changes);
+                self.state
+                    .apply(&ids[cluster[0].cluster.clone()], changes, burst);
             }
         }
         // The changes' data are slices of the response's receive buffer: kept, they

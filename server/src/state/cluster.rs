@@ -13,7 +13,7 @@ use bytes::Bytes;
 
 use super::StateError;
 use super::affiliate::{Affiliate, Blob, Collected};
-use super::subscription::{self, AffiliateView, Notification, Subscriber, Subscription};
+use super::subscription::{self, AffiliateView, Burst, Notification, Subscriber, Subscription};
 use crate::limits::CLUSTER_AFFILIATES_MAX;
 
 /// An update as the state layer sees it, already validated by the RPC layer.
@@ -156,12 +156,12 @@ struct Inner {
 }
 
 impl Inner {
-    fn notify(&mut self, n: Notification) {
+    fn notify(&mut self, n: Notification, burst: Burst) {
         if self.subscribers.is_empty() {
             return;
         }
         let n = Arc::new(n);
-        self.subscribers.retain(|s| s.deliver(&n));
+        self.subscribers.retain_mut(|s| s.deliver(&n, burst));
     }
 }
 
@@ -235,7 +235,7 @@ impl Cluster {
         // Nobody to tell: no view to build.
         if changed && watched {
             let n = Notification::Update(view(u.affiliate_id, a));
-            inner.notify(n);
+            inner.notify(n, Burst::new());
         }
         Ok(Ok(()))
     }
@@ -244,7 +244,7 @@ impl Cluster {
     pub fn delete(&self, affiliate_id: &str) {
         let mut inner = self.lock();
         if inner.affiliates.remove(affiliate_id).is_some() {
-            inner.notify(Notification::Deleted(affiliate_id.to_owned()));
+            inner.notify(Notification::Deleted(affiliate_id.to_owned()), Burst::new());
         }
     }
 
@@ -290,11 +290,12 @@ impl Cluster {
         for id in &expired {
             inner.affiliates.remove(id);
         }
+        let burst = Burst::new();
         for v in shrunk {
-            inner.notify(Notification::Update(v));
+            inner.notify(Notification::Update(v), burst);
         }
         for id in &expired {
-            inner.notify(Notification::Deleted(id.to_string()));
+            inner.notify(Notification::Deleted(id.to_string()), burst);
         }
         expired.len()
     }
@@ -302,7 +303,7 @@ impl Cluster {
     /// Applies the changes of one etcd revision, then tells watchers once per affiliate
     /// touched, as the memory backend does once per update: an intermediate state (the
     /// data before the endpoints written with it) is never seen.
-    pub(super) fn apply<'c, I>(&self, changes: I) -> Result<(), Removed>
+    pub(super) fn apply<'c, I>(&self, changes: I, burst: Burst) -> Result<(), Removed>
     where
         I: IntoIterator<Item = Change<&'c str>>,
         I::IntoIter: Clone,
@@ -395,9 +396,9 @@ impl Cluster {
             match inner.affiliates.get(id) {
                 Some(a) => {
                     let n = Notification::Update(view(id, a));
-                    inner.notify(n);
+                    inner.notify(n, burst);
                 }
-                None if existed => inner.notify(Notification::Deleted(id.to_owned())),
+                None if existed => inner.notify(Notification::Deleted(id.to_owned()), burst),
                 None => {}
             }
         }
@@ -498,6 +499,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::limits::WATCH_BURST_MAX;
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
@@ -740,51 +742,129 @@ mod tests {
         let c = Arc::new(Cluster::default());
         let (_, mut sub) = c.subscribe(32).unwrap();
         // The transaction of one update: the affiliate, the guard, two endpoints.
-        c.apply([
-            put_aff("af", "d", true, exp, 5),
-            Change::Guard { revision: 5 },
-            put_ep("af", "e1", exp),
-            put_ep("af", "e2", exp),
-        ])
+        c.apply(
+            [
+                put_aff("af", "d", true, exp, 5),
+                Change::Guard { revision: 5 },
+                put_ep("af", "e1", exp),
+                put_ep("af", "e2", exp),
+            ],
+            Burst::new(),
+        )
         .unwrap();
         assert_eq!(drain(&mut sub), vec![upd("af", "d", &["e1", "e2"])]);
         let v = c.write_view("af");
         assert_eq!((v.affiliates, v.guard_revision), (1, 5));
         assert_eq!(v.current.unwrap().revision(), 5);
         // A refresh without data or new endpoints is silent; with data it is not.
-        c.apply([put_aff("af", "d", false, exp, 6), put_ep("af", "e1", exp)])
-            .unwrap();
+        c.apply(
+            [put_aff("af", "d", false, exp, 6), put_ep("af", "e1", exp)],
+            Burst::new(),
+        )
+        .unwrap();
         assert_eq!(drain(&mut sub), vec![]);
-        c.apply([put_aff("af", "d", true, exp, 7)]).unwrap();
+        c.apply([put_aff("af", "d", true, exp, 7)], Burst::new())
+            .unwrap();
         assert_eq!(drain(&mut sub), vec![upd("af", "d", &["e1", "e2"])]);
         // An endpoint's lease ends: an update with what remains (Q1).
-        c.apply([Change::DeleteEndpoint {
-            id: "af",
-            blob: blob("e1"),
-        }])
+        c.apply(
+            [Change::DeleteEndpoint {
+                id: "af",
+                blob: blob("e1"),
+            }],
+            Burst::new(),
+        )
         .unwrap();
         assert_eq!(drain(&mut sub), vec![upd("af", "d", &["e2"])]);
         // The affiliate's lease ends with its last endpoint's: one deletion.
-        c.apply([
-            Change::DeleteAffiliate { id: "af" },
-            Change::DeleteEndpoint {
-                id: "af",
-                blob: blob("e2"),
-            },
-        ])
+        c.apply(
+            [
+                Change::DeleteAffiliate { id: "af" },
+                Change::DeleteEndpoint {
+                    id: "af",
+                    blob: blob("e2"),
+                },
+            ],
+            Burst::new(),
+        )
         .unwrap();
         assert_eq!(drain(&mut sub), vec![Notification::Deleted("af".into())]);
         // An endpoint outliving its affiliate is ignored.
-        c.apply([put_ep("af", "late", exp)]).unwrap();
+        c.apply([put_ep("af", "late", exp)], Burst::new()).unwrap();
         assert_eq!(drain(&mut sub), vec![]);
         assert!(c.list().is_empty());
+    }
+
+    /// One etcd watch response (here 40 revisions of one cluster) is one burst: a
+    /// watcher with room when it began gets all of it, however many more than its
+    /// buffer; one already holding a buffer's worth when the next burst begins is cut.
+    #[test]
+    fn a_burst_reaches_a_watcher_that_was_not_behind_whole() {
+        let exp = Instant::now() + Duration::from_secs(60);
+        let c = Arc::new(Cluster::default());
+        let (_, mut sub) = c.subscribe(32).unwrap();
+        let ids: Vec<String> = (0..40).map(|i| format!("af{i}")).collect();
+        let burst = Burst::new();
+        for (i, id) in ids.iter().enumerate() {
+            c.apply([put_aff(id, "d", true, exp, 2 + i as i64)], burst)
+                .unwrap();
+        }
+        let got = drain(&mut sub);
+        assert_eq!(got.len(), 40);
+        assert_eq!(got[39], upd("af39", "d", &[]));
+
+        // 40 waiting when the next burst begins: behind, cut.
+        let burst = Burst::new();
+        for (i, id) in ids.iter().enumerate() {
+            c.apply([put_aff(id, "e", true, exp, 50 + i as i64)], burst)
+                .unwrap();
+        }
+        c.apply([put_aff("af0", "f", true, exp, 99)], Burst::new())
+            .unwrap();
+        assert_eq!(sub.try_recv(), Err(subscription::Lost));
+        assert_eq!(c.counts().subscriptions, 0);
+    }
+
+    /// A burst's allowance is bounded: past WATCH_BURST_MAX more, the watcher is cut,
+    /// so a watcher that never reads holds a bounded queue.
+    #[test]
+    fn a_burst_past_its_allowance_cuts_the_watcher() {
+        let exp = Instant::now() + Duration::from_secs(60);
+        let c = Arc::new(Cluster::default());
+        let (_, mut sub) = c.subscribe(32).unwrap();
+        let burst = Burst::new();
+        for i in 0..32 + WATCH_BURST_MAX {
+            c.apply([put_aff("af", "d", true, exp, 2 + i as i64)], burst)
+                .unwrap();
+        }
+        assert_eq!(c.counts().subscriptions, 1, "still within the allowance");
+        c.apply([put_aff("af", "d", true, exp, 1 << 40)], burst)
+            .unwrap();
+        assert_eq!(sub.try_recv(), Err(subscription::Lost));
+        assert_eq!(c.counts().subscriptions, 0);
+    }
+
+    /// A GC pass that expires 40 affiliates of a cluster at once is one burst too.
+    #[test]
+    fn a_gc_pass_is_one_burst() {
+        let t0 = Instant::now();
+        let c = Arc::new(Cluster::default());
+        for i in 0..40 {
+            update(&c, &format!("af{i}"), "d", &[], t0 + Duration::from_secs(1)).unwrap();
+        }
+        let (_, mut sub) = c.subscribe(32).unwrap();
+        assert_eq!(c.collect(t0 + Duration::from_secs(2)), 40);
+        let got = drain(&mut sub);
+        assert_eq!(got.len(), 40);
+        assert!(got.iter().all(|n| matches!(n, Notification::Deleted(_))));
     }
 
     #[test]
     fn a_reset_replaces_everything_and_restarts_watchers() {
         let exp = Instant::now() + Duration::from_secs(60);
         let c = Arc::new(Cluster::default());
-        c.apply([put_aff("old", "d", true, exp, 2)]).unwrap();
+        c.apply([put_aff("old", "d", true, exp, 2)], Burst::new())
+            .unwrap();
         let (_, mut sub) = c.subscribe(32).unwrap();
         let mut fresh = Affiliate::new(exp);
         fresh.set_stored(b"n", exp, 9);

@@ -19,7 +19,7 @@ use dashmap::DashMap;
 pub use affiliate::{Affiliate, Blob, DroppedEndpoints, Endpoint};
 pub use cluster::{Affiliates, Change, Cluster, ClusterCounts, Update, WriteView};
 pub use gc::GcReport;
-pub use subscription::{AffiliateView, Lost, Notification, Subscription};
+pub use subscription::{AffiliateView, Burst, Lost, Notification, Subscription};
 
 /// Errors of the state layer; the messages are part of the wire contract (§4.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -104,8 +104,9 @@ impl State {
         }
     }
 
-    /// Applies one etcd revision's changes to a cluster (etcd backend's mirror).
-    pub fn apply<'c, I>(&self, cluster_id: &str, changes: I)
+    /// Applies one etcd revision's changes to a cluster (etcd backend's mirror), as
+    /// part of `burst` (every revision of one watch response).
+    pub fn apply<'c, I>(&self, cluster_id: &str, changes: I, burst: Burst)
     where
         I: IntoIterator<Item = Change<&'c str>>,
         I::IntoIter: Clone,
@@ -114,7 +115,7 @@ impl State {
         loop {
             if self
                 .get_or_create(cluster_id)
-                .apply(changes.clone())
+                .apply(changes.clone(), burst)
                 .is_ok()
             {
                 return;

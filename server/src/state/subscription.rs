@@ -1,17 +1,24 @@
 //! A watcher's subscription to one cluster (reference §4.6, §4.8).
 //!
 //! Delivery is a non-blocking send into a bounded buffer so one slow watcher can never
-//! stall a cluster's writers. When the buffer is full the watcher has lost an update: it
-//! is unsubscribed at once and its next receive reports [`Lost`], even if older
-//! notifications are still buffered (Q9: end right away, the client resyncs anyway).
+//! stall a cluster's writers. A watcher that already has [`WATCH_BUFFER`] notifications
+//! waiting when a [`Burst`] begins is behind: it is unsubscribed at once and its next
+//! receive reports [`Lost`], even if older notifications are still buffered (Q9: end
+//! right away, the client resyncs anyway). A burst (changes made together: one update,
+//! one GC pass over a cluster, one etcd watch response) is delivered whole to a watcher
+//! that was not behind when it began, up to [`WATCH_BURST_MAX`] more: it had no chance
+//! to read in the middle of one, so a large burst says nothing about its pace.
+//!
+//! [`WATCH_BUFFER`]: crate::limits::WATCH_BUFFER
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::cluster::Cluster;
+use crate::limits::WATCH_BURST_MAX;
 
 /// An affiliate as clients see it: id, data and endpoints in insertion order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +37,25 @@ pub enum Notification {
     Deleted(String),
 }
 
+/// Notifications made together, delivered whole to a watcher that was not behind when
+/// the first of them was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Burst(u64);
+
+impl Burst {
+    /// A burst no earlier one equals.
+    pub fn new() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl Default for Burst {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The subscriber lost a notification because its buffer was full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("subscription canceled: lost update")]
@@ -41,6 +67,10 @@ pub(super) struct Subscriber {
     pub id: u64,
     tx: mpsc::Sender<Arc<Notification>>,
     lost: Arc<AtomicBool>,
+    /// Notifications waiting that make the watcher behind when a burst begins.
+    behind: usize,
+    /// The burst of the last delivery: the watcher was not behind when it began.
+    burst: Burst,
 }
 
 impl Subscriber {
@@ -52,7 +82,15 @@ impl Subscriber {
 
     /// Delivers without blocking; returns false when the subscriber must be dropped,
     /// either gone or too far behind (then flagged as lost).
-    pub fn deliver(&self, n: &Arc<Notification>) -> bool {
+    pub fn deliver(&mut self, n: &Arc<Notification>, burst: Burst) -> bool {
+        if self.burst != burst {
+            let waiting = self.tx.max_capacity() - self.tx.capacity();
+            if waiting >= self.behind {
+                self.lost.store(true, Ordering::Release);
+                return false;
+            }
+            self.burst = burst;
+        }
         match self.tx.try_send(n.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -74,19 +112,23 @@ pub struct Subscription {
     cluster: Arc<Cluster>,
 }
 
-/// Creates both ends with a buffer of `capacity` notifications.
+/// Creates both ends: the watcher is behind with `capacity` notifications waiting.
 pub(super) fn channel(
     id: u64,
     capacity: usize,
     cluster: Arc<Cluster>,
 ) -> (Subscriber, Subscription) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let behind = capacity.max(1);
+    // The channel allocates its slots as they fill, so this bound costs nothing unused.
+    let (tx, rx) = mpsc::channel(behind + WATCH_BURST_MAX);
     let lost = Arc::new(AtomicBool::new(false));
     (
         Subscriber {
             id,
             tx,
             lost: lost.clone(),
+            behind,
+            burst: Burst(0),
         },
         Subscription {
             id,
