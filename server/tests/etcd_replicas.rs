@@ -663,6 +663,72 @@ async fn a_lease_revoked_behind_the_replicas_back_is_replaced() {
     replica.shutdown().await.unwrap();
 }
 
+/// The first member never answers (a loopback listener that accepts and stays
+/// silent), so a lease grant reaches the second member one attempt timeout late. The
+/// lease must still end with its bucket: its TTL is counted from when the grant was
+/// sent, not from when the writer asked (that made every key of the bucket outlive it
+/// by the wasted attempt).
+#[tokio::test]
+async fn a_lease_granted_after_a_failed_attempt_still_ends_with_its_bucket() {
+    use discovery_service::etcd::leases::Leases;
+    use discovery_service::etcd::proto::etcdserverpb::LeaseTimeToLiveRequest;
+    use discovery_service::etcd::proto::etcdserverpb::lease_client::LeaseClient;
+    use discovery_service::etcd::{EtcdClient, EtcdOptions, clock};
+
+    let etcd = Etcd::start(1).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let client = EtcdClient::new(&EtcdOptions {
+        endpoints: vec![silent_url, etcd.endpoints()[0].clone()],
+        ..Default::default()
+    })
+    .unwrap();
+    let leases = Leases::new(Duration::from_secs(5));
+    let asked = clock::now_ms();
+    let expiry = asked + 60_000;
+    let id = within("lease", leases.for_expiry(&client, expiry, asked))
+        .await
+        .unwrap();
+    let returned = clock::now_ms();
+    assert!(
+        returned - asked >= 2_000,
+        "the silent member was tried first"
+    );
+    let end_ms = leases.bucket_end(expiry) * 1000;
+
+    let channel = within(
+        "connect to etcd",
+        Channel::from_shared(etcd.endpoints()[0].clone())
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let granted = within(
+        "lease ttl",
+        LeaseClient::new(channel).lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .granted_ttl;
+    // Granted when sent, at most a second before `returned` (the attempt that
+    // answered), rounded up to the second: it ends before `end_ms` + 2 s. Counted from
+    // `asked`, it would end at least the 2 s attempt timeout later than that.
+    let ends_by = returned + granted * 1000;
+    assert!(
+        ends_by < end_ms + 2_000,
+        "a lease of {granted} s granted by {returned} outlives its bucket ending at {end_ms}"
+    );
+    held.abort();
+}
+
 /// etcd compacts while a replica starts, between two pages of its full read, so the
 /// revision it reads at is gone: it reads again at the latest revision and starts with
 /// everything, rather than failing to start.

@@ -218,12 +218,21 @@ impl EtcdClient {
     }
 
     pub async fn lease_grant(&self, ttl_seconds: i64) -> Result<pb::LeaseGrantResponse, CallError> {
-        self.call("lease grant", |ch| async move {
-            let req = pb::LeaseGrantRequest {
-                ttl: ttl_seconds,
-                id: 0,
-            };
-            Ok(LeaseClient::new(ch).lease_grant(req).await?.into_inner())
+        self.grant(|| ttl_seconds).await
+    }
+
+    /// A lease that ends at `end` (Unix seconds), never earlier: its TTL is computed as
+    /// each attempt is sent, so attempts that timed out on other members do not make it
+    /// outlive `end` by their time.
+    pub async fn lease_grant_until(&self, end: i64) -> Result<pb::LeaseGrantResponse, CallError> {
+        self.grant(|| super::leases::grant_ttl(end, super::clock::now_ms()))
+            .await
+    }
+
+    async fn grant(&self, ttl: impl Fn() -> i64) -> Result<pb::LeaseGrantResponse, CallError> {
+        self.call("lease grant", |ch| {
+            let req = pb::LeaseGrantRequest { ttl: ttl(), id: 0 };
+            async move { Ok(LeaseClient::new(ch).lease_grant(req).await?.into_inner()) }
         })
         .await
     }

@@ -89,7 +89,9 @@ impl Leases {
         if let Some(&id) = map.get(&end) {
             return Ok(id);
         }
-        let granted = client.lease_grant(grant_ttl(end, now_ms)).await?;
+        // Not from `now_ms`: this writer may have waited for the lock, and the grant
+        // may go to a second member after the first timed out.
+        let granted = client.lease_grant_until(end).await?;
         if !granted.error.is_empty() {
             return Err(CallError::Rejected(tonic::Status::internal(granted.error)));
         }
