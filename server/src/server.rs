@@ -144,6 +144,11 @@ impl Server {
             )
             .await?;
             loops.push(mirror);
+            // Housekeeping on GC's schedule: leases expire the affiliates themselves.
+            loops.push(tokio::spawn(
+                etcd.clone()
+                    .retire_guards_every(config.gc_interval, background.clone()),
+            ));
             metrics.register_etcd(etcd.clone());
             Backend::Etcd(etcd)
         } else {

@@ -798,8 +798,9 @@ async fn ttls_are_shared_leases_and_expire_across_replica_restarts() {
     first.shutdown().await.unwrap();
 
     // A new replica finds them in etcd, then sees them expire with nobody left to
-    // run a GC: etcd's leases do it. 200 deletions at once overrun a watcher's buffer,
-    // so the watcher resubscribes as Talos's client does, and its view converges.
+    // run a GC: etcd's leases do it. Deletions spread over several watch responses
+    // can overrun a watcher's buffer; the watcher then resubscribes as Talos's client
+    // does, and its view converges.
     let second = start(cfg).await;
     let mut c = client(&second).await;
     assert_eq!(list(&mut c, "c").await.len(), 200);
@@ -823,6 +824,103 @@ async fn ttls_are_shared_leases_and_expire_across_replica_restarts() {
     .await;
     assert!(list(&mut c, "c").await.is_empty());
     second.shutdown().await.unwrap();
+}
+
+/// A cluster's guard key (every creation is conditional on its revision) lives as long
+/// as the cluster has affiliates, whatever their leases, and goes once it is empty. It
+/// used to carry the lease of the affiliate that last created one, so it could expire
+/// under a live cluster: "no guard" came back, and a creation planned before another
+/// replica's then passed its check and made 1,025 affiliates.
+#[tokio::test]
+async fn a_clusters_guard_lives_while_it_has_affiliates_and_goes_when_it_is_empty() {
+    use discovery_service::etcd::keys::Layout;
+    use discovery_service::etcd::proto::etcdserverpb::kv_client::KvClient;
+    use discovery_service::etcd::proto::etcdserverpb::watch_client::WatchClient;
+    use discovery_service::etcd::proto::etcdserverpb::{
+        RangeRequest, WatchCreateRequest, WatchRequest as EtcdWatch, watch_request,
+    };
+    use discovery_service::etcd::proto::mvccpb::event::EventType;
+    use futures::StreamExt;
+
+    let etcd = Etcd::start(1).await;
+    let mut cfg = etcd.config("/guard/");
+    cfg.etcd_lease_bucket = Duration::from_secs(1);
+    cfg.gc_interval = Duration::from_millis(50);
+    let replica = start(cfg).await;
+    let mut c = client(&replica).await;
+    let guard = bytes::Bytes::from(Layout::new("/guard/").guard("c"));
+    let channel = within(
+        "connect to etcd",
+        Channel::from_shared(etcd.endpoints()[0].clone())
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut kv = KvClient::new(channel.clone());
+    let mut guard_count = async || {
+        within(
+            "range",
+            kv.range(RangeRequest {
+                key: guard.clone(),
+                count_only: true,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner()
+        .count
+    };
+
+    // The long-lived affiliate first, then one whose lease ends in about 2 s.
+    c.affiliate_update(update("c", "long", "d", &[], 300))
+        .await
+        .unwrap();
+    let mut w = c.watch(watch_req("c")).await.unwrap().into_inner();
+    assert_eq!(next(&mut w).await.unwrap().unwrap().affiliates.len(), 1);
+    c.affiliate_update(update("c", "short", "d", &[], 1))
+        .await
+        .unwrap();
+    assert_eq!(changes(&mut w, 1).await, [("short".into(), "d".into())]);
+    let gone = next(&mut w).await.unwrap().expect("the stream goes on");
+    assert!(gone.deleted && gone.affiliates[0].id == "short", "{gone:?}");
+    assert_eq!(guard_count().await, 1, "the guard outlives the short lease");
+
+    // Empty: the guard goes at the next GC pass.
+    let watch_guard = EtcdWatch {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: guard.clone(),
+                ..Default::default()
+            },
+        )),
+    };
+    let requests = futures::stream::iter([watch_guard]).chain(futures::stream::pending());
+    let mut events = within("etcd watch", WatchClient::new(channel).watch(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    c.affiliate_delete(discovery_service::proto::server::AffiliateDeleteRequest {
+        cluster_id: "c".into(),
+        affiliate_id: "long".into(),
+    })
+    .await
+    .unwrap();
+    within("the guard's deletion", async {
+        loop {
+            let m = events.message().await.unwrap().expect("etcd watch goes on");
+            if m.events
+                .iter()
+                .any(|e| e.r#type == EventType::Delete as i32)
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert_eq!(guard_count().await, 0);
+    replica.shutdown().await.unwrap();
 }
 
 #[tokio::test]

@@ -192,6 +192,16 @@ impl Layout {
         put_hex(k, affiliate.as_bytes());
     }
 
+    /// The range of a cluster's affiliate keys.
+    pub fn affiliates(&self, cluster: &str) -> (Vec<u8>, Vec<u8>) {
+        let k = exact(self.cluster_len(cluster) + 2, |k| {
+            self.put_cluster(k, cluster);
+            k.put_slice(b"a/");
+        });
+        let end = range_end(&k);
+        (k, end)
+    }
+
     /// `P c/<cluster>/e/<affiliate>/`.
     fn put_endpoints_prefix(&self, k: &mut impl BufMut, cluster: &str, affiliate: &str) {
         self.put_cluster(k, cluster);

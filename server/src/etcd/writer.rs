@@ -10,7 +10,7 @@
 //! right after sees the write.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio_util::sync::CancellationToken;
@@ -241,7 +241,11 @@ impl EtcdState {
             layout.put_guard(&mut buf, cluster);
             let guard = buf.split().freeze();
             compare.push(mod_revision_is(guard.clone(), view.guard_revision));
-            ops.push(put(guard, Bytes::new(), aff_lease));
+            // No lease: a guard that expired while its cluster still had affiliates
+            // would make "no guard" (revision 0) come back, and a creation planned
+            // before a later one would then pass its check (ABA) and overrun the
+            // limit. Only `retire_guards` deletes it, once the cluster is empty.
+            ops.push(put(guard, Bytes::new(), 0));
         }
         for e in &plan.endpoints {
             // An endpoint never outlives its affiliate's lease: it goes with it, as in
@@ -291,6 +295,54 @@ impl EtcdState {
         }
         let revision = r.header.map(|h| h.revision).unwrap_or(0);
         Ok(self.mirror.wait_for(revision).await?)
+    }
+
+    /// Deletes the guard key of every cluster this replica sees empty, each in a
+    /// transaction that holds only while the cluster has no affiliate key and the
+    /// guard is the one seen: a cluster in use keeps its guard for as long as it has
+    /// affiliates, and an empty one leaves nothing in etcd. Every replica does this;
+    /// the first transaction deletes, the others find the guard gone.
+    pub async fn retire_guards(&self) {
+        for (cluster, c) in self.state().clusters() {
+            let Some(revision) = c.empty_guard() else {
+                continue;
+            };
+            let (start, end) = self.layout.affiliates(&cluster);
+            let guard = self.layout.guard(&cluster);
+            let txn = conditional(
+                vec![
+                    mod_revision_is(guard.clone().into(), revision),
+                    pb::Compare {
+                        result: compare::CompareResult::Equal as i32,
+                        target: compare::CompareTarget::Create as i32,
+                        key: start.into(),
+                        range_end: end.into(),
+                        target_union: Some(compare::TargetUnion::CreateRevision(0)),
+                    },
+                ],
+                vec![delete(guard, Vec::new())],
+            );
+            if let Err(e) = self.client.txn(txn).await {
+                tracing::debug!(error = %e, "cannot retire an empty cluster's guard key");
+                return;
+            }
+        }
+    }
+
+    /// [`Self::retire_guards`] every `every`, until `stop`.
+    pub async fn retire_guards_every(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(every.max(Duration::from_millis(1)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.retire_guards() => {}
+            }
+        }
     }
 
     /// List, after catching up with etcd.

@@ -449,6 +449,13 @@ impl Cluster {
         false
     }
 
+    /// The guard revision of a cluster without affiliates whose guard key is still in
+    /// etcd (etcd backend), for retiring that key.
+    pub fn empty_guard(&self) -> Option<i64> {
+        let inner = self.lock();
+        (inner.affiliates.is_empty() && inner.guard_revision != 0).then_some(inner.guard_revision)
+    }
+
     pub fn counts(&self) -> ClusterCounts {
         let inner = self.lock();
         ClusterCounts {
