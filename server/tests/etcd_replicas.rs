@@ -462,6 +462,61 @@ async fn a_watcher_gets_a_batch_larger_than_its_buffer_whole() {
     replica.shutdown().await.unwrap();
 }
 
+/// 200 Lists at once on one replica: each must answer with everything acknowledged
+/// before it began, anywhere, which takes a write to etcd (a marker the replica then
+/// waits to see); they share those writes instead of making 200.
+#[tokio::test]
+async fn concurrent_lists_share_their_writes_to_etcd() {
+    use discovery_service::etcd::proto::etcdserverpb::RangeRequest;
+    use discovery_service::etcd::proto::etcdserverpb::kv_client::KvClient;
+    use discovery_service::proto::server::ListRequest;
+
+    let etcd = Etcd::start(1).await;
+    let replica = start(etcd.config("/shared-marks/")).await;
+    let mut c = client(&replica).await;
+    c.affiliate_update(update("c", "n", "d", &[], 300))
+        .await
+        .unwrap();
+    let channel = within(
+        "connect to etcd",
+        Channel::from_shared(etcd.endpoints()[0].clone())
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut kv = KvClient::new(channel);
+    let mut revision = async || {
+        let r = within(
+            "range",
+            kv.range(RangeRequest {
+                key: bytes::Bytes::from_static(b"/"),
+                count_only: true,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+        r.into_inner().header.unwrap().revision
+    };
+    let before = revision().await;
+    let lists = (0..200).map(|_| {
+        let mut c = c.clone();
+        async move {
+            c.list(ListRequest {
+                cluster_id: "c".into(),
+            })
+            .await
+        }
+    });
+    for r in within("200 lists", futures::future::join_all(lists)).await {
+        assert_eq!(r.unwrap().into_inner().affiliates.len(), 1);
+    }
+    let writes = revision().await - before;
+    assert!(writes <= 20, "{writes} etcd writes for 200 lists");
+    replica.shutdown().await.unwrap();
+}
+
 /// Retries an update (bounded) while etcd members come back: until then each attempt
 /// must fail with UNAVAILABLE. The replica's client reconnects at its own pace, with
 /// nothing to await from outside, hence the pause between attempts.

@@ -46,9 +46,22 @@ pub struct Mirror {
     /// resume after etcd compacted the quiet stretch, instead of reading everything
     /// again and restarting every watcher.
     quiet_mark: Duration,
+    marks: Marks,
     resyncs: AtomicU64,
     resumes: AtomicU64,
     read_restarts: AtomicU64,
+}
+
+/// Sentinel writes shared by barriers: a barrier waits for the first write sent after
+/// it began, so a wave of Lists and Watches (the watchers of a lost replica coming
+/// back) costs etcd about two writes per round trip rather than one per call.
+#[derive(Debug)]
+struct Marks {
+    /// Barriers begun so far; each takes the next number.
+    begun: AtomicU64,
+    /// Held while a write is in flight: the last write's outcome, and the barriers it
+    /// serves (those begun before it was sent).
+    last: tokio::sync::Mutex<(u64, Result<i64, Unavailable>)>,
 }
 
 /// How the mirror follows etcd, for `/metrics`.
@@ -88,6 +101,10 @@ impl Mirror {
             stalled: watch::Sender::new((0, tokio::time::Instant::now())),
             // A mark per moment would be a write loop.
             quiet_mark: quiet_mark.max(Duration::from_millis(100)),
+            marks: Marks {
+                begun: AtomicU64::new(0),
+                last: tokio::sync::Mutex::new((0, Ok(0))),
+            },
             resyncs: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
             read_restarts: AtomicU64::new(0),
@@ -366,8 +383,23 @@ impl Mirror {
     /// point, since its event is certain to arrive. Fails when etcd has no quorum or
     /// this replica cannot catch up.
     pub async fn barrier(&self) -> Result<(), Unavailable> {
-        let revision = self.mark().await?;
+        let revision = self.shared_mark().await?;
         self.wait_for(revision).await
+    }
+
+    /// The revision of a sentinel write sent after this call began, shared with every
+    /// other call begun before that write was sent.
+    async fn shared_mark(&self) -> Result<i64, Unavailable> {
+        let me = self.marks.begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut last = self.marks.last.lock().await;
+        if last.0 >= me {
+            return last.1.clone();
+        }
+        // Read before the write is sent: every barrier counted here began before it.
+        let serves = self.marks.begun.load(Ordering::SeqCst);
+        let outcome = self.mark().await;
+        *last = (serves, outcome.clone());
+        outcome
     }
 
     /// Writes the sentinel key; returns the revision of that write.
