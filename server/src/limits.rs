@@ -8,11 +8,16 @@ use std::time::Duration;
 pub use discovery_common::sidero_limits::*;
 
 /// Notifications a watcher may have waiting when a burst of changes begins; with this
-/// many it is behind, and its stream is aborted (see `state::subscription`).
+/// many, unread for [`WATCH_STALL`], it is behind, and its stream is aborted (see
+/// `state::subscription`).
 pub const WATCH_BUFFER: usize = 32;
-/// Notifications of one burst a watcher that was not behind may have waiting beyond
-/// [`WATCH_BUFFER`]: twice a full cluster, so only a burst that changes a whole cluster
-/// more than twice over (a watch catching up after a long stall) aborts anyway.
+/// How long a watcher with [`WATCH_BUFFER`] notifications waiting may read none of
+/// them before it is behind: longer than a busy server takes to schedule it.
+pub const WATCH_STALL: Duration = Duration::from_secs(1);
+/// Notifications a watcher that is not behind may have waiting beyond [`WATCH_BUFFER`]
+/// before it is cut anyway: twice a full cluster, so only a whole cluster changing more
+/// than twice over faster than the watcher reads (a watch catching up after a long
+/// stall) cuts a watcher that keeps reading. Bounds what one that never reads holds.
 pub const WATCH_BURST_MAX: usize = 2 * CLUSTER_AFFILIATES_MAX;
 
 /// Largest `ClusterSnapshot` record accepted on load (upstream's `MaxClusterSize`). It is

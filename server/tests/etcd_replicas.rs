@@ -956,6 +956,11 @@ async fn a_clusters_guard_lives_while_it_has_affiliates_and_goes_when_it_is_empt
         .await
         .unwrap()
         .into_inner();
+    let created = within("etcd watch created", events.message())
+        .await
+        .unwrap()
+        .expect("etcd answers the watch");
+    assert!(created.created, "{created:?}");
     c.affiliate_delete(discovery_service::proto::server::AffiliateDeleteRequest {
         cluster_id: "c".into(),
         affiliate_id: "long".into(),

@@ -76,9 +76,9 @@ impl Applier {
         self.state.reset_all(read.finish());
     }
 
-    /// Applies events in order, one revision and one cluster at a time. A watcher gets
-    /// them as one [`Burst`]: it cannot read between them, so their number says nothing
-    /// about its pace.
+    /// Applies events in order, one revision and one cluster at a time, as one
+    /// [`Burst`]: they came together, so their number says nothing about a watcher's
+    /// pace.
     ///
     /// Allocates nothing per change: the events are decoded into buffers kept from one
     /// call to the next, and their list is freed before the state allocates what it

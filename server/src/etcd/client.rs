@@ -222,8 +222,9 @@ impl EtcdClient {
     }
 
     /// A lease that ends at `end` (Unix seconds), never earlier: its TTL is computed as
-    /// each attempt is sent, so attempts that timed out on other members do not make it
-    /// outlive `end` by their time.
+    /// each attempt begins, so attempts that timed out on other members do not make it
+    /// outlive `end` by their time (a connection the attempt must open first still
+    /// can, by at most [`ETCD_CONNECT_TIMEOUT`]).
     pub async fn lease_grant_until(&self, end: i64) -> Result<pb::LeaseGrantResponse, CallError> {
         self.grant(|| super::leases::grant_ttl(end, super::clock::now_ms()))
             .await

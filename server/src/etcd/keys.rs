@@ -11,9 +11,11 @@
 //! ```
 //!
 //! IDs and endpoint blobs are hex-encoded, so any byte string is a key segment and an
-//! endpoint's key is its bytes (byte-exact dedup by key). Each key carries a lease for
-//! its expiry; the expiry is also in the value, because the update rules compare
-//! expiries (an endpoint's is raised, never lowered) and leases are per bucket.
+//! endpoint's key is its bytes (byte-exact dedup by key). Affiliate and endpoint keys
+//! carry a lease for their expiry; the expiry is also in the value, because the update
+//! rules compare expiries (an endpoint's is raised, never lowered) and leases are per
+//! bucket. The guard and the sentinel have none: the guard lives while its cluster has
+//! affiliates (see `writer::EtcdState::retire_guards`).
 
 use bytes::{BufMut, Bytes};
 

@@ -53,8 +53,9 @@ pub struct Mirror {
 }
 
 /// Sentinel writes shared by barriers: a barrier waits for the first write sent after
-/// it began, so a wave of Lists and Watches (the watchers of a lost replica coming
-/// back) costs etcd about two writes per round trip rather than one per call.
+/// it began (one is in flight at a time, so it waits for at most two), and a wave of
+/// Lists and Watches (the watchers of a lost replica coming back) costs etcd a write
+/// per round trip rather than one per call.
 #[derive(Debug)]
 struct Marks {
     /// Barriers begun so far; each takes the next number.

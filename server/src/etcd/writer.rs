@@ -322,9 +322,16 @@ impl EtcdState {
                 ],
                 vec![delete(guard, Vec::new())],
             );
-            if let Err(e) = self.client.txn(txn).await {
-                tracing::debug!(error = %e, "cannot retire an empty cluster's guard key");
-                return;
+            match self.client.txn(txn).await {
+                Ok(_) => {}
+                // etcd is away: the next pass tries again.
+                Err(CallError::Unavailable(e)) => {
+                    tracing::debug!(error = %e, "cannot retire guard keys now");
+                    return;
+                }
+                Err(e @ CallError::Rejected(_)) => {
+                    tracing::warn!(cluster, error = %e, "cannot retire an empty cluster's guard key");
+                }
             }
         }
     }

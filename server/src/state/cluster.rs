@@ -506,7 +506,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::limits::WATCH_BURST_MAX;
+    use crate::limits::{WATCH_BURST_MAX, WATCH_STALL};
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
@@ -560,6 +560,12 @@ mod tests {
         update(&c, "af2", "data2", &["e1"], exp).unwrap();
         update(&c, "af2", "", &["e2"], exp).unwrap();
         c.delete("af1");
+        // `tiny` has read none of what waits for it for a whole stall.
+        c.apply(
+            [put_aff("af3", "data3", true, exp, 9)],
+            Burst::at(Instant::now() + WATCH_STALL),
+        )
+        .unwrap();
 
         assert_eq!(
             drain(&mut healthy),
@@ -568,6 +574,7 @@ mod tests {
                 upd("af2", "data2", &["e1"]),
                 upd("af2", "data2", &["e1", "e2"]),
                 Notification::Deleted("af1".into()),
+                upd("af3", "data3", &[]),
             ]
         );
         assert_eq!(tiny.try_recv().unwrap_err(), subscription::Lost);
@@ -804,7 +811,9 @@ mod tests {
 
     /// One etcd watch response (here 40 revisions of one cluster) is one burst: a
     /// watcher with room when it began gets all of it, however many more than its
-    /// buffer; one already holding a buffer's worth when the next burst begins is cut.
+    /// buffer, and so does the next burst right after (the watcher had no time to read);
+    /// one that has read none of a buffer's worth for WATCH_STALL when a burst begins
+    /// is cut.
     #[test]
     fn a_burst_reaches_a_watcher_that_was_not_behind_whole() {
         let exp = Instant::now() + Duration::from_secs(60);
@@ -820,16 +829,48 @@ mod tests {
         assert_eq!(got.len(), 40);
         assert_eq!(got[39], upd("af39", "d", &[]));
 
-        // 40 waiting when the next burst begins: behind, cut.
-        let burst = Burst::new();
+        // Two bursts back to back: 40 waiting when the second begins, none read yet.
+        let t = Instant::now();
+        let burst = Burst::at(t);
         for (i, id) in ids.iter().enumerate() {
             c.apply([put_aff(id, "e", true, exp, 50 + i as i64)], burst)
                 .unwrap();
         }
-        c.apply([put_aff("af0", "f", true, exp, 99)], Burst::new())
+        c.apply([put_aff("af0", "f", true, exp, 99)], Burst::at(t))
             .unwrap();
+        assert_eq!(c.counts().subscriptions, 1, "back to back is not behind");
+        // 41 waiting, none read since they began to wait, a stall later: cut.
+        c.apply(
+            [put_aff("af1", "g", true, exp, 100)],
+            Burst::at(t + WATCH_STALL),
+        )
+        .unwrap();
         assert_eq!(sub.try_recv(), Err(subscription::Lost));
         assert_eq!(c.counts().subscriptions, 0);
+    }
+
+    /// Reading keeps a watcher that is behind the buffer but not stalled.
+    #[test]
+    fn a_watcher_that_reads_is_not_behind() {
+        let exp = Instant::now() + Duration::from_secs(60);
+        let c = Arc::new(Cluster::default());
+        let (_, mut sub) = c.subscribe(32).unwrap();
+        let t = Instant::now();
+        let burst = Burst::at(t);
+        for i in 0..40 {
+            c.apply([put_aff("af", "d", true, exp, 2 + i)], burst)
+                .unwrap();
+        }
+        assert!(sub.try_recv().unwrap().is_some(), "one read, 39 waiting");
+        // The read came a moment after the burst began: a burst one stall after that
+        // one is less than a stall after the read.
+        c.apply(
+            [put_aff("af", "e", true, exp, 99)],
+            Burst::at(t + WATCH_STALL),
+        )
+        .unwrap();
+        assert_eq!(c.counts().subscriptions, 1);
+        assert_eq!(drain(&mut sub).len(), 40);
     }
 
     /// A burst's allowance is bounded: past WATCH_BURST_MAX more, the watcher is cut,

@@ -251,8 +251,10 @@ mod tests {
         assert_eq!(l[0].endpoints, vec![e("e1"), e("e2"), e("e3")]);
     }
 
+    /// Q9: 32 notifications may wait; with 32 waiting and none of them read for
+    /// WATCH_STALL, the next change ends the watcher.
     #[test]
-    fn a_watcher_may_fall_thirty_two_behind_and_the_thirty_third_ends_it() {
+    fn a_watcher_may_fall_thirty_two_behind_and_a_stalled_one_is_ended() {
         use crate::limits::WATCH_BUFFER;
         assert_eq!(WATCH_BUFFER, 32, "the reference's watch buffer (§4.6, §10)");
         let s = State::new();
@@ -280,9 +282,20 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(s.counts().subscriptions, 1);
+        // A 33rd at once is not a stall (the watcher had no time to read).
         s.update("c", &up("af", b"33rd", &[]), exp).unwrap();
-        assert_eq!(s.counts().subscriptions, 0, "the 33rd dropped the watcher");
-        // Lost at once, although 32 notifications are still buffered (Q9).
+        assert_eq!(s.counts().subscriptions, 1);
+        let stalled = Burst::at(Instant::now() + crate::limits::WATCH_STALL);
+        let change = Change::PutAffiliate {
+            id: "af",
+            data: Bytes::from_static(b"34th"),
+            data_set: true,
+            expiry: exp,
+            revision: 0,
+        };
+        s.apply("c", [change], stalled);
+        assert_eq!(s.counts().subscriptions, 0, "the stall dropped the watcher");
+        // Lost at once, although 33 notifications are still buffered (Q9).
         assert_eq!(sub.try_recv(), Err(Lost));
     }
 

@@ -1,24 +1,28 @@
 //! A watcher's subscription to one cluster (reference §4.6, §4.8).
 //!
 //! Delivery is a non-blocking send into a bounded buffer so one slow watcher can never
-//! stall a cluster's writers. A watcher that already has [`WATCH_BUFFER`] notifications
-//! waiting when a [`Burst`] begins is behind: it is unsubscribed at once and its next
-//! receive reports [`Lost`], even if older notifications are still buffered (Q9: end
-//! right away, the client resyncs anyway). A burst (changes made together: one update,
-//! one GC pass over a cluster, one etcd watch response) is delivered whole to a watcher
-//! that was not behind when it began, up to [`WATCH_BURST_MAX`] more: it had no chance
-//! to read in the middle of one, so a large burst says nothing about its pace.
+//! stall a cluster's writers. A watcher is behind when, as a [`Burst`] of changes
+//! begins, it has [`WATCH_BUFFER`] notifications waiting and has read none of them for
+//! [`WATCH_STALL`]: it is unsubscribed at once and its next receive reports [`Lost`],
+//! even if older notifications are still buffered (Q9: end right away, the client
+//! resyncs anyway). A burst (changes made together: one update, one GC pass over a
+//! cluster, one etcd watch response, where one batched transaction can change dozens of
+//! a cluster's affiliates) is delivered whole to a watcher that was not behind when it
+//! began, as are bursts that follow each other faster than a watcher can be scheduled:
+//! their size says nothing about its pace. Past [`WATCH_BURST_MAX`] more than the
+//! buffer, a watcher is cut anyway, so one that never reads holds a bounded queue.
 //!
 //! [`WATCH_BUFFER`]: crate::limits::WATCH_BUFFER
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::cluster::Cluster;
-use crate::limits::WATCH_BURST_MAX;
+use crate::limits::{WATCH_BURST_MAX, WATCH_STALL};
 
 /// An affiliate as clients see it: id, data and endpoints in insertion order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,19 +44,54 @@ pub enum Notification {
 /// Notifications made together, delivered whole to a watcher that was not behind when
 /// the first of them was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Burst(u64);
+pub struct Burst {
+    id: u64,
+    at: Instant,
+}
 
 impl Burst {
-    /// A burst no earlier one equals.
+    /// A burst beginning now, which no earlier one equals.
     pub fn new() -> Self {
+        Self::at(Instant::now())
+    }
+
+    /// A burst beginning at `at` (tests move time on with it).
+    pub fn at(at: Instant) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+        Self {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            at,
+        }
     }
 }
 
 impl Default for Burst {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// When a watcher last read, shared by its two ends: nanoseconds from a base instant.
+#[derive(Debug)]
+struct LastRead(AtomicU64);
+
+static BASE: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+impl LastRead {
+    fn now() -> Self {
+        let r = Self(AtomicU64::new(0));
+        r.mark(Instant::now());
+        r
+    }
+
+    fn mark(&self, t: Instant) {
+        let nanos = t.saturating_duration_since(*BASE).as_nanos();
+        self.0
+            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Instant {
+        *BASE + Duration::from_nanos(self.0.load(Ordering::Relaxed))
     }
 }
 
@@ -67,10 +106,13 @@ pub(super) struct Subscriber {
     pub id: u64,
     tx: mpsc::Sender<Arc<Notification>>,
     lost: Arc<AtomicBool>,
-    /// Notifications waiting that make the watcher behind when a burst begins.
+    /// Notifications waiting that, unread for [`WATCH_STALL`], make the watcher behind.
     behind: usize,
     /// The burst of the last delivery: the watcher was not behind when it began.
     burst: Burst,
+    /// When the oldest burst still waiting began (its queue was empty then).
+    waiting_since: Instant,
+    read: Arc<LastRead>,
 }
 
 impl Subscriber {
@@ -85,9 +127,14 @@ impl Subscriber {
     pub fn deliver(&mut self, n: &Arc<Notification>, burst: Burst) -> bool {
         if self.burst != burst {
             let waiting = self.tx.max_capacity() - self.tx.capacity();
-            if waiting >= self.behind {
-                self.lost.store(true, Ordering::Release);
-                return false;
+            if waiting == 0 {
+                self.waiting_since = burst.at;
+            } else if waiting >= self.behind {
+                let stuck_since = self.waiting_since.max(self.read.get());
+                if burst.at.saturating_duration_since(stuck_since) >= WATCH_STALL {
+                    self.lost.store(true, Ordering::Release);
+                    return false;
+                }
             }
             self.burst = burst;
         }
@@ -109,10 +156,12 @@ pub struct Subscription {
     id: u64,
     rx: mpsc::Receiver<Arc<Notification>>,
     lost: Arc<AtomicBool>,
+    read: Arc<LastRead>,
     cluster: Arc<Cluster>,
 }
 
-/// Creates both ends: the watcher is behind with `capacity` notifications waiting.
+/// Creates both ends: the watcher is behind with `capacity` notifications waiting
+/// unread for [`WATCH_STALL`].
 pub(super) fn channel(
     id: u64,
     capacity: usize,
@@ -122,18 +171,22 @@ pub(super) fn channel(
     // The channel allocates its slots as they fill, so this bound costs nothing unused.
     let (tx, rx) = mpsc::channel(behind + WATCH_BURST_MAX);
     let lost = Arc::new(AtomicBool::new(false));
+    let read = Arc::new(LastRead::now());
     (
         Subscriber {
             id,
             tx,
             lost: lost.clone(),
             behind,
-            burst: Burst(0),
+            burst: Burst { id: 0, at: *BASE },
+            waiting_since: *BASE,
+            read: read.clone(),
         },
         Subscription {
             id,
             rx,
             lost,
+            read,
             cluster,
         },
     )
@@ -146,13 +199,18 @@ impl Subscription {
         self.check()?;
         let n = self.rx.recv().await;
         self.check()?;
+        self.read.mark(Instant::now());
         Ok(n)
     }
 
     /// Non-blocking variant of [`Self::recv`], for tests and draining.
     pub fn try_recv(&mut self) -> Result<Option<Arc<Notification>>, Lost> {
         self.check()?;
-        Ok(self.rx.try_recv().ok())
+        let n = self.rx.try_recv().ok();
+        if n.is_some() {
+            self.read.mark(Instant::now());
+        }
+        Ok(n)
     }
 
     fn check(&self) -> Result<(), Lost> {
