@@ -420,12 +420,7 @@ async fn a_watcher_gets_a_batch_larger_than_its_buffer_whole() {
     proxy.set_slow(false);
 
     // The premise: most of them went in one revision.
-    let channel = within(
-        "connect to etcd",
-        Channel::from_shared(member).unwrap().connect(),
-    )
-    .await
-    .unwrap();
+    let channel = etcd.channel(0).await;
     let kvs = within(
         "range",
         KvClient::new(channel).range(RangeRequest {
@@ -477,14 +472,7 @@ async fn concurrent_lists_share_their_writes_to_etcd() {
     c.affiliate_update(update("c", "n", "d", &[], 300))
         .await
         .unwrap();
-    let channel = within(
-        "connect to etcd",
-        Channel::from_shared(etcd.endpoints()[0].clone())
-            .unwrap()
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let channel = etcd.channel(0).await;
     let mut kv = KvClient::new(channel);
     let mut revision = async || {
         let r = within(
@@ -681,14 +669,7 @@ async fn a_lease_revoked_behind_the_replicas_back_is_replaced() {
     let replica = start(cfg).await;
     let mut c = client(&replica).await;
     try_update(&mut c, "first", "d").await.unwrap();
-    let channel = within(
-        "connect to etcd",
-        Channel::from_shared(etcd.endpoints()[0].clone())
-            .unwrap()
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let channel = etcd.channel(0).await;
     let mut leases = LeaseClient::new(channel);
     let held = within("lease list", leases.lease_leases(LeaseLeasesRequest {}))
         .await
@@ -757,14 +738,7 @@ async fn a_lease_granted_after_a_failed_attempt_still_ends_with_its_bucket() {
     );
     let end_ms = leases.bucket_end(expiry) * 1000;
 
-    let channel = within(
-        "connect to etcd",
-        Channel::from_shared(etcd.endpoints()[0].clone())
-            .unwrap()
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let channel = etcd.channel(0).await;
     let granted = within(
         "lease ttl",
         LeaseClient::new(channel).lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false }),
@@ -904,14 +878,7 @@ async fn a_clusters_guard_lives_while_it_has_affiliates_and_goes_when_it_is_empt
     let replica = start(cfg).await;
     let mut c = client(&replica).await;
     let guard = bytes::Bytes::from(Layout::new("/guard/").guard("c"));
-    let channel = within(
-        "connect to etcd",
-        Channel::from_shared(etcd.endpoints()[0].clone())
-            .unwrap()
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let channel = etcd.channel(0).await;
     let mut kv = KvClient::new(channel.clone());
     let mut guard_count = async || {
         within(

@@ -204,6 +204,19 @@ impl Etcd {
         self.members.iter().map(|m| m.client.clone()).collect()
     }
 
+    /// A plain gRPC channel to member `i`, for calls the tests make to etcd itself.
+    pub async fn channel(&self, i: usize) -> tonic::transport::Channel {
+        let url = self.members[i].client.clone();
+        super::within(
+            "connect to etcd",
+            tonic::transport::Channel::from_shared(url)
+                .unwrap()
+                .connect(),
+        )
+        .await
+        .unwrap()
+    }
+
     pub fn tls(&self) -> Option<&TlsFiles> {
         self.tls.as_ref()
     }
