@@ -8,12 +8,13 @@ use std::time::Duration;
 pub use discovery_common::sidero_limits::*;
 
 /// Notifications a watcher may have waiting when a burst of changes begins; with this
-/// many, unread for [`WATCH_STALL`], it is behind, and its stream is aborted (see
+/// many, the oldest [`WATCH_STALL`] old, it is behind, and its stream is aborted (see
 /// `state::subscription`).
 pub const WATCH_BUFFER: usize = 32;
-/// How long a watcher with [`WATCH_BUFFER`] notifications waiting may read none of
-/// them before it is behind: longer than a busy server takes to schedule it.
-pub const WATCH_STALL: Duration = Duration::from_secs(1);
+/// How long the oldest of [`WATCH_BUFFER`] waiting notifications may wait before its
+/// watcher is behind: longer than a busy server takes to schedule a watcher, short
+/// enough that one lagging resyncs from a snapshot rather than wading through a backlog.
+pub const WATCH_STALL: Duration = Duration::from_millis(200);
 /// Notifications a watcher that is not behind may have waiting beyond [`WATCH_BUFFER`]
 /// before it is cut anyway: twice a full cluster, so only a whole cluster changing more
 /// than twice over faster than the watcher reads (a watch catching up after a long

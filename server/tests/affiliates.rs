@@ -271,7 +271,7 @@ async fn slow_watcher_is_aborted_and_healthy_one_keeps_going(backend: Backend) {
     let server = start(backend.config("slow_watcher_is_aborted_and_healthy_one_keeps_going")).await;
     let mut c = client(&server).await;
     // A watcher on its own connection that stops reading: HTTP/2 flow control fills,
-    // then the 32-slot buffer, and once it has read none of those for a second the
+    // then the 32-slot buffer, and once the oldest of those has waited 200 ms the
     // server cuts it.
     let mut slow_client = client(&server).await;
     let mut slow = slow_client

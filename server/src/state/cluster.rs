@@ -560,7 +560,7 @@ mod tests {
         update(&c, "af2", "data2", &["e1"], exp).unwrap();
         update(&c, "af2", "", &["e2"], exp).unwrap();
         c.delete("af1");
-        // `tiny` has read none of what waits for it for a whole stall.
+        // What waits for `tiny` has waited a whole stall.
         c.apply(
             [put_aff("af3", "data3", true, exp, 9)],
             Burst::at(Instant::now() + WATCH_STALL),
@@ -812,8 +812,8 @@ mod tests {
     /// One etcd watch response (here 40 revisions of one cluster) is one burst: a
     /// watcher with room when it began gets all of it, however many more than its
     /// buffer, and so does the next burst right after (the watcher had no time to read);
-    /// one that has read none of a buffer's worth for WATCH_STALL when a burst begins
-    /// is cut.
+    /// one with a buffer's worth waiting, the oldest for WATCH_STALL, when a burst
+    /// begins is cut.
     #[test]
     fn a_burst_reaches_a_watcher_that_was_not_behind_whole() {
         let exp = Instant::now() + Duration::from_secs(60);
@@ -839,7 +839,7 @@ mod tests {
         c.apply([put_aff("af0", "f", true, exp, 99)], Burst::at(t))
             .unwrap();
         assert_eq!(c.counts().subscriptions, 1, "back to back is not behind");
-        // 41 waiting, none read since they began to wait, a stall later: cut.
+        // 41 waiting, the oldest for a stall: cut.
         c.apply(
             [put_aff("af1", "g", true, exp, 100)],
             Burst::at(t + WATCH_STALL),
@@ -849,28 +849,33 @@ mod tests {
         assert_eq!(c.counts().subscriptions, 0);
     }
 
-    /// Reading keeps a watcher that is behind the buffer but not stalled.
+    /// What counts is the age of the oldest notification still unread: a backlog read
+    /// in full is forgotten, and a fresh one, however large, is not a stall.
     #[test]
-    fn a_watcher_that_reads_is_not_behind() {
+    fn a_watcher_is_judged_by_its_oldest_unread_notification() {
         let exp = Instant::now() + Duration::from_secs(60);
         let c = Arc::new(Cluster::default());
         let (_, mut sub) = c.subscribe(32).unwrap();
         let t = Instant::now();
-        let burst = Burst::at(t);
-        for i in 0..40 {
-            c.apply([put_aff("af", "d", true, exp, 2 + i)], burst)
-                .unwrap();
-        }
-        assert!(sub.try_recv().unwrap().is_some(), "one read, 39 waiting");
-        // The read came a moment after the burst began: a burst one stall after that
-        // one is less than a stall after the read.
-        c.apply(
-            [put_aff("af", "e", true, exp, 99)],
-            Burst::at(t + WATCH_STALL),
-        )
-        .unwrap();
+        let burst = |at: Instant, from: i64, c: &Cluster| {
+            let b = Burst::at(at);
+            for i in 0..40 {
+                c.apply([put_aff("af", "d", true, exp, from + i)], b)
+                    .unwrap();
+            }
+        };
+        burst(t, 0, &c);
+        assert_eq!(drain(&mut sub).len(), 40, "read in full");
+        // Long after, two bursts back to back: 40 waiting, but fresh.
+        burst(t + 2 * WATCH_STALL, 100, &c);
+        burst(t + 2 * WATCH_STALL, 200, &c);
         assert_eq!(c.counts().subscriptions, 1);
-        assert_eq!(drain(&mut sub).len(), 40);
+        // 30 of them read, 50 waiting, the oldest for a whole stall now.
+        for _ in 0..30 {
+            sub.try_recv().unwrap().expect("waiting");
+        }
+        burst(t + 3 * WATCH_STALL, 300, &c);
+        assert_eq!(sub.try_recv(), Err(subscription::Lost));
     }
 
     /// A burst's allowance is bounded: past WATCH_BURST_MAX more, the watcher is cut,

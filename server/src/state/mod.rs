@@ -251,8 +251,8 @@ mod tests {
         assert_eq!(l[0].endpoints, vec![e("e1"), e("e2"), e("e3")]);
     }
 
-    /// Q9: 32 notifications may wait; with 32 waiting and none of them read for
-    /// WATCH_STALL, the next change ends the watcher.
+    /// Q9: 32 notifications may wait; with 32 waiting, the oldest for WATCH_STALL, the
+    /// next change ends the watcher.
     #[test]
     fn a_watcher_may_fall_thirty_two_behind_and_a_stalled_one_is_ended() {
         use crate::limits::WATCH_BUFFER;

@@ -2,21 +2,23 @@
 //!
 //! Delivery is a non-blocking send into a bounded buffer so one slow watcher can never
 //! stall a cluster's writers. A watcher is behind when, as a [`Burst`] of changes
-//! begins, it has [`WATCH_BUFFER`] notifications waiting and has read none of them for
-//! [`WATCH_STALL`]: it is unsubscribed at once and its next receive reports [`Lost`],
-//! even if older notifications are still buffered (Q9: end right away, the client
-//! resyncs anyway). A burst (changes made together: one update, one GC pass over a
-//! cluster, one etcd watch response, where one batched transaction can change dozens of
-//! a cluster's affiliates) is delivered whole to a watcher that was not behind when it
-//! began, as are bursts that follow each other faster than a watcher can be scheduled:
-//! their size says nothing about its pace. Past [`WATCH_BURST_MAX`] more than the
-//! buffer, a watcher is cut anyway, so one that never reads holds a bounded queue.
+//! begins, it has [`WATCH_BUFFER`] notifications waiting and the oldest of them has
+//! waited [`WATCH_STALL`]: it is unsubscribed at once and its next receive reports
+//! [`Lost`], even if older notifications are still buffered (Q9: end right away, the
+//! client resyncs anyway, from a fresh snapshot rather than through its backlog). A
+//! burst (changes made together: one update, one GC pass over a cluster, one etcd
+//! watch response, where one batched transaction can change dozens of a cluster's
+//! affiliates) is delivered whole to a watcher that was not behind when it began, and
+//! so are bursts that follow each other faster than a watcher can be scheduled: their
+//! size says nothing about its pace. Past [`WATCH_BURST_MAX`] more than the buffer, a
+//! watcher is cut anyway.
 //!
 //! [`WATCH_BUFFER`]: crate::limits::WATCH_BUFFER
 
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -71,30 +73,6 @@ impl Default for Burst {
     }
 }
 
-/// When a watcher last read, shared by its two ends: nanoseconds from a base instant.
-#[derive(Debug)]
-struct LastRead(AtomicU64);
-
-static BASE: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-impl LastRead {
-    fn now() -> Self {
-        let r = Self(AtomicU64::new(0));
-        r.mark(Instant::now());
-        r
-    }
-
-    fn mark(&self, t: Instant) {
-        let nanos = t.saturating_duration_since(*BASE).as_nanos();
-        self.0
-            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-
-    fn get(&self) -> Instant {
-        *BASE + Duration::from_nanos(self.0.load(Ordering::Relaxed))
-    }
-}
-
 /// The subscriber lost a notification because its buffer was full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("subscription canceled: lost update")]
@@ -106,13 +84,17 @@ pub(super) struct Subscriber {
     pub id: u64,
     tx: mpsc::Sender<Arc<Notification>>,
     lost: Arc<AtomicBool>,
-    /// Notifications waiting that, unread for [`WATCH_STALL`], make the watcher behind.
+    /// Notifications waiting that, the oldest [`WATCH_STALL`] old, make it behind.
     behind: usize,
     /// The burst of the last delivery: the watcher was not behind when it began.
     burst: Burst,
-    /// When the oldest burst still waiting began (its queue was empty then).
-    waiting_since: Instant,
-    read: Arc<LastRead>,
+    /// Notifications sent so far.
+    sent: u64,
+    /// Notifications the watcher has received so far.
+    received: Arc<AtomicU64>,
+    /// The bursts not yet read in full, oldest first: when each began and how many
+    /// had been sent before it. At most one per notification waiting.
+    unread: VecDeque<(Instant, u64)>,
 }
 
 impl Subscriber {
@@ -126,20 +108,32 @@ impl Subscriber {
     /// either gone or too far behind (then flagged as lost).
     pub fn deliver(&mut self, n: &Arc<Notification>, burst: Burst) -> bool {
         if self.burst != burst {
-            let waiting = self.tx.max_capacity() - self.tx.capacity();
-            if waiting == 0 {
-                self.waiting_since = burst.at;
-            } else if waiting >= self.behind {
-                let stuck_since = self.waiting_since.max(self.read.get());
-                if burst.at.saturating_duration_since(stuck_since) >= WATCH_STALL {
-                    self.lost.store(true, Ordering::Release);
-                    return false;
+            let received = self.received.load(Ordering::Acquire);
+            // A burst is read in full once the watcher has received up to where the
+            // next one (or the sending so far) begins.
+            while !self.unread.is_empty() {
+                let end = self.unread.get(1).map_or(self.sent, |next| next.1);
+                if received < end {
+                    break;
                 }
+                self.unread.pop_front();
             }
+            let waiting = self.tx.max_capacity() - self.tx.capacity();
+            if let Some(&(oldest, _)) = self.unread.front()
+                && waiting >= self.behind
+                && burst.at.saturating_duration_since(oldest) >= WATCH_STALL
+            {
+                self.lost.store(true, Ordering::Release);
+                return false;
+            }
+            self.unread.push_back((burst.at, self.sent));
             self.burst = burst;
         }
         match self.tx.try_send(n.clone()) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.sent += 1;
+                true
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.lost.store(true, Ordering::Release);
                 false
@@ -156,12 +150,12 @@ pub struct Subscription {
     id: u64,
     rx: mpsc::Receiver<Arc<Notification>>,
     lost: Arc<AtomicBool>,
-    read: Arc<LastRead>,
+    received: Arc<AtomicU64>,
     cluster: Arc<Cluster>,
 }
 
-/// Creates both ends: the watcher is behind with `capacity` notifications waiting
-/// unread for [`WATCH_STALL`].
+/// Creates both ends: the watcher is behind with `capacity` notifications waiting, the
+/// oldest for [`WATCH_STALL`].
 pub(super) fn channel(
     id: u64,
     capacity: usize,
@@ -171,22 +165,26 @@ pub(super) fn channel(
     // The channel allocates its slots as they fill, so this bound costs nothing unused.
     let (tx, rx) = mpsc::channel(behind + WATCH_BURST_MAX);
     let lost = Arc::new(AtomicBool::new(false));
-    let read = Arc::new(LastRead::now());
+    let received = Arc::new(AtomicU64::new(0));
     (
         Subscriber {
             id,
             tx,
             lost: lost.clone(),
             behind,
-            burst: Burst { id: 0, at: *BASE },
-            waiting_since: *BASE,
-            read: read.clone(),
+            burst: Burst {
+                id: 0,
+                at: Instant::now(),
+            },
+            sent: 0,
+            received: received.clone(),
+            unread: VecDeque::new(),
         },
         Subscription {
             id,
             rx,
             lost,
-            read,
+            received,
             cluster,
         },
     )
@@ -199,7 +197,9 @@ impl Subscription {
         self.check()?;
         let n = self.rx.recv().await;
         self.check()?;
-        self.read.mark(Instant::now());
+        if n.is_some() {
+            self.received.fetch_add(1, Ordering::Release);
+        }
         Ok(n)
     }
 
@@ -208,7 +208,7 @@ impl Subscription {
         self.check()?;
         let n = self.rx.try_recv().ok();
         if n.is_some() {
-            self.read.mark(Instant::now());
+            self.received.fetch_add(1, Ordering::Release);
         }
         Ok(n)
     }
