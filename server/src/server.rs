@@ -53,12 +53,12 @@ pub struct Server {
 }
 
 /// GC once now, then every `interval`, logging each pass. With etcd, leases expire
-/// affiliates and endpoints; GC only drops the mirror's empty, unwatched clusters.
+/// affiliates and endpoints; GC only drops the mirror's empty, unwatched clusters and
+/// the guard keys of empty clusters in etcd.
 async fn gc_loop(
-    state: State,
+    backend: Backend,
     metrics: Arc<Metrics>,
     interval: Duration,
-    expire: bool,
     stop: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(1)));
@@ -68,10 +68,15 @@ async fn gc_loop(
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let r = if expire {
-            state.collect(Instant::now())
-        } else {
-            state.retire_empty()
+        let r = match &backend {
+            Backend::Memory(state) => state.collect(Instant::now()),
+            Backend::Etcd(etcd) => {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = etcd.retire_guards() => {}
+                }
+                etcd.state().retire_empty()
+            }
         };
         metrics.gc_runs.inc();
         metrics.gc_clusters.inc_by(r.removed_clusters as u64);
@@ -144,11 +149,6 @@ impl Server {
             )
             .await?;
             loops.push(mirror);
-            // Housekeeping on GC's schedule: leases expire the affiliates themselves.
-            loops.push(tokio::spawn(
-                etcd.clone()
-                    .retire_guards_every(config.gc_interval, background.clone()),
-            ));
             metrics.register_etcd(etcd.clone());
             Backend::Etcd(etcd)
         } else {
@@ -203,7 +203,7 @@ impl Server {
             redirect_endpoint: Some(config.redirect_endpoint.clone()).filter(|e| !e.is_empty()),
             disable_client_ip_reporting: config.disable_client_ip_reporting,
         };
-        let service = ClusterService::new(backend, observer, options, serving.clone());
+        let service = ClusterService::new(backend.clone(), observer, options, serving.clone());
         let landing = Arc::new(Landing::new(state.clone(), !config.disable_inspect));
 
         let grpc_addr = grpc_listener.local_addr()?;
@@ -243,10 +243,9 @@ impl Server {
         }
 
         loops.push(tokio::spawn(gc_loop(
-            state.clone(),
+            backend.clone(),
             metrics.clone(),
             config.gc_interval,
-            !on_etcd,
             background.clone(),
         )));
         loops.push(tokio::spawn(limiter_gc_loop(limiter, background.clone())));

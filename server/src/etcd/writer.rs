@@ -10,7 +10,7 @@
 //! right after sees the write.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio_util::sync::CancellationToken;
@@ -300,8 +300,8 @@ impl EtcdState {
     /// Deletes the guard key of every cluster this replica sees empty, each in a
     /// transaction that holds only while the cluster has no affiliate key and the
     /// guard is the one seen: a cluster in use keeps its guard for as long as it has
-    /// affiliates, and an empty one leaves nothing in etcd. Every replica does this;
-    /// the first transaction deletes, the others find the guard gone.
+    /// affiliates, and an empty one leaves nothing in etcd. Every replica's GC pass does
+    /// this; the first transaction deletes, the others find the guard gone.
     pub async fn retire_guards(&self) {
         for (cluster, c) in self.state().clusters() {
             let Some(revision) = c.empty_guard() else {
@@ -332,22 +332,6 @@ impl EtcdState {
                 Err(e @ CallError::Rejected(_)) => {
                     tracing::warn!(cluster, error = %e, "cannot retire an empty cluster's guard key");
                 }
-            }
-        }
-    }
-
-    /// [`Self::retire_guards`] every `every`, until `stop`.
-    pub async fn retire_guards_every(self: Arc<Self>, every: Duration, stop: CancellationToken) {
-        let mut ticker = tokio::time::interval(every.max(Duration::from_millis(1)));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = ticker.tick() => {}
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = self.retire_guards() => {}
             }
         }
     }
