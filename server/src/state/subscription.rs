@@ -118,9 +118,9 @@ impl Subscriber {
                 }
                 self.unread.pop_front();
             }
-            let waiting = self.tx.max_capacity() - self.tx.capacity();
+            let waiting = self.sent.saturating_sub(received);
             if let Some(&(oldest, _)) = self.unread.front()
-                && waiting >= self.behind
+                && waiting >= self.behind as u64
                 && burst.at.saturating_duration_since(oldest) >= WATCH_STALL
             {
                 self.lost.store(true, Ordering::Release);
