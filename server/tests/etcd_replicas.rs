@@ -758,6 +758,64 @@ async fn a_lease_granted_after_a_failed_attempt_still_ends_with_its_bucket() {
     held.abort();
 }
 
+/// A lease grant that is slow (its first member never answers, so it waits one attempt
+/// timeout) holds up only the writers of its own bucket: a writer whose bucket already
+/// has its lease goes on at once, and two writers of the new bucket share one grant.
+/// (The lease map's lock was held across the grant, so every writer waited for it.)
+#[tokio::test]
+async fn a_slow_lease_grant_holds_up_only_the_writers_of_its_own_bucket() {
+    use discovery_service::etcd::leases::Leases;
+    use discovery_service::etcd::{EtcdClient, EtcdOptions, clock};
+    use std::pin::pin;
+
+    let etcd = Etcd::start(1).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let client = |endpoints: Vec<String>| {
+        EtcdClient::new(&EtcdOptions {
+            endpoints,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let slow = client(vec![silent_url, etcd.endpoints()[0].clone()]);
+    let fast = client(vec![etcd.endpoints()[0].clone()]);
+    let leases = Leases::new(Duration::from_secs(5));
+    let now = clock::now_ms();
+    let (soon, later) = (now + 60_000, now + 120_000);
+    let lease = within("a first lease", leases.for_expiry(&fast, soon, now))
+        .await
+        .unwrap();
+
+    let mut first = pin!(leases.for_expiry(&slow, later, now));
+    let mut second = pin!(leases.for_expiry(&slow, later, now));
+    assert!(
+        futures::poll!(&mut first).is_pending(),
+        "granting on the silent member"
+    );
+    assert!(
+        futures::poll!(&mut second).is_pending(),
+        "waiting for that grant"
+    );
+    let again = within(
+        "the lease of a bucket that has one, while another bucket's grant waits",
+        leases.for_expiry(&fast, soon, now),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again, lease);
+    let (a, b) = within("the slow grant", futures::future::join(first, second)).await;
+    assert_eq!(a.unwrap(), b.unwrap(), "one grant for the new bucket");
+    assert_eq!(fast.lease_count().await.unwrap(), 2);
+    held.abort();
+}
+
 /// etcd compacts while a replica starts, between two pages of its full read, so the
 /// revision it reads at is gone: it reads again at the latest revision and starts with
 /// everything, rather than failing to start.

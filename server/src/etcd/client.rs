@@ -241,7 +241,10 @@ impl EtcdClient {
     /// The IDs of every lease etcd holds.
     pub async fn lease_ids(&self) -> Result<Vec<i64>, CallError> {
         self.call("lease list", |ch| async move {
+            // Every lease of the whole etcd, other users' too: more than tonic's
+            // default 4 MiB once it holds a few hundred thousand.
             let r = LeaseClient::new(ch)
+                .max_decoding_message_size(MAX_MESSAGE)
                 .lease_leases(pb::LeaseLeasesRequest {})
                 .await?;
             Ok(r.into_inner().leases.iter().map(|l| l.id).collect())

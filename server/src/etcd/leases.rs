@@ -7,9 +7,10 @@
 //! Each replica grants its own lease per bucket (replicas need not agree on lease IDs)
 //! and forgets it once the bucket has passed; etcd revokes it at the bucket's end.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::Mutex;
+use tokio::sync::OnceCell;
 
 use super::client::{CallError, EtcdClient};
 
@@ -39,9 +40,11 @@ const ETCD_MIN_TTL: i64 = 2;
 pub struct Leases {
     /// Bucket width in seconds.
     width: i64,
-    /// Bucket end (Unix seconds) → lease ID. Held across a grant, so concurrent
-    /// writers to a new bucket share one grant.
-    by_bucket: Mutex<BTreeMap<i64, i64>>,
+    /// Bucket end (Unix seconds) → its lease ID, once granted. The map's lock is
+    /// never held across a call to etcd: writers to a bucket that has its lease go on
+    /// while another bucket's grant is slow, and concurrent writers to a new bucket
+    /// share its cell, so one grant.
+    by_bucket: Mutex<BTreeMap<i64, Arc<OnceCell<i64>>>>,
 }
 
 impl Leases {
@@ -76,27 +79,38 @@ impl Leases {
         now_ms: i64,
     ) -> Result<i64, CallError> {
         let end = self.lease_bucket(expiry_ms, now_ms);
-        let mut map = self.by_bucket.lock().await;
-        // Buckets that have ended are gone from etcd (one ending now may be too: its
-        // write then fails with "lease not found" and is retried with a fresh lease).
-        let now_s = now_ms.div_euclid(1000);
-        while let Some((&b, _)) = map.first_key_value() {
-            if b >= now_s {
-                break;
+        let cell = {
+            let mut map = self.buckets();
+            // Buckets that have ended are gone from etcd (one ending now may be too:
+            // its write then fails with "lease not found" and is retried with a fresh
+            // lease).
+            let now_s = now_ms.div_euclid(1000);
+            while map.first_key_value().is_some_and(|(&b, _)| b < now_s) {
+                map.pop_first();
             }
-            map.pop_first();
-        }
-        if let Some(&id) = map.get(&end) {
-            return Ok(id);
-        }
-        // Not from `now_ms`: this writer may have waited for the lock, and the grant
-        // may go to a second member after the first timed out.
-        let granted = client.lease_grant_until(end).await?;
-        if !granted.error.is_empty() {
-            return Err(CallError::Rejected(tonic::Status::internal(granted.error)));
-        }
-        map.insert(end, granted.id);
-        Ok(granted.id)
+            map.entry(end).or_default().clone()
+        };
+        // A grant that fails (or whose writer gives up) leaves the cell empty: the
+        // next writer to the bucket grants.
+        let id = cell
+            .get_or_try_init(|| async {
+                // Not from `now_ms`: this writer may have waited for another's grant,
+                // and the grant may go to a second member after the first timed out.
+                let granted = client.lease_grant_until(end).await?;
+                if !granted.error.is_empty() {
+                    return Err(CallError::Rejected(tonic::Status::internal(granted.error)));
+                }
+                Ok(granted.id)
+            })
+            .await?;
+        Ok(*id)
+    }
+
+    fn buckets(&self) -> std::sync::MutexGuard<'_, BTreeMap<i64, Arc<OnceCell<i64>>>> {
+        // Nothing panics while holding it; a poisoned map is still a valid map.
+        self.by_bucket
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// After etcd answered "lease not found": forgets exactly the leases it no longer
@@ -110,18 +124,29 @@ impl Leases {
         expiries: impl IntoIterator<Item = i64>,
         now_ms: i64,
     ) {
+        // Leases granted while etcd lists its own are missing from the list: only
+        // those known before asking can be judged by it.
+        let known: HashSet<i64> = self
+            .buckets()
+            .values()
+            .filter_map(|c| c.get())
+            .copied()
+            .collect();
         match client.lease_ids().await {
             Ok(held) => {
-                let held: std::collections::HashSet<i64> = held.into_iter().collect();
-                self.by_bucket
-                    .lock()
-                    .await
-                    .retain(|_, id| held.contains(id));
+                let held: HashSet<i64> = held.into_iter().collect();
+                self.buckets().retain(|_, cell| {
+                    cell.get()
+                        .is_none_or(|id| held.contains(id) || !known.contains(id))
+                });
             }
             Err(_) => {
-                let mut map = self.by_bucket.lock().await;
+                let mut map = self.buckets();
                 for expiry_ms in expiries {
-                    map.remove(&self.lease_bucket(expiry_ms, now_ms));
+                    let bucket = self.lease_bucket(expiry_ms, now_ms);
+                    if map.get(&bucket).is_some_and(|cell| cell.initialized()) {
+                        map.remove(&bucket);
+                    }
                 }
             }
         }
