@@ -80,6 +80,10 @@ pub const ETCD_QUEUE_MAX: usize = 4096;
 /// Updates held back for a later batch (each shares a key with an update before it)
 /// at most; while this many are held, no more leave the queue, which stays bounded.
 pub const ETCD_HELD_MAX: usize = ETCD_BATCH_OPS;
+/// How long past its lease bucket's end a key must still be in etcd before a GC pass
+/// deletes it itself (its lease outlived it: etcd restarted the lease's TTL). Well past
+/// etcd's own lease expiry checks and the clock skew NTP leaves between replicas.
+pub const ETCD_OVERDUE_GRACE: Duration = Duration::from_secs(10);
 /// A replica that has applied nothing from etcd for this long writes a marker key, so
 /// its watch position stays recent: a watch that breaks after a quiet stretch longer
 /// than etcd's compaction retention then resumes instead of re-reading everything.

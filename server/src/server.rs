@@ -71,9 +71,21 @@ async fn gc_loop(
         let r = match &backend {
             Backend::Memory(state) => state.collect(Instant::now()),
             Backend::Etcd(etcd) => {
-                tokio::select! {
+                let (affiliates, endpoints) = tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = etcd.retire_guards() => {}
+                    overdue = async {
+                        let overdue = etcd.expire_overdue().await;
+                        etcd.retire_guards().await;
+                        overdue
+                    } => overdue,
+                };
+                if affiliates + endpoints > 0 {
+                    tracing::warn!(
+                        affiliates,
+                        endpoints,
+                        "deleted keys whose etcd leases outlived their expiry; etcd restarts every lease's \
+                         TTL when its leader changes unless it runs with lease checkpointing"
+                    );
                 }
                 etcd.state().retire_empty()
             }

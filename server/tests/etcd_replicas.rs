@@ -913,6 +913,123 @@ async fn ttls_are_shared_leases_and_expire_across_replica_restarts() {
     second.shutdown().await.unwrap();
 }
 
+/// A lease can outlive its keys' expiry: etcd restarts every lease's full TTL when its
+/// leader changes (unless lease checkpointing is on and persisted, which etcd 3.4
+/// cannot do). The keys are written here as such a reset leaves them, under a lease of
+/// ten minutes but with expiries a minute past: an expired affiliate with its endpoint,
+/// and a live one with one expired endpoint. The GC pass deletes what expired, as the
+/// memory backend's would, and watchers and Lists hear it; what is live stays.
+#[tokio::test]
+async fn keys_whose_lease_outlived_their_expiry_are_deleted_by_gc() {
+    use discovery_service::etcd::clock;
+    use discovery_service::etcd::keys::{AffiliateValue, EndpointValue, Layout};
+    use discovery_service::etcd::proto::etcdserverpb::kv_client::KvClient;
+    use discovery_service::etcd::proto::etcdserverpb::lease_client::LeaseClient;
+    use discovery_service::etcd::proto::etcdserverpb::{
+        LeaseGrantRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, request_op,
+    };
+
+    let etcd = Etcd::start(1).await;
+    let prefix = "/overdue/";
+    let mut cfg = etcd.config(prefix);
+    cfg.gc_interval = Duration::from_millis(50);
+    let replica = start(cfg).await;
+    let mut c = client(&replica).await;
+    let mut w = c.watch(watch_req("c")).await.unwrap().into_inner();
+    assert!(next(&mut w).await.unwrap().unwrap().affiliates.is_empty());
+
+    let channel = etcd.channel(0).await;
+    let lease = within(
+        "lease",
+        LeaseClient::new(channel.clone()).lease_grant(LeaseGrantRequest { ttl: 600, id: 0 }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .id;
+    let l = Layout::new(prefix);
+    let (past, future) = (clock::now_ms() - 60_000, clock::now_ms() + 600_000);
+    let affiliate = |id: &str, expiry_ms: i64| {
+        let v = AffiliateValue {
+            data_set: true,
+            expiry_ms,
+            data: bytes::Bytes::from_static(b"d"),
+        };
+        (l.affiliate("c", id), v.encode())
+    };
+    let endpoint = |id: &str, blob: &str, ordinal: u16, expiry_ms: i64| {
+        let v = EndpointValue { ordinal, expiry_ms };
+        (l.endpoint("c", id, blob.as_bytes()), v.encode())
+    };
+    let keys = [
+        affiliate("gone", past),
+        endpoint("gone", "x", 0, past),
+        affiliate("alive", future),
+        endpoint("alive", "old", 0, past),
+        endpoint("alive", "new", 1, future),
+    ];
+    let puts = keys.iter().map(|(key, value)| RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key: key.clone().into(),
+            value: value.clone().into(),
+            lease,
+            ..Default::default()
+        })),
+    });
+    let mut kv = KvClient::new(channel);
+    let txn = TxnRequest {
+        success: puts.collect(),
+        ..Default::default()
+    };
+    within("put", kv.txn(txn)).await.unwrap();
+
+    // The watcher hears both appear, then what expired go.
+    let mut heard: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    let expected = BTreeMap::from([("alive".to_owned(), vec![b"new".to_vec()])]);
+    let mut appeared = false;
+    within("the watcher hears the overdue go", async {
+        while !(appeared && heard == expected) {
+            let m = next(&mut w).await.unwrap().expect("the stream goes on");
+            for a in m.affiliates {
+                if m.deleted {
+                    heard.remove(&a.id);
+                } else {
+                    heard.insert(a.id, a.endpoints.iter().map(|e| e.to_vec()).collect());
+                }
+            }
+            appeared |= heard.len() == 2;
+        }
+    })
+    .await;
+    let listed = list(&mut c, "c").await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].id.as_str(), listed[0].endpoints.len()),
+        ("alive", 1)
+    );
+    let (start_key, end_key) = l.all();
+    let left = within(
+        "range",
+        kv.range(RangeRequest {
+            key: start_key.into(),
+            range_end: end_key.into(),
+            keys_only: true,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .kvs;
+    // Of the keys written above (the prefix also holds the replica's own markers).
+    let mut left: Vec<_> = left.into_iter().map(|kv| kv.key.to_vec()).collect();
+    left.retain(|k| keys.iter().any(|(key, _)| key == k));
+    let mut live = vec![keys[2].0.clone(), keys[4].0.clone()];
+    live.sort();
+    assert_eq!(left, live, "etcd holds only what is live");
+    replica.shutdown().await.unwrap();
+}
+
 /// A cluster's guard key (every creation is conditional on its revision) lives as long
 /// as the cluster has affiliates, whatever their leases, and goes once it is empty. It
 /// used to carry the lease of the affiliate that last created one, so it could expire

@@ -170,7 +170,12 @@ impl Mirror {
         let mut resync = false;
         loop {
             if resync {
-                match self.read_all().await {
+                // A full read can be thousands of pages: shutting down does not wait.
+                let read = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = self.read_all() => r,
+                };
+                match read {
                     Ok(revision) => {
                         resync = false;
                         self.resyncs.fetch_add(1, Ordering::Relaxed);

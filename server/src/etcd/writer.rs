@@ -10,7 +10,7 @@
 //! right after sees the write.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,7 @@ use super::keys::{AffiliateValue, EndpointValue, Layout};
 use super::leases::Leases;
 use super::mirror::Mirror;
 use super::proto::etcdserverpb::{self as pb, compare, request_op};
-use crate::limits::{CLUSTER_AFFILIATES_MAX, ETCD_CALL_DEADLINE};
+use crate::limits::{CLUSTER_AFFILIATES_MAX, ETCD_CALL_DEADLINE, ETCD_OVERDUE_GRACE};
 use crate::state::{AffiliateView, Blob, State, StateError, Subscription, Update, affiliate};
 
 /// Why an update or delete did not happen.
@@ -336,6 +336,60 @@ impl EtcdState {
         }
     }
 
+    /// Deletes what a lease should have removed but has not: each affiliate, or
+    /// endpoint of a live one, whose stored expiry passed more than a bucket and
+    /// [`ETCD_OVERDUE_GRACE`] ago. etcd restarts every lease's full TTL when its leader
+    /// changes unless lease checkpointing is on (and persisted, which etcd 3.4
+    /// cannot), so without this pass a node that left could be announced for up to the
+    /// longest TTL longer. Each deletion holds only while what it deletes is as the
+    /// mirror saw it: the affiliate key's revision, and each endpoint's stored value,
+    /// so an update racing with it wins. Returns how many affiliates it deleted whole
+    /// and how many endpoints of live ones.
+    pub async fn expire_overdue(&self) -> (usize, usize) {
+        let grace = Duration::from_secs(self.leases.width().unsigned_abs()) + ETCD_OVERDUE_GRACE;
+        let Some(cutoff) = Instant::now().checked_sub(grace) else {
+            return (0, 0);
+        };
+        let (mut affiliates, mut endpoints) = (0, 0);
+        for (cluster, c) in self.state().clusters() {
+            for o in c.overdue(cutoff) {
+                let key = self.layout.affiliate(&cluster, &o.id);
+                let mut compare = vec![mod_revision_is(key.clone().into(), o.revision)];
+                let ops = if o.endpoints.is_empty() {
+                    let (start, end) = self.layout.endpoints(&cluster, &o.id);
+                    vec![delete(key, Vec::new()), delete(start, end)]
+                } else {
+                    let mut ops = Vec::with_capacity(o.endpoints.len());
+                    for e in &o.endpoints {
+                        let key = self.layout.endpoint(&cluster, &o.id, &e.blob);
+                        let stored = EndpointValue {
+                            ordinal: e.ordinal,
+                            expiry_ms: clock::unix_ms(e.expiry),
+                        };
+                        compare.push(value_is(key.clone().into(), stored.encode().into()));
+                        ops.push(delete(key, Vec::new()));
+                    }
+                    ops
+                };
+                match self.client.txn(conditional(compare, ops)).await {
+                    Ok(r) if r.succeeded && o.endpoints.is_empty() => affiliates += 1,
+                    Ok(r) if r.succeeded => endpoints += o.endpoints.len(),
+                    // Changed since the mirror saw it: the next pass looks again.
+                    Ok(_) => {}
+                    // etcd is away: the next pass tries again.
+                    Err(CallError::Unavailable(e)) => {
+                        tracing::debug!(error = %e, "cannot delete overdue keys now");
+                        return (affiliates, endpoints);
+                    }
+                    Err(e @ CallError::Rejected(_)) => {
+                        tracing::warn!(cluster, error = %e, "cannot delete an overdue affiliate's keys");
+                    }
+                }
+            }
+        }
+        (affiliates, endpoints)
+    }
+
     /// List, after catching up with etcd.
     pub async fn list(&self, cluster: &str) -> Result<Vec<AffiliateView>, Unavailable> {
         self.mirror.barrier().await?;
@@ -502,6 +556,16 @@ fn mod_revision_is(key: Bytes, revision: i64) -> pb::Compare {
         key,
         range_end: Default::default(),
         target_union: Some(compare::TargetUnion::ModRevision(revision)),
+    }
+}
+
+fn value_is(key: Bytes, value: Bytes) -> pb::Compare {
+    pb::Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Value as i32,
+        key,
+        range_end: Default::default(),
+        target_union: Some(compare::TargetUnion::Value(value)),
     }
 }
 

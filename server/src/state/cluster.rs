@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::StateError;
-use super::affiliate::{Affiliate, Blob, Collected};
+use super::affiliate::{Affiliate, Blob, Collected, Endpoint};
 use super::subscription::{self, AffiliateView, Burst, Notification, Subscriber, Subscription};
 use crate::limits::CLUSTER_AFFILIATES_MAX;
 
@@ -132,6 +132,17 @@ pub struct WriteView {
     pub affiliates: usize,
     pub guard_revision: i64,
     pub current: Option<Affiliate>,
+}
+
+/// An affiliate past its expiry, or some of its endpoints past theirs
+/// ([`Cluster::overdue`]).
+#[derive(Debug, Clone)]
+pub struct Overdue {
+    pub id: Box<str>,
+    /// etcd's modification revision of the affiliate's key, as the mirror holds it.
+    pub revision: i64,
+    /// The overdue endpoints of a live affiliate; empty when the whole affiliate is.
+    pub endpoints: Vec<Endpoint>,
 }
 
 /// The cluster was removed by GC after the caller looked it up; look it up again.
@@ -456,6 +467,32 @@ impl Cluster {
         (inner.affiliates.is_empty() && inner.guard_revision != 0).then_some(inner.guard_revision)
     }
 
+    /// Affiliates, and endpoints of live affiliates, whose expiry is before `cutoff`
+    /// (etcd backend: what a lease should have removed but has not), with what makes
+    /// deleting them conditional. The expiry rules are [`Affiliate::collect`]'s.
+    pub fn overdue(&self, cutoff: Instant) -> Vec<Overdue> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for (id, a) in &inner.affiliates {
+            let endpoints: Vec<Endpoint> = if a.expiry() < cutoff {
+                Vec::new()
+            } else {
+                let e = a.endpoints().iter().filter(|e| e.expiry <= cutoff);
+                let e: Vec<Endpoint> = e.cloned().collect();
+                if e.is_empty() {
+                    continue;
+                }
+                e
+            };
+            out.push(Overdue {
+                id: id.clone(),
+                revision: a.revision(),
+                endpoints,
+            });
+        }
+        out
+    }
+
     pub fn counts(&self) -> ClusterCounts {
         let inner = self.lock();
         ClusterCounts {
@@ -529,6 +566,42 @@ mod tests {
             exp,
         )
         .unwrap()
+    }
+
+    /// What is overdue follows GC's rules: an affiliate strictly after its expiry
+    /// (then all of it), an endpoint of a live one at its own.
+    #[test]
+    fn overdue_names_expired_affiliates_whole_and_expired_endpoints_of_live_ones() {
+        let c = Cluster::default();
+        let t = Instant::now();
+        let (soon, late) = (t + Duration::from_secs(1), t + Duration::from_secs(100));
+        update(&c, "gone", "d", &["x"], soon).unwrap();
+        update(&c, "alive", "d", &["old"], soon).unwrap();
+        update(&c, "alive", "d", &["new"], late).unwrap();
+        update(&c, "fresh", "d", &["e"], late).unwrap();
+        let named = |cutoff: Instant| {
+            let mut v: Vec<(String, Vec<String>)> = c
+                .overdue(cutoff)
+                .into_iter()
+                .map(|o| {
+                    let eps = o.endpoints.iter();
+                    let eps = eps.map(|e| String::from_utf8_lossy(&e.blob).into_owned());
+                    (o.id.into(), eps.collect())
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let s = |v: &str| v.to_owned();
+        assert_eq!(
+            named(t + Duration::from_secs(10)),
+            [(s("alive"), vec![s("old")]), (s("gone"), vec![])]
+        );
+        assert_eq!(
+            named(soon),
+            [(s("alive"), vec![s("old")]), (s("gone"), vec![s("x")])]
+        );
+        assert!(named(t).is_empty());
     }
 
     fn upd(id: &str, data: &str, eps: &[&str]) -> Notification {
