@@ -84,6 +84,10 @@ pub const ETCD_HELD_MAX: usize = ETCD_BATCH_OPS;
 /// deletes it itself (its lease outlived it: etcd restarted the lease's TTL). Well past
 /// etcd's own lease expiry checks and the clock skew NTP leaves between replicas.
 pub const ETCD_OVERDUE_GRACE: Duration = Duration::from_secs(10);
+/// How far the wall clock may move against the monotonic one (a step, or the machine
+/// sleeping) before a replica moves its clock anchor, and its mirror's expiries, onto
+/// it. NTP's slewing moves both alike; only steps and sleep reach this.
+pub const CLOCK_STEP_MAX: Duration = Duration::from_secs(1);
 /// A replica that has applied nothing from etcd for this long writes a marker key, so
 /// its watch position stays recent: a watch that breaks after a quiet stretch longer
 /// than etcd's compaction retention then resumes instead of re-reading everything.

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use super::clock;
 use super::keys::{AffiliateValue, EndpointValue, HexId, Key, Layout};
 use super::proto::mvccpb;
+use crate::limits::CLOCK_STEP_MAX;
 use crate::state::{Affiliate, Affiliates, Burst, Change, Endpoint, State};
 
 #[derive(Debug)]
@@ -76,6 +77,24 @@ impl Applier {
         self.state.reset_all(read.finish());
     }
 
+    /// Moves the clock anchor onto the wall clock if it has stepped, and the state's
+    /// expiries with it, before converting more stored times. Done here, where every
+    /// watch response passes (a quiet replica still gets its own marker writes), so no
+    /// conversion of the mirror's runs on the old scale meanwhile.
+    fn follow_wall_clock(&self) {
+        let drift = clock::drift_ms();
+        if drift.unsigned_abs() <= CLOCK_STEP_MAX.as_millis() as u64 {
+            return;
+        }
+        let back_ms = clock::rebase();
+        self.state.map_expiries(|t| clock::shift(t, back_ms));
+        tracing::warn!(
+            drift_ms = back_ms,
+            "the wall clock moved against the monotonic clock (stepped, or the machine slept); \
+             expiries are now counted on the new time"
+        );
+    }
+
     /// Applies events in order, one revision and one cluster at a time, as one
     /// [`Burst`]: they came together, so their number says nothing about a watcher's
     /// pace.
@@ -86,6 +105,7 @@ impl Applier {
     /// changes' data stay slices of the response's receive buffer until applied.
     pub fn apply(&self, events: Vec<mvccpb::Event>) {
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        self.follow_wall_clock();
         let Scratch { ids, order } = &mut *scratch;
         ids.clear();
         order.clear();

@@ -22,7 +22,9 @@ use super::keys::{AffiliateValue, EndpointValue, Layout};
 use super::leases::Leases;
 use super::mirror::Mirror;
 use super::proto::etcdserverpb::{self as pb, compare, request_op};
-use crate::limits::{CLUSTER_AFFILIATES_MAX, ETCD_CALL_DEADLINE, ETCD_OVERDUE_GRACE};
+use crate::limits::{
+    CLOCK_STEP_MAX, CLUSTER_AFFILIATES_MAX, ETCD_CALL_DEADLINE, ETCD_OVERDUE_GRACE,
+};
 use crate::state::{AffiliateView, Blob, State, StateError, Subscription, Update, affiliate};
 
 /// Why an update or delete did not happen.
@@ -346,6 +348,11 @@ impl EtcdState {
     /// so an update racing with it wins. Returns how many affiliates it deleted whole
     /// and how many endpoints of live ones.
     pub async fn expire_overdue(&self) -> (usize, usize) {
+        // Until the mirror follows a step of the wall clock, its expiries are on the
+        // old scale: after a step back, live affiliates would look overdue.
+        if clock::drift_ms().unsigned_abs() > CLOCK_STEP_MAX.as_millis() as u64 {
+            return (0, 0);
+        }
         let grace = Duration::from_secs(self.leases.width().unsigned_abs()) + ETCD_OVERDUE_GRACE;
         let Some(cutoff) = Instant::now().checked_sub(grace) else {
             return (0, 0);

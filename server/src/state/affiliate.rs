@@ -309,6 +309,15 @@ impl Affiliate {
         self.endpoints.len() != before
     }
 
+    /// Applies `f` to the affiliate's expiry and each endpoint's (etcd backend: the
+    /// clock's anchor moved, and with it the `Instant` of every stored Unix time).
+    pub fn map_expiries(&mut self, f: impl Fn(Instant) -> Instant) {
+        self.expiry = f(self.expiry);
+        for e in &mut self.endpoints {
+            e.expiry = f(e.expiry);
+        }
+    }
+
     /// Raises the affiliate expiry to `expiry` if that is later.
     pub fn extend(&mut self, expiry: Instant) {
         self.expiry = self.expiry.max(expiry);

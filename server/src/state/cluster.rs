@@ -460,6 +460,13 @@ impl Cluster {
         false
     }
 
+    /// Applies `f` to every expiry of every affiliate ([`Affiliate::map_expiries`]).
+    pub fn map_expiries(&self, f: impl Fn(Instant) -> Instant) {
+        for a in self.lock().affiliates.values_mut() {
+            a.map_expiries(&f);
+        }
+    }
+
     /// The guard revision of a cluster without affiliates whose guard key is still in
     /// etcd (etcd backend), for retiring that key.
     pub fn empty_guard(&self) -> Option<i64> {
@@ -566,6 +573,29 @@ mod tests {
             exp,
         )
         .unwrap()
+    }
+
+    /// A moved clock anchor moves the affiliate's expiry and every endpoint's alike.
+    #[test]
+    fn mapping_expiries_moves_the_affiliates_and_its_endpoints() {
+        let c = Cluster::default();
+        let t = Instant::now() + Duration::from_secs(3600);
+        update(&c, "a", "d", &["x"], t).unwrap();
+        update(&c, "a", "d", &["y"], t + Duration::from_secs(5)).unwrap();
+        c.map_expiries(|e| e - Duration::from_secs(60));
+        let a = c.write_view("a").current.unwrap();
+        assert_eq!(
+            a.expiry(),
+            t + Duration::from_secs(5) - Duration::from_secs(60)
+        );
+        let eps: Vec<Instant> = a.endpoints().iter().map(|e| e.expiry).collect();
+        assert_eq!(
+            eps,
+            [
+                t - Duration::from_secs(60),
+                t + Duration::from_secs(5) - Duration::from_secs(60)
+            ]
+        );
     }
 
     /// What is overdue follows GC's rules: an affiliate strictly after its expiry

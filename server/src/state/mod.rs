@@ -157,6 +157,13 @@ impl State {
 
     /// A point-in-time list of the clusters, so callers can lock them one at a time
     /// without holding any shard lock.
+    /// Applies `f` to every expiry of every affiliate ([`Affiliate::map_expiries`]).
+    pub fn map_expiries(&self, f: impl Fn(Instant) -> Instant) {
+        for (_, c) in self.clusters() {
+            c.map_expiries(&f);
+        }
+    }
+
     pub fn clusters(&self) -> Vec<(String, Arc<Cluster>)> {
         self.clusters
             .iter()
