@@ -376,6 +376,59 @@ async fn an_update_answered_too_late_is_not_written_twice() {
     );
 }
 
+/// As above, but another replica writes the same affiliate while the first one's
+/// answer is held back: when the first replica sends its update again and the condition
+/// fails, its mirror already holds the other write, so it cannot tell from there that
+/// its own landed. It learns it from the watch (the revision carrying exactly its
+/// puts), and acknowledges without writing again, which would have told watchers a
+/// third time and undone the other replica's later write.
+#[tokio::test]
+async fn an_update_answered_too_late_is_not_written_again_after_a_later_write() {
+    let etcd = Etcd::start(1).await;
+    let member = etcd.endpoints()[0].clone();
+    let proxy = SlowProxy::start(&member, Duration::from_secs(3)).await;
+    let mut config = etcd.config("/late-answer-2/");
+    config.etcd_endpoints = vec![proxy.url.clone(), member];
+    let slow = start(config).await;
+    let direct = start(etcd.config("/late-answer-2/")).await;
+    let mut c_slow = client(&slow).await;
+    let mut c_direct = client(&direct).await;
+    let mut w = c_direct.watch(watch_req("c")).await.unwrap().into_inner();
+    assert!(next(&mut w).await.unwrap().unwrap().affiliates.is_empty());
+    c_slow
+        .affiliate_update(update("c", "n1", "v1", &["e1"], 60))
+        .await
+        .unwrap();
+    assert_eq!(changes(&mut w, 1).await, [("n1".into(), "v1".into())]);
+
+    proxy.set_slow(true);
+    let held = tokio::spawn(async move {
+        c_slow
+            .affiliate_update(update("c", "n1", "v2", &["e2"], 60))
+            .await
+    });
+    // It landed (its answer is held back for 3 s, past the 2 s attempt timeout)...
+    assert_eq!(changes(&mut w, 1).await, [("n1".into(), "v2".into())]);
+    // ... and another replica writes the affiliate before the retry.
+    c_direct
+        .affiliate_update(update("c", "n1", "later", &[], 60))
+        .await
+        .unwrap();
+    within("the held update", held).await.unwrap().unwrap();
+    proxy.set_slow(false);
+    c_direct
+        .affiliate_update(update("c", "end", "end", &[], 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        changes(&mut w, 2).await,
+        [("n1".into(), "later".into()), ("end".into(), "end".into())]
+    );
+    let listed = list(&mut c_direct, "c").await;
+    let n1 = listed.iter().find(|a| a.id == "n1").unwrap();
+    assert_eq!(&n1.data[..], b"later");
+}
+
 /// etcd answers slowly, so 40 concurrent updates of one cluster queue behind the
 /// first and are batched into one transaction: one revision with 40 changes, which
 /// every replica applies at once. A watcher of that cluster gets all 40, although its

@@ -143,6 +143,7 @@ impl EtcdState {
             let txn = self
                 .transaction(cluster, u.affiliate_id, &view, &plan, now_ms)
                 .await?;
+            let witness = self.mirror.witnesses().watch(&txn);
             match self.batcher.commit(txn).await {
                 // Nothing written: the condition held, so the mirror already has it all.
                 Ok(Outcome::Committed(_)) if plan.changes_nothing => return Ok(()),
@@ -162,8 +163,12 @@ impl EtcdState {
                     // A condition also fails when this very write already landed: an
                     // attempt whose answer was lost (its member answered too late) was
                     // sent again. Then it is done; writing it again would tell watchers
-                    // twice.
-                    if plan.landed(&self.state().write_view(cluster, u.affiliate_id)) {
+                    // twice, and undo any write that came after it. The watch saw it
+                    // land (the witness), or, if the mirror re-read everything
+                    // meanwhile, the mirror holds it.
+                    if witness.as_ref().is_some_and(|w| w.landed())
+                        || plan.landed(&self.state().write_view(cluster, u.affiliate_id))
+                    {
                         return Ok(());
                     }
                 }
