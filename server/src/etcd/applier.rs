@@ -15,7 +15,6 @@ use bytes::Bytes;
 use super::clock;
 use super::keys::{AffiliateValue, EndpointValue, HexId, Key, Layout};
 use super::proto::mvccpb;
-use super::witness::Witnesses;
 use crate::limits::CLOCK_STEP_MAX;
 use crate::state::{Affiliate, Affiliates, Burst, Change, Endpoint, State};
 
@@ -24,7 +23,6 @@ pub struct Applier {
     state: State,
     layout: Layout,
     scratch: Mutex<Scratch>,
-    witnesses: Witnesses,
 }
 
 /// Buffers of [`Applier::apply`], kept between calls: allocated anew for every watch
@@ -66,14 +64,7 @@ impl Applier {
             state,
             layout,
             scratch: Mutex::default(),
-            witnesses: Witnesses::default(),
         }
-    }
-
-    /// The transactions in flight that wait to learn from the watch whether they
-    /// landed.
-    pub fn witnesses(&self) -> &Witnesses {
-        &self.witnesses
     }
 
     /// The state it applies to.
@@ -115,7 +106,6 @@ impl Applier {
     pub fn apply(&self, events: Vec<mvccpb::Event>) {
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         self.follow_wall_clock();
-        self.witnesses.observe(&events);
         let Scratch { ids, order } = &mut *scratch;
         ids.clear();
         order.clear();

@@ -21,7 +21,6 @@ use super::client::{CallError, EtcdClient, Unavailable};
 use super::keys::Layout;
 use super::proto::etcdserverpb as pb;
 use super::proto::mvccpb;
-use super::witness::Witnesses;
 use crate::limits::{
     ETCD_ATTEMPT_TIMEOUT, ETCD_BARRIER_TIMEOUT, ETCD_QUIET_TRIM, ETCD_RANGE_PAGE,
     ETCD_WATCH_BUFFER_KEEP,
@@ -123,12 +122,6 @@ impl Mirror {
     }
 
     /// The replica's copy of etcd's state.
-    /// The transactions in flight that wait to learn from the watch whether they
-    /// landed ([`Witnesses`]).
-    pub fn witnesses(&self) -> &Witnesses {
-        self.applier.witnesses()
-    }
-
     pub fn state(&self) -> &State {
         self.applier.state()
     }

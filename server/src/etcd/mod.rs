@@ -18,7 +18,6 @@ pub mod clock;
 pub mod keys;
 pub mod leases;
 pub mod mirror;
-pub mod witness;
 pub mod writer;
 
 pub use client::{EtcdClient, EtcdOptions};

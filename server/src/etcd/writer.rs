@@ -143,7 +143,8 @@ impl EtcdState {
             let txn = self
                 .transaction(cluster, u.affiliate_id, &view, &plan, now_ms)
                 .await?;
-            let witness = self.mirror.witnesses().watch(&txn);
+            // The transaction, if it lands, lands after this revision.
+            let sent_after = self.mirror.applied();
             match self.batcher.commit(txn).await {
                 // Nothing written: the condition held, so the mirror already has it all.
                 Ok(Outcome::Committed(_)) if plan.changes_nothing => return Ok(()),
@@ -163,11 +164,13 @@ impl EtcdState {
                     // A condition also fails when this very write already landed: an
                     // attempt whose answer was lost (its member answered too late) was
                     // sent again. Then it is done; writing it again would tell watchers
-                    // twice, and undo any write that came after it. The watch saw it
-                    // land (the witness), or, if the mirror re-read everything
-                    // meanwhile, the mirror holds it.
-                    if witness.as_ref().is_some_and(|w| w.landed())
-                        || plan.landed(&self.state().write_view(cluster, u.affiliate_id))
+                    // twice, and undo any write that came after it. The mirror shows
+                    // it, or, if another write to the affiliate followed, etcd's
+                    // history of the key does.
+                    if plan.landed(&self.state().write_view(cluster, u.affiliate_id))
+                        || self
+                            .landed_in_history(cluster, u.affiliate_id, &view, &plan, sent_after)
+                            .await
                     {
                         return Ok(());
                     }
@@ -184,6 +187,76 @@ impl EtcdState {
         Err(WriteError::Unavailable(Unavailable(format!(
             "no update went through within {ETCD_CALL_DEADLINE:?}: {last}"
         ))))
+    }
+
+    /// Whether the transaction of `plan` (planned from `view`) landed after revision
+    /// `after`: some version of the affiliate's key since then holds exactly its value,
+    /// and each endpoint it wrote holds its value at that same revision. Reads etcd's
+    /// history of the key, newest first, for at most [`HISTORY_STEPS`] versions;
+    /// anything it cannot read (compacted, deleted since, etcd away) counts as not
+    /// landed, and the update is written again, as before this check. Only called
+    /// after a conflict, so the common path reads nothing.
+    async fn landed_in_history(
+        &self,
+        cluster: &str,
+        affiliate_id: &str,
+        view: &crate::state::WriteView,
+        plan: &Plan<'_>,
+        after: i64,
+    ) -> bool {
+        /// Writes to one affiliate between an attempt and its retry: a couple at most.
+        const HISTORY_STEPS: usize = 8;
+        let data = plan
+            .data
+            .or_else(|| view.current.as_ref().map(|a| a.data().as_ref()))
+            .unwrap_or_default();
+        let mut value = Vec::with_capacity(AffiliateValue::len(data));
+        AffiliateValue::put(&mut value, plan.data.is_some(), plan.expiry_ms, data);
+        let key = Bytes::from(self.layout.affiliate(cluster, affiliate_id));
+        let version_at = async |key: Bytes, revision: i64| {
+            let req = pb::RangeRequest {
+                key,
+                revision,
+                ..Default::default()
+            };
+            let r = self.client.range(req).await.ok()?;
+            r.kvs.into_iter().next()
+        };
+        let mut at = 0; // The latest revision.
+        for _ in 0..HISTORY_STEPS {
+            let Some(kv) = version_at(key.clone(), at).await else {
+                return false;
+            };
+            if kv.mod_revision <= after {
+                return false;
+            }
+            if kv.value == value[..] {
+                let mut endpoints_too = true;
+                for e in &plan.endpoints {
+                    let key = self.layout.endpoint(cluster, affiliate_id, &e.blob).into();
+                    let stored = EndpointValue {
+                        ordinal: e.ordinal,
+                        expiry_ms: e.expiry_ms,
+                    };
+                    let written = version_at(key, kv.mod_revision).await;
+                    if !written.is_some_and(|w| {
+                        w.mod_revision == kv.mod_revision && w.value == stored.encode()[..]
+                    }) {
+                        endpoints_too = false;
+                        break;
+                    }
+                }
+                if endpoints_too {
+                    return true;
+                }
+            }
+            // The version before this one; revision 0 would mean the latest.
+            at = kv.mod_revision - 1;
+            if at <= after {
+                return false;
+            }
+        }
+        false
     }
 
     /// The update's transaction. Its keys and the endpoints' values are written into
