@@ -752,6 +752,20 @@ async fn a_lease_revoked_behind_the_replicas_back_is_replaced() {
     replica.shutdown().await.unwrap();
 }
 
+/// A member that never answers: a loopback listener that accepts connections and
+/// keeps them open, silent. Its URL, and the task holding it (abort it at the end).
+async fn silent_member() -> (String, tokio::task::JoinHandle<()>) {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    (url, held)
+}
+
 /// The first member never answers (a loopback listener that accepts and stays
 /// silent), so a lease grant reaches the second member one attempt timeout late. The
 /// lease must still end with its bucket: its TTL is counted from when the grant was
@@ -765,14 +779,7 @@ async fn a_lease_granted_after_a_failed_attempt_still_ends_with_its_bucket() {
     use discovery_service::etcd::{EtcdClient, EtcdOptions, clock};
 
     let etcd = Etcd::start(1).await;
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_url = format!("http://{}", silent.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((conn, _)) = silent.accept().await {
-            open.push(conn);
-        }
-    });
+    let (silent_url, held) = silent_member().await;
     let client = EtcdClient::new(&EtcdOptions {
         endpoints: vec![silent_url, etcd.endpoints()[0].clone()],
         ..Default::default()
@@ -822,14 +829,7 @@ async fn a_slow_lease_grant_holds_up_only_the_writers_of_its_own_bucket() {
     use std::pin::pin;
 
     let etcd = Etcd::start(1).await;
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_url = format!("http://{}", silent.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((conn, _)) = silent.accept().await {
-            open.push(conn);
-        }
-    });
+    let (silent_url, held) = silent_member().await;
     let client = |endpoints: Vec<String>| {
         EtcdClient::new(&EtcdOptions {
             endpoints,

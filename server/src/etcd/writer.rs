@@ -206,12 +206,7 @@ impl EtcdState {
     ) -> bool {
         /// Writes to one affiliate between an attempt and its retry: a couple at most.
         const HISTORY_STEPS: usize = 8;
-        let data = plan
-            .data
-            .or_else(|| view.current.as_ref().map(|a| a.data().as_ref()))
-            .unwrap_or_default();
-        let mut value = Vec::with_capacity(AffiliateValue::len(data));
-        AffiliateValue::put(&mut value, plan.data.is_some(), plan.expiry_ms, data);
+        let value = plan.affiliate_value(view);
         let key = Bytes::from(self.layout.affiliate(cluster, affiliate_id));
         let version_at = async |key: Bytes, revision: i64| {
             let req = pb::RangeRequest {
@@ -285,11 +280,6 @@ impl EtcdState {
             .leases
             .for_expiry(&self.client, plan.expiry_ms, now_ms)
             .await?;
-        // Without new data the value is rewritten with the stored data.
-        let data = plan
-            .data
-            .or_else(|| view.current.as_ref().map(|a| a.data().as_ref()))
-            .unwrap_or_default();
         let creates = view.current.is_none();
         let len = layout.affiliate_len(cluster, affiliate_id)
             + if creates {
@@ -310,9 +300,7 @@ impl EtcdState {
         // to store: once freed, it is where that data goes. In the shared buffer, the
         // freed block would be half again as large, and what the data leaves of it a
         // hole among what the state keeps (+2 MiB with 100k affiliates).
-        let mut aff_value = Vec::with_capacity(AffiliateValue::len(data));
-        AffiliateValue::put(&mut aff_value, plan.data.is_some(), plan.expiry_ms, data);
-        let aff_value = Bytes::from(aff_value);
+        let aff_value = Bytes::from(plan.affiliate_value(view));
         let mut compare = Vec::with_capacity(1 + usize::from(creates));
         let mut ops = Vec::with_capacity(1 + usize::from(creates) + plan.endpoints.len());
         compare.push(mod_revision_is(aff_key.clone(), revision));
@@ -516,6 +504,18 @@ struct Plan<'d> {
 }
 
 impl<'d> Plan<'d> {
+    /// The affiliate key's value the plan writes, in a block of its own, exactly its
+    /// size. Without new data the stored data is written again.
+    fn affiliate_value(&self, view: &crate::state::WriteView) -> Vec<u8> {
+        let data = self
+            .data
+            .or_else(|| view.current.as_ref().map(|a| a.data().as_ref()))
+            .unwrap_or_default();
+        let mut value = Vec::with_capacity(AffiliateValue::len(data));
+        AffiliateValue::put(&mut value, self.data.is_some(), self.expiry_ms, data);
+        value
+    }
+
     fn new(
         view: &crate::state::WriteView,
         data: &'d [u8],
