@@ -192,7 +192,7 @@ impl EtcdState {
     /// Whether the transaction of `plan` (planned from `view`) landed after revision
     /// `after`: some version of the affiliate's key since then holds exactly its value,
     /// and each endpoint it wrote holds its value at that same revision. Reads etcd's
-    /// history of the key, newest first, for at most [`HISTORY_STEPS`] versions;
+    /// history of the key, newest first, for at most `HISTORY_STEPS` versions;
     /// anything it cannot read (compacted, deleted since, etcd away) counts as not
     /// landed, and the update is written again, as before this check. Only called
     /// after a conflict, so the common path reads nothing.
