@@ -3,12 +3,15 @@
 //! commented out) for the etcd state backend's client.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto");
+    // Read when the script runs, not baked in when it is compiled: checkouts sharing a
+    // target directory (CI clones) can reuse one compiled script, which then read
+    // another checkout's files.
+    let root = format!("{}/../proto", std::env::var("CARGO_MANIFEST_DIR")?);
     let files = [
         "sidero/discovery/server/cluster.proto",
         "sidero/discovery/storage/discovery.proto",
     ];
-    let fds = protox::compile(files, [root])?;
+    let fds = protox::compile(files, [&root])?;
     tonic_prost_build::configure()
         // `bytes::Bytes` fields let watch fan-out share payloads instead of copying them.
         .bytes(".")
