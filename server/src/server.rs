@@ -53,8 +53,8 @@ pub struct Server {
 }
 
 /// GC once now, then every `interval`, logging each pass. With etcd, leases expire
-/// affiliates and endpoints; GC only drops the mirror's empty, unwatched clusters and
-/// the guard keys of empty clusters in etcd.
+/// affiliates and endpoints; GC deletes only what a lease kept past its expiry, the
+/// guard keys of empty clusters in etcd, and the mirror's empty, unwatched clusters.
 async fn gc_loop(
     backend: Backend,
     metrics: Arc<Metrics>,

@@ -379,9 +379,10 @@ async fn an_update_answered_too_late_is_not_written_twice() {
 /// As above, but another replica writes the same affiliate while the first one's
 /// answer is held back: when the first replica sends its update again and the condition
 /// fails, its mirror already holds the other write, so it cannot tell from there that
-/// its own landed. It learns it from the watch (the revision carrying exactly its
-/// puts), and acknowledges without writing again, which would have told watchers a
-/// third time and undone the other replica's later write.
+/// its own landed. It finds it in etcd's history of the affiliate key (a version with
+/// exactly its value, and its endpoints at that revision), and acknowledges without
+/// writing again, which would have told watchers a third time and undone the other
+/// replica's later write.
 #[tokio::test]
 async fn an_update_answered_too_late_is_not_written_again_after_a_later_write() {
     let etcd = Etcd::start(1).await;

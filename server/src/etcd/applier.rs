@@ -15,7 +15,6 @@ use bytes::Bytes;
 use super::clock;
 use super::keys::{AffiliateValue, EndpointValue, HexId, Key, Layout};
 use super::proto::mvccpb;
-use crate::limits::CLOCK_STEP_MAX;
 use crate::state::{Affiliate, Affiliates, Burst, Change, Endpoint, State};
 
 #[derive(Debug)]
@@ -82,8 +81,7 @@ impl Applier {
     /// watch response passes (a quiet replica still gets its own marker writes), so no
     /// conversion of the mirror's runs on the old scale meanwhile.
     fn follow_wall_clock(&self) {
-        let drift = clock::drift_ms();
-        if drift.unsigned_abs() <= CLOCK_STEP_MAX.as_millis() as u64 {
+        if !clock::stepped() {
             return;
         }
         let back_ms = clock::rebase();

@@ -12,6 +12,8 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::limits::CLOCK_STEP_MAX;
+
 /// `unix_ms` is the wall clock's Unix milliseconds at `instant`, as last anchored.
 #[derive(Debug)]
 struct Anchor {
@@ -88,6 +90,12 @@ pub fn instant(ms: i64) -> Instant {
 /// How far the wall clock is from the anchor's scale, in milliseconds (positive: ahead).
 pub fn drift_ms() -> i64 {
     wall_ms().saturating_sub(now_ms())
+}
+
+/// Whether the wall clock has moved from the anchor's scale by more than
+/// [`CLOCK_STEP_MAX`]: stepped, or the machine slept, and the anchor not yet rebased.
+pub fn stepped() -> bool {
+    drift_ms().unsigned_abs() > CLOCK_STEP_MAX.as_millis() as u64
 }
 
 /// Puts the anchor back on the wall clock; returns by how many milliseconds every

@@ -22,9 +22,8 @@ use super::keys::{AffiliateValue, EndpointValue, Layout};
 use super::leases::Leases;
 use super::mirror::Mirror;
 use super::proto::etcdserverpb::{self as pb, compare, request_op};
-use crate::limits::{
-    CLOCK_STEP_MAX, CLUSTER_AFFILIATES_MAX, ETCD_CALL_DEADLINE, ETCD_OVERDUE_GRACE,
-};
+use super::proto::mvccpb;
+use crate::limits::{CLUSTER_AFFILIATES_MAX, ETCD_CALL_DEADLINE, ETCD_OVERDUE_GRACE};
 use crate::state::{AffiliateView, Blob, State, StateError, Subscription, Update, affiliate};
 
 /// Why an update or delete did not happen.
@@ -208,42 +207,20 @@ impl EtcdState {
         const HISTORY_STEPS: usize = 8;
         let value = plan.affiliate_value(view);
         let key = Bytes::from(self.layout.affiliate(cluster, affiliate_id));
-        let version_at = async |key: Bytes, revision: i64| {
-            let req = pb::RangeRequest {
-                key,
-                revision,
-                ..Default::default()
-            };
-            let r = self.client.range(req).await.ok()?;
-            r.kvs.into_iter().next()
-        };
         let mut at = 0; // The latest revision.
         for _ in 0..HISTORY_STEPS {
-            let Some(kv) = version_at(key.clone(), at).await else {
+            let Some(kv) = self.version_at(key.clone(), at).await else {
                 return false;
             };
             if kv.mod_revision <= after {
                 return false;
             }
-            if kv.value == value[..] {
-                let mut endpoints_too = true;
-                for e in &plan.endpoints {
-                    let key = self.layout.endpoint(cluster, affiliate_id, &e.blob).into();
-                    let stored = EndpointValue {
-                        ordinal: e.ordinal,
-                        expiry_ms: e.expiry_ms,
-                    };
-                    let written = version_at(key, kv.mod_revision).await;
-                    if !written.is_some_and(|w| {
-                        w.mod_revision == kv.mod_revision && w.value == stored.encode()[..]
-                    }) {
-                        endpoints_too = false;
-                        break;
-                    }
-                }
-                if endpoints_too {
-                    return true;
-                }
+            if kv.value == value[..]
+                && self
+                    .endpoints_written_at(cluster, affiliate_id, plan, kv.mod_revision)
+                    .await
+            {
+                return true;
             }
             // The version before this one; revision 0 would mean the latest.
             at = kv.mod_revision - 1;
@@ -252,6 +229,38 @@ impl EtcdState {
             }
         }
         false
+    }
+
+    /// Whether each endpoint `plan` writes was written at `revision`, with its value.
+    async fn endpoints_written_at(
+        &self,
+        cluster: &str,
+        affiliate_id: &str,
+        plan: &Plan<'_>,
+        revision: i64,
+    ) -> bool {
+        for e in &plan.endpoints {
+            let key = self.layout.endpoint(cluster, affiliate_id, &e.blob).into();
+            let written = self.version_at(key, revision).await;
+            if !written
+                .is_some_and(|w| w.mod_revision == revision && w.value == e.value().encode()[..])
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The version of `key` at `revision` (0: the latest), if it existed and etcd could
+    /// be read.
+    async fn version_at(&self, key: Bytes, revision: i64) -> Option<mvccpb::KeyValue> {
+        let req = pb::RangeRequest {
+            key,
+            revision,
+            ..Default::default()
+        };
+        let r = self.client.range(req).await.ok()?;
+        r.kvs.into_iter().next()
     }
 
     /// The update's transaction. Its keys and the endpoints' values are written into
@@ -325,11 +334,7 @@ impl EtcdState {
                 .await?;
             layout.put_endpoint(&mut buf, cluster, affiliate_id, &e.blob);
             let key = buf.split().freeze();
-            EndpointValue {
-                ordinal: e.ordinal,
-                expiry_ms: e.expiry_ms,
-            }
-            .put(&mut buf);
+            e.value().put(&mut buf);
             ops.push(put(key, buf.split().freeze(), lease));
         }
         debug_assert!(buf.is_empty() && buf.capacity() == 0, "sized exactly");
@@ -416,7 +421,7 @@ impl EtcdState {
     pub async fn expire_overdue(&self) -> (usize, usize) {
         // Until the mirror follows a step of the wall clock, its expiries are on the
         // old scale: after a step back, live affiliates would look overdue.
-        if clock::drift_ms().unsigned_abs() > CLOCK_STEP_MAX.as_millis() as u64 {
+        if clock::stepped() {
             return (0, 0);
         }
         let grace = Duration::from_secs(self.leases.width().unsigned_abs()) + ETCD_OVERDUE_GRACE;
@@ -486,6 +491,16 @@ struct EndpointWrite {
     blob: Blob,
     ordinal: u16,
     expiry_ms: i64,
+}
+
+impl EndpointWrite {
+    /// What the endpoint's key holds once written.
+    fn value(&self) -> EndpointValue {
+        EndpointValue {
+            ordinal: self.ordinal,
+            expiry_ms: self.expiry_ms,
+        }
+    }
 }
 
 /// What an update writes, computed from the mirror's view with the memory backend's

@@ -68,6 +68,13 @@ pub struct Endpoint {
     pub ordinal: u16,
 }
 
+impl Endpoint {
+    /// An endpoint expires at its expiry (`expiry <= now`), as upstream.
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expiry <= now
+    }
+}
+
 /// A request's endpoints without repeats, first occurrences in order, for
 /// [`Affiliate::check_endpoints`] and [`Affiliate::merge_endpoints`], which then see at
 /// most one more than [`AFFILIATE_ENDPOINTS_MAX`] blobs.
@@ -323,14 +330,19 @@ impl Affiliate {
         self.expiry = self.expiry.max(expiry);
     }
 
-    /// Drops what expired at `now`. The affiliate expires strictly after its expiry
-    /// (`expiry < now`), an endpoint at it (`expiry <= now`), as upstream.
+    /// The affiliate expires strictly after its expiry (`expiry < now`), as upstream;
+    /// an endpoint at it ([`Endpoint::expired`]).
+    pub fn expired(&self, now: Instant) -> bool {
+        self.expiry < now
+    }
+
+    /// Drops what expired at `now` ([`Self::expired`], [`Endpoint::expired`]).
     pub fn collect(&mut self, now: Instant) -> Collected {
-        if self.expiry < now {
+        if self.expired(now) {
             return Collected::Expired;
         }
         let before = self.endpoints.len();
-        self.endpoints.retain(|e| e.expiry > now);
+        self.endpoints.retain(|e| !e.expired(now));
         if self.endpoints.len() == before {
             return Collected::Unchanged;
         }

@@ -481,10 +481,10 @@ impl Cluster {
         let inner = self.lock();
         let mut out = Vec::new();
         for (id, a) in &inner.affiliates {
-            let endpoints: Vec<Endpoint> = if a.expiry() < cutoff {
+            let endpoints: Vec<Endpoint> = if a.expired(cutoff) {
                 Vec::new()
             } else {
-                let e = a.endpoints().iter().filter(|e| e.expiry <= cutoff);
+                let e = a.endpoints().iter().filter(|e| e.expired(cutoff));
                 let e: Vec<Endpoint> = e.cloned().collect();
                 if e.is_empty() {
                     continue;
