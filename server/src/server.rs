@@ -216,7 +216,7 @@ impl Server {
             disable_client_ip_reporting: config.disable_client_ip_reporting,
         };
         let service = ClusterService::new(backend.clone(), observer, options, serving.clone());
-        let landing = Arc::new(Landing::new(state.clone(), !config.disable_inspect));
+        let landing = Arc::new(Landing::new(backend.clone(), !config.disable_inspect));
 
         let grpc_addr = grpc_listener.local_addr()?;
         let landing_addr = landing_listener

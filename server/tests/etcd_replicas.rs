@@ -1500,3 +1500,74 @@ async fn etcd_over_tls_with_a_client_certificate() {
     cfg.etcd_ca = Some(wrong.ca);
     assert!(try_start(cfg).await.is_err());
 }
+
+/// A replica's mirror holds no data (etcd is the copy): a snapshot's or a List's data
+/// is read from etcd as of the revision the mirror saw each affiliate at. Here one
+/// affiliate's key is written again after the views were taken: the latest version is
+/// not what the mirror saw, so the data comes from the views' revision instead, never
+/// from the later write. Once etcd compacted that revision away, the read says so
+/// (OUT_OF_RANGE: the replica then takes its views again), rather than returning data
+/// of another version.
+#[tokio::test]
+async fn snapshot_data_is_read_as_of_the_revisions_the_mirror_saw() {
+    use discovery_service::etcd::client::CallError;
+    use discovery_service::etcd::data;
+    use discovery_service::etcd::keys::{AffiliateValue, Layout};
+    use discovery_service::etcd::proto::etcdserverpb::PutRequest;
+    use discovery_service::state::AffiliateView;
+
+    let etcd = Etcd::start(1).await;
+    let client = etcd.client();
+    let layout = Layout::new("fill/");
+    let put = |id: &str, data: &str| {
+        let value = AffiliateValue {
+            data_set: true,
+            expiry_ms: i64::MAX / 2,
+            data: bytes::Bytes::copy_from_slice(data.as_bytes()),
+        };
+        let req = PutRequest {
+            key: layout.affiliate("c", id).into(),
+            value: value.encode().into(),
+            ..Default::default()
+        };
+        let client = client.clone();
+        async move { client.put(req).await.unwrap().header.unwrap().revision }
+    };
+    let r1 = put("a", "a-first").await;
+    let r2 = put("b", "b-first").await;
+    let r3 = put("a", "a-second").await;
+    let view = |id: &str| AffiliateView {
+        id: id.into(),
+        data: bytes::Bytes::new(),
+        endpoints: Vec::new(),
+    };
+    let data_of = |views: Vec<AffiliateView>| -> Vec<(String, String)> {
+        let mut v: Vec<_> = views
+            .into_iter()
+            .map(|v| (v.id, String::from_utf8_lossy(&v.data).into_owned()))
+            .collect();
+        v.sort();
+        v
+    };
+    let s = |v: &str| v.to_owned();
+    // Taken before the second write of `a`.
+    let before = || vec![(view("a"), r1), (view("b"), r2)];
+    let filled = data::fill(&client, &layout, "c", before()).await.unwrap();
+    assert_eq!(
+        data_of(filled),
+        [(s("a"), s("a-first")), (s("b"), s("b-first"))]
+    );
+    // Taken after it: the latest versions.
+    let after = vec![(view("a"), r3), (view("b"), r2)];
+    let filled = data::fill(&client, &layout, "c", after).await.unwrap();
+    assert_eq!(
+        data_of(filled),
+        [(s("a"), s("a-second")), (s("b"), s("b-first"))]
+    );
+    // The earlier views' revision compacted away.
+    client.compact(r3).await.unwrap();
+    match data::fill(&client, &layout, "c", before()).await {
+        Err(CallError::Rejected(status)) => assert_eq!(status.code(), Code::OutOfRange),
+        other => panic!("{other:?}"),
+    }
+}

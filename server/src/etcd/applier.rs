@@ -95,16 +95,27 @@ impl Applier {
 
     /// Applies events in order, one revision and one cluster at a time, as one
     /// [`Burst`]: they came together, so their number says nothing about a watcher's
-    /// pace.
+    /// pace. Watchers are told each change with the affiliate's data, which the mirror
+    /// does not hold: a revision that wrote the affiliate's key carries it; one that
+    /// changed only endpoints (a lease took some, or the overdue pass) does not, and
+    /// `fetch` reads it from etcd at that revision, for watched clusters only. Returns
+    /// how many clusters' watchers were ended because it could not (they start again
+    /// from a snapshot).
     ///
     /// Allocates nothing per change: the events are decoded into buffers kept from one
     /// call to the next, and their list is freed before the state allocates what it
     /// keeps (its place is then free for it, not a hole among its copies). The
     /// changes' data stay slices of the response's receive buffer until applied.
-    pub fn apply(&self, events: Vec<mvccpb::Event>) {
-        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+    pub async fn apply<F, Fut>(&self, events: Vec<mvccpb::Event>, fetch: F) -> usize
+    where
+        F: FnOnce(Vec<Wanted>) -> Fut,
+        Fut: Future<Output = Fetched>,
+    {
+        // Out of its lock while `fetch` runs; only the mirror's one task applies.
+        let mut scratch =
+            std::mem::take(&mut *self.scratch.lock().unwrap_or_else(|e| e.into_inner()));
         self.follow_wall_clock();
-        let Scratch { ids, order } = &mut *scratch;
+        let Scratch { ids, order } = &mut scratch;
         ids.clear();
         order.clear();
         for (seq, e) in events.iter().enumerate() {
@@ -133,29 +144,118 @@ impl Applier {
         }
         drop(events);
         let ids = ids.as_str();
-        let burst = Burst::new();
         for revision in order.chunk_by_mut(|a, b| a.revision == b.revision) {
             // Grouped by cluster, each cluster's changes in etcd's order (clusters are
             // independent: a watcher follows one).
             revision.sort_unstable_by(|a, b| {
                 (&ids[a.cluster.clone()], a.seq).cmp(&(&ids[b.cluster.clone()], b.seq))
             });
+        }
+        let wanted = self.wanted(ids, order);
+        let fetched = if wanted.is_empty() {
+            Fetched::new()
+        } else {
+            fetch(wanted).await
+        };
+        let burst = Burst::new();
+        let mut cut = 0;
+        for revision in order.chunk_by(|a, b| a.revision == b.revision) {
             for cluster in
                 revision.chunk_by(|a, b| ids[a.cluster.clone()] == ids[b.cluster.clone()])
             {
                 let changes = cluster
                     .iter()
                     .map(|p| p.change.map_id(|id| &ids[id.clone()]));
-                self.state
-                    .apply(&ids[cluster[0].cluster.clone()], changes, burst);
+                let cluster_id = &ids[cluster[0].cluster.clone()];
+                let data_of = |affiliate: &str| {
+                    let key = Wanted {
+                        cluster: cluster_id.to_owned(),
+                        affiliate: affiliate.to_owned(),
+                        revision: cluster[0].revision,
+                    };
+                    fetched.get(&key).cloned()
+                };
+                if self.state.apply(cluster_id, changes, burst, &data_of) {
+                    cut += 1;
+                    tracing::warn!(
+                        cluster = cluster_id,
+                        revision = cluster[0].revision,
+                        "cannot read an affiliate's data from etcd for its watchers; they start again from a snapshot"
+                    );
+                }
             }
         }
         // The changes' data are slices of the response's receive buffer: kept, they
         // would hold it until the next response.
         order.clear();
         scratch.shrink();
+        *self.scratch.lock().unwrap_or_else(|e| e.into_inner()) = scratch;
+        cut
+    }
+
+    /// The affiliates of watched clusters whose endpoints a revision changed without
+    /// writing their key: their data must be read to tell the watchers.
+    fn wanted(&self, ids: &str, order: &[Pending]) -> Vec<Wanted> {
+        let mut wanted = Vec::new();
+        for revision in order.chunk_by(|a, b| a.revision == b.revision) {
+            for cluster in
+                revision.chunk_by(|a, b| ids[a.cluster.clone()] == ids[b.cluster.clone()])
+            {
+                let endpoints_only = cluster.iter().any(|p| {
+                    matches!(
+                        p.change,
+                        Change::PutEndpoint { .. } | Change::DeleteEndpoint { .. }
+                    )
+                });
+                let cluster_id = &ids[cluster[0].cluster.clone()];
+                if !endpoints_only || !self.state.cluster(cluster_id).is_some_and(|c| c.watched()) {
+                    continue;
+                }
+                // The affiliates whose key this revision wrote or deleted, sorted.
+                let mut written: Vec<&str> = cluster
+                    .iter()
+                    .filter_map(|p| match &p.change {
+                        Change::PutAffiliate { id, .. } | Change::DeleteAffiliate { id } => {
+                            Some(&ids[id.clone()])
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                written.sort_unstable();
+                for p in cluster {
+                    let (Change::PutEndpoint { id, .. } | Change::DeleteEndpoint { id, .. }) =
+                        &p.change
+                    else {
+                        continue;
+                    };
+                    let id = &ids[id.clone()];
+                    if written.binary_search(&id).is_ok() {
+                        continue;
+                    }
+                    wanted.push(Wanted {
+                        cluster: cluster_id.to_owned(),
+                        affiliate: id.to_owned(),
+                        revision: p.revision,
+                    });
+                }
+            }
+        }
+        // An affiliate's endpoints come together: one read each.
+        wanted.dedup();
+        wanted
     }
 }
+
+/// An affiliate's data wanted as it was at one revision ([`Applier::apply`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Wanted {
+    pub cluster: String,
+    pub affiliate: String,
+    pub revision: i64,
+}
+
+/// What was read of the data wanted; what could not be read is missing.
+pub type Fetched = HashMap<Wanted, Bytes>;
 
 fn change_of<Id>(
     e: &mvccpb::Event,
@@ -240,7 +340,7 @@ impl Rebuild {
                 };
                 let expiry = clock::instant(v.expiry_ms);
                 let mut a = Affiliate::new(expiry);
-                a.set_stored(&v.data, expiry, kv.mod_revision);
+                a.set_stored(expiry, kv.mod_revision);
                 if cluster.decode_into(&mut self.cluster) != self.created_in {
                     self.created.clear();
                     std::mem::swap(&mut self.created_in, &mut self.cluster);
@@ -327,7 +427,7 @@ impl Rebuild {
 
 /// Values this layout never writes are skipped with a warning: only another program
 /// writing under our prefix produces them.
-fn decode_affiliate(v: &Bytes, key: &[u8]) -> Option<AffiliateValue> {
+pub(super) fn decode_affiliate(v: &Bytes, key: &[u8]) -> Option<AffiliateValue> {
     let d = AffiliateValue::decode(v);
     if d.is_none() {
         tracing::warn!(key = %String::from_utf8_lossy(key), "ignoring an affiliate value this server did not write");
@@ -429,11 +529,9 @@ mod tests {
                             .iter()
                             .map(|e| String::from_utf8_lossy(e.blob.as_slice()).into_owned())
                             .collect();
-                        (
-                            id.to_string(),
-                            String::from_utf8_lossy(a.data()).into_owned(),
-                            eps,
-                        )
+                        // No data: the revision to read it at.
+                        assert!(a.data().is_empty(), "the mirror holds no data");
+                        (id.to_string(), a.revision().to_string(), eps)
                     })
                     .collect();
                 list.sort();
@@ -459,12 +557,12 @@ mod tests {
                     s("c1"),
                     109,
                     vec![
-                        (s("n1"), s("one"), vec![s("zz"), s("bb"), s("aa")]),
-                        (s("n2"), s("two"), vec![s("e")]),
+                        (s("n1"), s("101"), vec![s("zz"), s("bb"), s("aa")]),
+                        (s("n2"), s("101"), vec![s("e")]),
                     ]
                 ),
                 (s("c2"), 111, vec![]),
-                (s("c3"), 0, vec![(s("n1"), s("three"), vec![s("e")])]),
+                (s("c3"), 0, vec![(s("n1"), s("101"), vec![s("e")])]),
             ]
         );
     }
@@ -496,11 +594,7 @@ mod tests {
             vec![(
                 s("c"),
                 0,
-                vec![(
-                    s("n"),
-                    s("new life"),
-                    vec![s("fresh"), s("kept"), s("later")]
-                )]
+                vec![(s("n"), s("50"), vec![s("fresh"), s("kept"), s("later")])]
             )]
         );
     }
@@ -565,8 +659,8 @@ mod tests {
     /// in any order: each cluster's watchers hear once per affiliate per revision,
     /// after all of that revision's changes to it, and keys or values this layout
     /// never writes are skipped.
-    #[test]
-    fn watch_events_apply_per_revision_and_cluster_in_etcd_order() {
+    #[tokio::test]
+    async fn watch_events_apply_per_revision_and_cluster_in_etcd_order() {
         let l = Layout::new("p/");
         let applier = Applier::new(State::new(), l.clone());
         let (_, mut c1) = applier.state().watch("c1", 32);
@@ -587,7 +681,21 @@ mod tests {
             event(kv(l.affiliate("c1", "b"), Vec::new(), 0), 11, false),
             event(kv(l.endpoint("c1", "b", b"x"), Vec::new(), 0), 11, false),
         ];
-        applier.apply(events);
+        // Revision 11 took an endpoint of c2's a1 without writing a1's key: its
+        // data is read at that revision, since the mirror holds none.
+        let a1_at_11 = Wanted {
+            cluster: s("c2"),
+            affiliate: s("a1"),
+            revision: 11,
+        };
+        let asked = std::sync::Mutex::new(Vec::new());
+        let fetch = |wanted: Vec<Wanted>| {
+            asked.lock().unwrap().extend(wanted.clone());
+            let data = Bytes::from_static(b"one");
+            async move { wanted.into_iter().map(|w| (w, data.clone())).collect() }
+        };
+        assert_eq!(applier.apply(events, fetch).await, 0, "no watcher ended");
+        assert_eq!(*asked.lock().unwrap(), [a1_at_11]);
         assert_eq!(heard(&mut c1), ["b bee [x]", "-b"]);
         assert_eq!(
             heard(&mut c2),
@@ -597,20 +705,24 @@ mod tests {
         assert!(applier.state().list("c1").is_empty());
     }
 
-    /// Applied data is copied: nothing of a watch response (its receive buffer) is
-    /// held once it is applied, even while etcd stays quiet.
-    #[test]
-    fn nothing_of_an_applied_response_is_held() {
+    /// Nothing of a watch response (its receive buffer) is held once it is applied,
+    /// even while etcd stays quiet and a watcher has not read the change: the
+    /// notification's data is a copy.
+    #[tokio::test]
+    async fn nothing_of_an_applied_response_is_held() {
         let l = Layout::new("p/");
         let applier = Applier::new(State::new(), l.clone());
+        let (_, mut sub) = applier.state().watch("c", 32);
         let mut kv = affiliate(&l, "c", "a", "data");
         let received = Bytes::from(kv.value.to_vec());
         kv.value = received.clone();
-        applier.apply(vec![event(kv, 5, true)]);
+        let fetch = |_| async { Fetched::new() };
+        assert_eq!(applier.apply(vec![event(kv, 5, true)], fetch).await, 0);
         assert_eq!(applier.state().list("c").len(), 1);
         assert!(
             received.is_unique(),
             "the response's bytes are still shared"
         );
+        assert_eq!(heard(&mut sub), ["a data []"]);
     }
 }

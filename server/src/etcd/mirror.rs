@@ -319,7 +319,8 @@ impl Mirror {
             let Some(last) = events.last().map(revision_of) else {
                 continue;
             };
-            self.applier.apply(events);
+            let fetch = |wanted| super::data::at_revisions(&self.client, &self.layout, wanted);
+            self.applier.apply(events, fetch).await;
             burst = true;
             if last > self.applied() {
                 self.applied.send_replace(last);

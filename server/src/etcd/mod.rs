@@ -15,6 +15,7 @@ pub mod applier;
 pub mod batch;
 pub mod client;
 pub mod clock;
+pub mod data;
 pub mod keys;
 pub mod leases;
 pub mod mirror;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{Batcher, Outcome};
 use super::client::{CallError, EtcdClient, EtcdOptions, Unavailable};
 use super::clock;
+use super::data;
 use super::keys::{AffiliateValue, EndpointValue, Layout};
 use super::leases::Leases;
 use super::mirror::Mirror;
@@ -126,7 +127,7 @@ impl EtcdState {
         let mut caught_up = false;
         while tokio::time::Instant::now() < deadline {
             let now_ms = clock::now_ms();
-            let view = self.state().write_view(cluster, u.affiliate_id);
+            let mut view = self.state().write_view(cluster, u.affiliate_id);
             let plan = match Plan::new(&view, u.data, &endpoints, expiry_ms, self.leases.width()) {
                 Ok(plan) => plan,
                 // The mirror may be behind a delete elsewhere: refuse only once it has
@@ -139,6 +140,25 @@ impl EtcdState {
                 }
                 Err(e) => return Err(e.into()),
             };
+            // A write without data stores the affiliate's data again, which the
+            // mirror does not hold: read it, as of the version the plan is for.
+            if let Some(a) = view.current.as_mut().filter(|_| plan.rewrites_data()) {
+                let read = data::current(
+                    &self.client,
+                    &self.layout,
+                    cluster,
+                    u.affiliate_id,
+                    a.revision(),
+                );
+                let Some(stored) = read.await? else {
+                    // The mirror is behind a later write: catch up, plan again.
+                    self.mirror.barrier().await?;
+                    last = "the affiliate kept changing concurrently".into();
+                    continue;
+                };
+                let expiry = a.expiry();
+                a.set_data(&stored, expiry);
+            }
             let txn = self
                 .transaction(cluster, u.affiliate_id, &view, &plan, now_ms)
                 .await?;
@@ -468,20 +488,48 @@ impl EtcdState {
         (affiliates, endpoints)
     }
 
-    /// List, after catching up with etcd.
+    /// List, after catching up with etcd; the data read from etcd ([`data::fill`]).
     pub async fn list(&self, cluster: &str) -> Result<Vec<AffiliateView>, Unavailable> {
         self.mirror.barrier().await?;
-        Ok(self.state().list(cluster))
+        self.with_data(cluster, || (self.state().list_stored(cluster), ()))
+            .await
+            .map(|(views, ())| views)
     }
 
-    /// Snapshot and subscription, after catching up with etcd.
+    /// Snapshot and subscription, after catching up with etcd; the snapshot's data
+    /// read from etcd ([`data::fill`]).
     pub async fn watch(
         &self,
         cluster: &str,
         capacity: usize,
     ) -> Result<(Vec<AffiliateView>, Subscription), Unavailable> {
         self.mirror.barrier().await?;
-        Ok(self.state().watch(cluster, capacity))
+        self.with_data(cluster, || self.state().watch_stored(cluster, capacity))
+            .await
+    }
+
+    /// Takes views from the mirror with `take` and fills in their data. If etcd
+    /// compacted the revision they were taken at meanwhile (a mirror far behind),
+    /// takes them again: a later take is at a later revision.
+    async fn with_data<T>(
+        &self,
+        cluster: &str,
+        take: impl Fn() -> (Vec<(AffiliateView, i64)>, T),
+    ) -> Result<(Vec<AffiliateView>, T), Unavailable> {
+        const TRIES: usize = 3;
+        let mut tries = 0;
+        loop {
+            let (stored, rest) = take();
+            match data::fill(&self.client, &self.layout, cluster, stored).await {
+                Ok(views) => return Ok((views, rest)),
+                Err(CallError::Rejected(s))
+                    if s.code() == tonic::Code::OutOfRange && tries < TRIES =>
+                {
+                    tries += 1;
+                }
+                Err(e) => return Err(Unavailable(e.to_string())),
+            }
+        }
     }
 }
 
@@ -610,22 +658,29 @@ impl<'d> Plan<'d> {
         })
     }
 
-    /// Whether the affiliate already holds everything this plan writes: its expiry to
-    /// the millisecond, its data, and every endpoint it writes with that endpoint's
-    /// expiry. Another request's write matches only if it wrote the same at the same
+    /// Whether the affiliate already holds everything this plan, which writes no data,
+    /// writes: its expiry to the millisecond and every endpoint it writes with that
+    /// endpoint's expiry. Another request's write matches only if it wrote the same at the same
     /// millisecond; then acknowledging leaves the state as writing would, with one
     /// notification fewer.
     fn landed(&self, view: &crate::state::WriteView) -> bool {
         let Some(a) = &view.current else {
             return false;
         };
-        clock::unix_ms(a.expiry()) == self.expiry_ms
-            && self.data.is_none_or(|d| a.data() == d)
+        // The mirror holds no data: a write with data is looked for in etcd's history.
+        self.data.is_none()
+            && clock::unix_ms(a.expiry()) == self.expiry_ms
             && self.endpoints.iter().all(|w| {
                 a.endpoints()
                     .iter()
                     .any(|e| e.blob == w.blob && clock::unix_ms(e.expiry) == w.expiry_ms)
             })
+    }
+
+    /// Whether the plan writes the affiliate's key without new data, so with the data
+    /// it holds.
+    fn rewrites_data(&self) -> bool {
+        self.data.is_none() && !self.changes_nothing
     }
 
     /// The expiries whose leases this plan uses.
@@ -706,10 +761,11 @@ mod tests {
         Bytes::copy_from_slice(s.as_bytes())
     }
 
-    /// An affiliate as the mirror would hold it: data, expiry, endpoints with expiries.
-    fn stored(data: &str, expiry_ms: i64, eps: &[(&str, i64)]) -> Affiliate {
+    /// An affiliate as the mirror would hold it: expiry, endpoints with expiries, and
+    /// no data.
+    fn stored(expiry_ms: i64, eps: &[(&str, i64)]) -> Affiliate {
         let mut a = Affiliate::new(clock::instant(expiry_ms));
-        a.set_stored(data.as_bytes(), clock::instant(expiry_ms), 7);
+        a.set_stored(clock::instant(expiry_ms), 7);
         for (i, (e, exp)) in eps.iter().enumerate() {
             a.put_endpoint(
                 crate::state::Blob::new(e.as_bytes()).unwrap(),
@@ -751,7 +807,7 @@ mod tests {
         );
         let eps: Vec<(String, i64)> = (0..64).map(|i| (format!("e{i}"), T0)).collect();
         let eps: Vec<(&str, i64)> = eps.iter().map(|(e, t)| (e.as_str(), *t)).collect();
-        let full = stored("d", T0, &eps);
+        let full = stored(T0, &eps);
         // A full cluster still updates an existing affiliate; a full affiliate refuses
         // a new endpoint but takes known ones.
         let v = view(Some(full), CLUSTER_AFFILIATES_MAX);
@@ -764,7 +820,7 @@ mod tests {
 
     #[test]
     fn data_sets_the_expiry_and_no_data_only_raises_it() {
-        let a = stored("old", T0 + 60_000, &[]);
+        let a = stored(T0 + 60_000, &[]);
         let p = Plan::new(&view(Some(a.clone()), 1), b"new", &[], T0 + 10_000, W).unwrap();
         assert_eq!((p.data, p.expiry_ms), (Some(&b"new"[..]), T0 + 10_000));
         let p = Plan::new(&view(Some(a.clone()), 1), b"", &[], T0 + 10_000, W).unwrap();
@@ -775,11 +831,7 @@ mod tests {
 
     #[test]
     fn known_endpoints_are_rewritten_only_when_their_lease_bucket_moves() {
-        let a = stored(
-            "d",
-            T0 + 60_000,
-            &[("e1", T0 + 60_000), ("e2", T0 + 60_000)],
-        );
+        let a = stored(T0 + 60_000, &[("e1", T0 + 60_000), ("e2", T0 + 60_000)]);
         // Same expiry again: nothing to rewrite, a new endpoint goes after the others.
         let p = Plan::new(
             &view(Some(a.clone()), 1),
@@ -819,7 +871,6 @@ mod tests {
     fn a_rewritten_endpoint_keeps_its_stored_ordinal_not_its_index() {
         // p, q, r created together (ordinals 0, 1, 2); p expires, so r is second.
         let mut a = stored(
-            "d",
             T0 + 60_000,
             &[("p", T0 + 60_000), ("q", T0 + 60_000), ("r", T0 + 60_000)],
         );
@@ -834,7 +885,7 @@ mod tests {
     fn an_endpoint_lease_follows_its_affiliate_when_data_shortens_it() {
         // Data with a short TTL shortens the affiliate: its endpoints' leases must
         // not outlive it, so they are rewritten, with their own expiry unchanged.
-        let a = stored("d", T0 + 600_000, &[("e1", T0 + 600_000)]);
+        let a = stored(T0 + 600_000, &[("e1", T0 + 600_000)]);
         let short = T0 + 20_000;
         let p = Plan::new(&view(Some(a), 1), b"new", &[], short, W).unwrap();
         assert_eq!(p.expiry_ms, short);
@@ -845,24 +896,18 @@ mod tests {
 
     #[test]
     fn a_plan_knows_when_its_own_write_is_already_stored() {
-        let before = stored("old", T0, &[("e1", T0)]);
-        let p = Plan::new(
-            &view(Some(before.clone()), 1),
-            b"new",
-            &[b("e2")],
-            T0 + 9,
-            W,
-        )
-        .unwrap();
-        assert!(!p.landed(&view(Some(before), 1)));
+        let before = stored(T0, &[("e1", T0)]);
+        let p = Plan::new(&view(Some(before.clone()), 1), b"", &[b("e2")], T0 + 9, W).unwrap();
+        assert!(!p.landed(&view(Some(before.clone()), 1)));
         assert!(!p.landed(&view(None, 0)));
         // What etcd holds once this very transaction committed.
-        let after = stored("new", T0 + 9, &[("e1", T0), ("e2", T0 + 9)]);
-        assert!(p.landed(&view(Some(after), 1)));
-        // Another request's write: other data, or another millisecond.
-        let other = stored("other", T0 + 9, &[("e1", T0), ("e2", T0 + 9)]);
-        assert!(!p.landed(&view(Some(other), 1)));
-        let later = stored("new", T0 + 10, &[("e1", T0), ("e2", T0 + 10)]);
+        let after = stored(T0 + 9, &[("e1", T0), ("e2", T0 + 9)]);
+        assert!(p.landed(&view(Some(after.clone()), 1)));
+        // Another request's write: another millisecond.
+        let later = stored(T0 + 10, &[("e1", T0), ("e2", T0 + 10)]);
         assert!(!p.landed(&view(Some(later), 1)));
+        // With data, the mirror cannot tell (it holds none): etcd's history does.
+        let p = Plan::new(&view(Some(before), 1), b"new", &[b("e2")], T0 + 9, W).unwrap();
+        assert!(!p.landed(&view(Some(after), 1)));
     }
 }

@@ -13,14 +13,14 @@ use http_body_util::Full;
 use tokio::sync::Mutex;
 use tonic::body::Body;
 
+use crate::backend::Backend;
 use crate::limits::STATS_CACHE_TTL;
-use crate::state::State;
 
 const INDEX: &str = include_str!("index.html");
 
 #[derive(Debug)]
 pub struct Landing {
-    state: State,
+    backend: Backend,
     inspect_enabled: bool,
     /// Held while recomputing, so concurrent requests wait for one walk of the state.
     stats: Mutex<Option<(Instant, Bytes)>>,
@@ -121,9 +121,9 @@ fn hex(b: &[u8]) -> String {
 }
 
 impl Landing {
-    pub fn new(state: State, inspect_enabled: bool) -> Self {
+    pub fn new(backend: Backend, inspect_enabled: bool) -> Self {
         Self {
-            state,
+            backend,
             inspect_enabled,
             stats: Mutex::new(None),
         }
@@ -132,13 +132,13 @@ impl Landing {
     pub async fn handle(&self, path: &str, query: Option<&str>) -> Response<Body> {
         match path {
             "/" | "/index.html" => response(StatusCode::OK, "text/html; charset=utf-8", INDEX),
-            "/inspect" if self.inspect_enabled => self.inspect(query.unwrap_or_default()),
+            "/inspect" if self.inspect_enabled => self.inspect(query.unwrap_or_default()).await,
             "/stats" => self.stats().await,
             _ => not_found(),
         }
     }
 
-    fn inspect(&self, query: &str) -> Response<Body> {
+    async fn inspect(&self, query: &str) -> Response<Body> {
         let Ok(params) = parse_query(query) else {
             return response(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -151,7 +151,17 @@ impl Landing {
             .find(|(k, _)| k == "clusterID")
             .map(|(_, v)| v)
             .unwrap_or_default();
-        let mut affiliates = self.state.list(&cluster_id);
+        // The etcd backend reads the data from etcd, which may be away.
+        let mut affiliates = match self.backend.list(&cluster_id).await {
+            Ok(affiliates) => affiliates,
+            Err(status) => {
+                return response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    status.message().to_owned(),
+                );
+            }
+        };
         affiliates.sort_by(|a, b| a.id.cmp(&b.id));
         let mut html = String::from(
             "<!doctype html><html><head><meta charset=\"utf-8\"><title>Discovery Service: inspect</title></head><body>",
@@ -182,7 +192,8 @@ impl Landing {
             Some((at, body)) if at.elapsed() < STATS_CACHE_TTL => body.clone(),
             _ => {
                 let body = Bytes::from(
-                    serde_json::json!({ "affiliates": self.state.counts().affiliates }).to_string(),
+                    serde_json::json!({ "affiliates": self.backend.state().counts().affiliates })
+                        .to_string(),
                 );
                 *cache = Some((Instant::now(), body.clone()));
                 body

@@ -133,7 +133,8 @@ pub struct Affiliate {
     /// only; 0 otherwise): the update transaction is conditional on it.
     revision: i64,
     /// Copied out of the request buffer on store, so a retained blob never pins a whole
-    /// decode buffer in memory.
+    /// decode buffer in memory. Always empty in the etcd backend's mirror
+    /// ([`Self::set_stored`]).
     data: Bytes,
     endpoints: Vec<Endpoint>,
 }
@@ -275,9 +276,13 @@ impl Affiliate {
         self.revision
     }
 
-    /// Mirrors a write read back from etcd: the stored data, expiry and revision.
-    pub fn set_stored(&mut self, data: &[u8], expiry: Instant, revision: i64) {
-        self.set_data(data, expiry);
+    /// Mirrors a write read back from etcd: its expiry and revision. Not its data: a
+    /// replica's mirror holds none (etcd is the copy), so the data does not take room
+    /// in every replica; it is read from etcd when a snapshot, List or page needs it
+    /// ([`EtcdState`](crate::etcd::EtcdState)), and notifications take it from the
+    /// change itself.
+    pub fn set_stored(&mut self, expiry: Instant, revision: i64) {
+        self.expiry = expiry;
         self.revision = revision;
     }
 

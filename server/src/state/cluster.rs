@@ -167,6 +167,11 @@ struct Inner {
 }
 
 impl Inner {
+    fn views(&self) -> Vec<(AffiliateView, i64)> {
+        let views = self.affiliates.iter();
+        views.map(|(id, a)| (view(id, a), a.revision())).collect()
+    }
+
     fn notify(&mut self, n: Notification, burst: Burst) {
         if self.subscribers.is_empty() {
             return;
@@ -182,9 +187,14 @@ pub struct Cluster {
 }
 
 fn view(id: &str, a: &Affiliate) -> AffiliateView {
+    view_with(id, a, a.data().clone())
+}
+
+/// The affiliate as clients see it, with `data` (the etcd mirror holds none).
+fn view_with(id: &str, a: &Affiliate, data: Bytes) -> AffiliateView {
     AffiliateView {
         id: id.to_owned(),
-        data: a.data().clone(),
+        data,
         endpoints: a.endpoint_blobs(),
     }
 }
@@ -259,19 +269,20 @@ impl Cluster {
         }
     }
 
-    /// Every affiliate, data-less ones included, in unspecified order.
-    pub fn list(&self) -> Vec<AffiliateView> {
-        let inner = self.lock();
-        inner.affiliates.iter().map(|(id, a)| view(id, a)).collect()
+    /// Every affiliate, data-less ones included, in unspecified order, each with the
+    /// etcd revision it was last written at (etcd mirror; 0 otherwise).
+    pub fn list(&self) -> Vec<(AffiliateView, i64)> {
+        self.lock().views()
     }
 
-    /// Snapshot and subscription in one step under the lock: no gap, no duplicate.
+    /// Snapshot and subscription in one step under the lock: no gap, no duplicate. The
+    /// snapshot's affiliates come with their revisions, as from [`Self::list`].
     pub(super) fn subscribe(
         self: &Arc<Self>,
         capacity: usize,
-    ) -> Result<(Vec<AffiliateView>, Subscription), Removed> {
+    ) -> Result<(Vec<(AffiliateView, i64)>, Subscription), Removed> {
         let mut inner = self.live()?;
-        let snapshot = inner.affiliates.iter().map(|(id, a)| view(id, a)).collect();
+        let snapshot = inner.views();
         let id = inner.next_subscriber;
         inner.next_subscriber += 1;
         let (subscriber, subscription) = subscription::channel(id, capacity, self.clone());
@@ -314,23 +325,35 @@ impl Cluster {
     /// Applies the changes of one etcd revision, then tells watchers once per affiliate
     /// touched, as the memory backend does once per update: an intermediate state (the
     /// data before the endpoints written with it) is never seen.
-    pub(super) fn apply<'c, I>(&self, changes: I, burst: Burst) -> Result<(), Removed>
+    ///
+    /// The mirror holds no data ([`Affiliate::set_stored`]): a notification takes its
+    /// data from the revision's write of the affiliate key, or, when the revision
+    /// changed only endpoints, from `data_of` (read from etcd at that revision). If
+    /// that has none, the watchers are ended (they start again from a snapshot) rather
+    /// than told a wrong affiliate; returns whether that happened.
+    pub(super) fn apply<'c, I>(
+        &self,
+        changes: I,
+        burst: Burst,
+        data_of: &dyn Fn(&str) -> Option<Bytes>,
+    ) -> Result<bool, Removed>
     where
         I: IntoIterator<Item = Change<&'c str>>,
         I::IntoIter: Clone,
     {
         let mut inner = self.live()?;
-        // Affiliates touched, in first-touch order: (id, existed before, changed). Only
-        // watchers need them: with none, nothing is tracked.
+        // Affiliates touched, in first-touch order: (id, existed before, changed, the
+        // data its key was written with here). Only watchers need them: with none,
+        // nothing is tracked.
         let watched = !inner.subscribers.is_empty();
-        let mut touched: Vec<(&str, bool, bool)> = Vec::new();
+        let mut touched: Vec<(&str, bool, bool, Option<Bytes>)> = Vec::new();
         let mut rest = changes.into_iter();
         while let Some(c) = rest.next() {
             let t = match c.affiliate().copied() {
                 Some(id) if watched => match touched.iter().position(|t| t.0 == id) {
                     Some(i) => Some(i),
                     None => {
-                        touched.push((id, inner.affiliates.contains_key(id), false));
+                        touched.push((id, inner.affiliates.contains_key(id), false, None));
                         Some(touched.len() - 1)
                     }
                 },
@@ -344,14 +367,17 @@ impl Cluster {
                     expiry,
                     revision,
                 } => {
+                    if let Some(t) = t {
+                        touched[t].3 = Some(data.clone());
+                    }
                     let created = match inner.affiliates.get_mut(*id) {
                         Some(a) => {
-                            a.set_stored(data, *expiry, *revision);
+                            a.set_stored(*expiry, *revision);
                             false
                         }
                         None => {
                             let mut a = Affiliate::new(*expiry);
-                            a.set_stored(data, *expiry, *revision);
+                            a.set_stored(*expiry, *revision);
                             // Its endpoints follow it in the transaction (after the
                             // guard): room for all of them at once, not one
                             // reallocation each.
@@ -400,20 +426,29 @@ impl Cluster {
                 touched[t].2 |= changed;
             }
         }
-        for (id, existed, changed) in touched {
+        for (id, existed, changed, data) in touched {
             if !changed {
                 continue;
             }
             match inner.affiliates.get(id) {
                 Some(a) => {
-                    let n = Notification::Update(view(id, a));
+                    let Some(data) = data.or_else(|| data_of(id)) else {
+                        for s in inner.subscribers.drain(..) {
+                            s.cancel();
+                        }
+                        return Ok(true);
+                    };
+                    // A copy: the change's data is a slice of a whole etcd response,
+                    // which a queued notification would otherwise keep.
+                    let data = Bytes::copy_from_slice(&data);
+                    let n = Notification::Update(view_with(id, a, data));
                     inner.notify(n, burst);
                 }
                 None if existed => inner.notify(Notification::Deleted(id.to_owned()), burst),
                 None => {}
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Replaces everything with what a full read of etcd returned and ends every
@@ -498,6 +533,11 @@ impl Cluster {
             });
         }
         out
+    }
+
+    /// Whether anyone watches the cluster.
+    pub fn watched(&self) -> bool {
+        !self.lock().subscribers.is_empty()
     }
 
     pub fn counts(&self) -> ClusterCounts {
@@ -667,6 +707,7 @@ mod tests {
         c.apply(
             [put_aff("af3", "data3", true, exp, 9)],
             Burst::at(Instant::now() + WATCH_STALL),
+            &no_data,
         )
         .unwrap();
 
@@ -741,7 +782,7 @@ mod tests {
             Err(StateError::TooManyEndpoints)
         );
         let listed = c.list();
-        assert_eq!(listed[0].endpoints.len(), 64);
+        assert_eq!(listed[0].0.endpoints.len(), 64);
     }
 
     #[test]
@@ -788,11 +829,13 @@ mod tests {
         for w in writers {
             w.join().unwrap();
         }
-        let mut want: Vec<AffiliateView> = c.list();
+        let mut want: Vec<AffiliateView> = c.list().into_iter().map(|(a, _)| a).collect();
         want.sort_by(|a, b| a.id.cmp(&b.id));
         for (snapshot, mut sub) in watchers {
-            let mut view: std::collections::BTreeMap<String, AffiliateView> =
-                snapshot.into_iter().map(|a| (a.id.clone(), a)).collect();
+            let mut view: std::collections::BTreeMap<String, AffiliateView> = snapshot
+                .into_iter()
+                .map(|(a, _)| (a.id.clone(), a))
+                .collect();
             for n in drain(&mut sub) {
                 match n {
                     Notification::Update(a) => {
@@ -822,6 +865,11 @@ mod tests {
             c.subscribe(32).is_err(),
             "a retired cluster refuses new work"
         );
+    }
+
+    /// What the applier passes when it read nothing from etcd.
+    fn no_data(_: &str) -> Option<Bytes> {
+        None
     }
 
     fn blob(s: &str) -> Blob {
@@ -867,6 +915,7 @@ mod tests {
                 put_ep("af", "e2", exp),
             ],
             Burst::new(),
+            &no_data,
         )
         .unwrap();
         assert_eq!(drain(&mut sub), vec![upd("af", "d", &["e1", "e2"])]);
@@ -877,21 +926,21 @@ mod tests {
         c.apply(
             [put_aff("af", "d", false, exp, 6), put_ep("af", "e1", exp)],
             Burst::new(),
+            &no_data,
         )
         .unwrap();
         assert_eq!(drain(&mut sub), vec![]);
-        c.apply([put_aff("af", "d", true, exp, 7)], Burst::new())
+        c.apply([put_aff("af", "d", true, exp, 7)], Burst::new(), &no_data)
             .unwrap();
         assert_eq!(drain(&mut sub), vec![upd("af", "d", &["e1", "e2"])]);
-        // An endpoint's lease ends: an update with what remains (Q1).
-        c.apply(
-            [Change::DeleteEndpoint {
-                id: "af",
-                blob: blob("e1"),
-            }],
-            Burst::new(),
-        )
-        .unwrap();
+        // An endpoint's lease ends: an update with what remains (Q1), its data read
+        // from etcd at that revision (the mirror holds none).
+        let lost_e1 = [Change::DeleteEndpoint {
+            id: "af",
+            blob: blob("e1"),
+        }];
+        let read = |id: &str| (id == "af").then(|| b("d"));
+        assert!(!c.apply(lost_e1.clone(), Burst::new(), &read).unwrap());
         assert_eq!(drain(&mut sub), vec![upd("af", "d", &["e2"])]);
         // The affiliate's lease ends with its last endpoint's: one deletion.
         c.apply(
@@ -903,13 +952,46 @@ mod tests {
                 },
             ],
             Burst::new(),
+            &no_data,
         )
         .unwrap();
         assert_eq!(drain(&mut sub), vec![Notification::Deleted("af".into())]);
         // An endpoint outliving its affiliate is ignored.
-        c.apply([put_ep("af", "late", exp)], Burst::new()).unwrap();
+        c.apply([put_ep("af", "late", exp)], Burst::new(), &no_data)
+            .unwrap();
         assert_eq!(drain(&mut sub), vec![]);
         assert!(c.list().is_empty());
+    }
+
+    /// The mirror holds no data: a change that did not write the affiliate's key is
+    /// told with data read from etcd, and when that read failed the watchers are ended
+    /// (they start again from a snapshot) rather than told an affiliate without data.
+    #[test]
+    fn watchers_are_ended_when_an_endpoint_change_has_no_data_to_tell() {
+        let exp = Instant::now() + Duration::from_secs(60);
+        let c = Arc::new(Cluster::default());
+        c.apply(
+            [
+                put_aff("af", "d", true, exp, 5),
+                put_ep("af", "e1", exp),
+                put_ep("af", "e2", exp),
+            ],
+            Burst::new(),
+            &no_data,
+        )
+        .unwrap();
+        let (snapshot, mut sub) = c.subscribe(32).unwrap();
+        assert_eq!(snapshot[0].0.data, b(""), "the mirror keeps no data");
+        assert_eq!(snapshot[0].1, 5, "but the revision to read it at");
+        let lost_e1 = [Change::DeleteEndpoint {
+            id: "af",
+            blob: blob("e1"),
+        }];
+        assert!(c.apply(lost_e1, Burst::new(), &no_data).unwrap());
+        assert_eq!(sub.try_recv(), Err(subscription::Lost));
+        assert_eq!(c.counts().subscriptions, 0);
+        // The change itself was applied.
+        assert_eq!(c.list()[0].0.endpoints, vec![b("e2")]);
     }
 
     /// One etcd watch response (here 40 revisions of one cluster) is one burst: a
@@ -925,7 +1007,7 @@ mod tests {
         let ids: Vec<String> = (0..40).map(|i| format!("af{i}")).collect();
         let burst = Burst::new();
         for (i, id) in ids.iter().enumerate() {
-            c.apply([put_aff(id, "d", true, exp, 2 + i as i64)], burst)
+            c.apply([put_aff(id, "d", true, exp, 2 + i as i64)], burst, &no_data)
                 .unwrap();
         }
         let got = drain(&mut sub);
@@ -936,16 +1018,21 @@ mod tests {
         let t = Instant::now();
         let burst = Burst::at(t);
         for (i, id) in ids.iter().enumerate() {
-            c.apply([put_aff(id, "e", true, exp, 50 + i as i64)], burst)
-                .unwrap();
+            c.apply(
+                [put_aff(id, "e", true, exp, 50 + i as i64)],
+                burst,
+                &no_data,
+            )
+            .unwrap();
         }
-        c.apply([put_aff("af0", "f", true, exp, 99)], Burst::at(t))
+        c.apply([put_aff("af0", "f", true, exp, 99)], Burst::at(t), &no_data)
             .unwrap();
         assert_eq!(c.counts().subscriptions, 1, "back to back is not behind");
         // 41 waiting, the oldest for a stall: cut.
         c.apply(
             [put_aff("af1", "g", true, exp, 100)],
             Burst::at(t + WATCH_STALL),
+            &no_data,
         )
         .unwrap();
         assert_eq!(sub.try_recv(), Err(subscription::Lost));
@@ -963,7 +1050,7 @@ mod tests {
         let burst = |at: Instant, from: i64, c: &Cluster| {
             let b = Burst::at(at);
             for i in 0..40 {
-                c.apply([put_aff("af", "d", true, exp, from + i)], b)
+                c.apply([put_aff("af", "d", true, exp, from + i)], b, &no_data)
                     .unwrap();
             }
         };
@@ -990,11 +1077,15 @@ mod tests {
         let (_, mut sub) = c.subscribe(32).unwrap();
         let burst = Burst::new();
         for i in 0..32 + WATCH_BURST_MAX {
-            c.apply([put_aff("af", "d", true, exp, 2 + i as i64)], burst)
-                .unwrap();
+            c.apply(
+                [put_aff("af", "d", true, exp, 2 + i as i64)],
+                burst,
+                &no_data,
+            )
+            .unwrap();
         }
         assert_eq!(c.counts().subscriptions, 1, "still within the allowance");
-        c.apply([put_aff("af", "d", true, exp, 1 << 40)], burst)
+        c.apply([put_aff("af", "d", true, exp, 1 << 40)], burst, &no_data)
             .unwrap();
         assert_eq!(sub.try_recv(), Err(subscription::Lost));
         assert_eq!(c.counts().subscriptions, 0);
@@ -1019,15 +1110,15 @@ mod tests {
     fn a_reset_replaces_everything_and_restarts_watchers() {
         let exp = Instant::now() + Duration::from_secs(60);
         let c = Arc::new(Cluster::default());
-        c.apply([put_aff("old", "d", true, exp, 2)], Burst::new())
+        c.apply([put_aff("old", "d", true, exp, 2)], Burst::new(), &no_data)
             .unwrap();
         let (_, mut sub) = c.subscribe(32).unwrap();
         let mut fresh = Affiliate::new(exp);
-        fresh.set_stored(b"n", exp, 9);
+        fresh.set_stored(exp, 9);
         assert!(c.reset([("new".into(), fresh)].into(), 9).is_ok());
         assert_eq!(sub.try_recv(), Err(subscription::Lost));
         assert_eq!(c.counts().subscriptions, 0);
-        let ids: Vec<String> = c.list().into_iter().map(|a| a.id).collect();
+        let ids: Vec<String> = c.list().into_iter().map(|(a, _)| a.id).collect();
         assert_eq!(ids, ["new"]);
         assert_eq!(c.write_view("new").guard_revision, 9);
     }

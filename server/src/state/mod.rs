@@ -91,12 +91,29 @@ impl State {
 
     /// Lists a cluster's affiliates; a missing cluster is empty and is not created (Q5).
     pub fn list(&self, cluster_id: &str) -> Vec<AffiliateView> {
+        without_revisions(self.list_stored(cluster_id))
+    }
+
+    /// [`Self::list`], each affiliate with the etcd revision it was last written at
+    /// (etcd backend's mirror, whose views have no data yet).
+    pub fn list_stored(&self, cluster_id: &str) -> Vec<(AffiliateView, i64)> {
         self.get(cluster_id).map(|c| c.list()).unwrap_or_default()
     }
 
     /// Snapshot plus subscription, atomically; creates the cluster so the subscription
     /// keeps it alive.
     pub fn watch(&self, cluster_id: &str, capacity: usize) -> (Vec<AffiliateView>, Subscription) {
+        let (snapshot, subscription) = self.watch_stored(cluster_id, capacity);
+        (without_revisions(snapshot), subscription)
+    }
+
+    /// [`Self::watch`], the snapshot's affiliates with their revisions as from
+    /// [`Self::list_stored`].
+    pub fn watch_stored(
+        &self,
+        cluster_id: &str,
+        capacity: usize,
+    ) -> (Vec<(AffiliateView, i64)>, Subscription) {
         loop {
             if let Ok(pair) = self.get_or_create(cluster_id).subscribe(capacity) {
                 return pair;
@@ -105,20 +122,27 @@ impl State {
     }
 
     /// Applies one etcd revision's changes to a cluster (etcd backend's mirror), as
-    /// part of `burst` (every revision of one watch response).
-    pub fn apply<'c, I>(&self, cluster_id: &str, changes: I, burst: Burst)
+    /// part of `burst` (every revision of one watch response); `data_of` gives the data
+    /// of an affiliate whose key the revision did not write ([`Cluster::apply`]).
+    /// Returns whether the cluster's watchers were ended for want of it.
+    pub fn apply<'c, I>(
+        &self,
+        cluster_id: &str,
+        changes: I,
+        burst: Burst,
+        data_of: &dyn Fn(&str) -> Option<bytes::Bytes>,
+    ) -> bool
     where
         I: IntoIterator<Item = Change<&'c str>>,
         I::IntoIter: Clone,
     {
         let changes = changes.into_iter();
         loop {
-            if self
+            if let Ok(cut) = self
                 .get_or_create(cluster_id)
-                .apply(changes.clone(), burst)
-                .is_ok()
+                .apply(changes.clone(), burst, data_of)
             {
-                return;
+                return cut;
             }
         }
     }
@@ -208,6 +232,10 @@ impl State {
             over_limit,
         })
     }
+}
+
+fn without_revisions(views: Vec<(AffiliateView, i64)>) -> Vec<AffiliateView> {
+    views.into_iter().map(|(v, _)| v).collect()
 }
 
 #[cfg(test)]
@@ -300,7 +328,7 @@ mod tests {
             expiry: exp,
             revision: 0,
         };
-        s.apply("c", [change], stalled);
+        s.apply("c", [change], stalled, &|_| None);
         assert_eq!(s.counts().subscriptions, 0, "the stall dropped the watcher");
         // Lost at once, although 33 notifications are still buffered (Q9).
         assert_eq!(sub.try_recv(), Err(Lost));
