@@ -37,6 +37,9 @@
 //!   after the load (the heap alone: the replica's binary touches more code pages, the
 //!   etcd client's, which are file-backed and shared), and what the load added to each
 //!   (loaded minus idle: the data's own cost, without the etcd client's fixed one).
+//!   A replica holds no affiliate data (etcd is the copy), so a List reads it from
+//!   etcd: 200 Lists of a 100-affiliate cluster, one at a time, alternating, give the
+//!   latency that costs.
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -480,6 +483,25 @@ async fn memory(dir: &Path, member: &Member) -> Vec<Figure> {
     figures
 }
 
+/// Lists timed per scale, alternating between the two servers.
+const LIST_ROUNDS: usize = 200;
+
+/// One List's latency, µs; every affiliate of the cluster must be there.
+async fn timed_list(c: &mut Client, cluster: &str) -> u32 {
+    let start = Instant::now();
+    let req = ListRequest {
+        cluster_id: cluster.to_owned(),
+    };
+    let listed = tokio::time::timeout(CALL_TIMEOUT, c.list(req))
+        .await
+        .expect("list timed out")
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.affiliates.len(), RSS_PER_CLUSTER);
+    assert!(listed.affiliates.iter().all(|a| !a.data.is_empty()));
+    start.elapsed().as_micros().try_into().unwrap_or(u32::MAX)
+}
+
 /// Loads the same affiliates into a fresh memory-backend server and a fresh replica on
 /// etcd, and compares them once both are idle, their clients still connected.
 async fn memory_at(dir: &Path, member: &Member, clusters: usize) -> Vec<Figure> {
@@ -509,6 +531,14 @@ async fn memory_at(dir: &Path, member: &Member, clusters: usize) -> Vec<Figure> 
     let (memory_rss, _) = memory.rss();
     let (replica_rss, _) = replica.rss();
     let (memory_anon, replica_anon) = (anon_rss_of(memory.pid()), anon_rss_of(replica.pid()));
+    // What the replica's smaller size costs: a List (like a Watch's snapshot) reads
+    // the cluster's data from etcd. Alternating, one List at a time.
+    let (mut list_memory, mut list_replica) = (Vec::new(), Vec::new());
+    for i in 0..LIST_ROUNDS {
+        let cluster = client::cluster_id(i % clusters);
+        list_memory.push(timed_list(&mut connected[0], &cluster).await);
+        list_replica.push(timed_list(&mut connected[1], &cluster).await);
+    }
     drop(connected);
 
     // A replica started after the load reads the affiliates from etcd.
@@ -538,6 +568,7 @@ async fn memory_at(dir: &Path, member: &Member, clusters: usize) -> Vec<Figure> 
 
     let k = n / 1000;
     let mib = |b: u64| b as f64 / MIB;
+    let ms = |us: u32| f64::from(us) / 1000.0;
     vec![
         Figure::new(
             &format!("RSS with {k}k affiliates, etcd vs memory"),
@@ -566,6 +597,18 @@ async fn memory_at(dir: &Path, member: &Member, clusters: usize) -> Vec<Figure> 
             mib(late_rss),
         )
         .baseline(mib(memory_rss)),
+        Figure::new(
+            &format!("  List of {RSS_PER_CLUSTER} affiliates p50, etcd vs memory"),
+            "ms",
+            ms(client::quantile(&mut list_replica, 0.5)),
+        )
+        .baseline(ms(client::quantile(&mut list_memory, 0.5))),
+        Figure::new(
+            &format!("  List of {RSS_PER_CLUSTER} affiliates p99, etcd vs memory"),
+            "ms",
+            ms(client::quantile(&mut list_replica, 0.99)),
+        )
+        .baseline(ms(client::quantile(&mut list_memory, 0.99))),
         Figure::new("  etcd member RSS (all phases' data)", "MiB", mib(etcd_rss)),
         Figure::new(
             &format!("  loading {k}k via gRPC, etcd vs memory"),

@@ -8,7 +8,8 @@
 //! [`State`](crate::state::State) the memory backend uses, from which it answers List
 //! and Watch and computes `/metrics`, `/inspect` and `/stats`. Because the mirror applies
 //! etcd's changes in revision order, a Watch's snapshot is the state at one revision and
-//! every later change follows exactly once. TTLs are etcd leases shared per expiry
+//! every later change follows exactly once. The mirror holds no affiliate data, only
+//! the revisions to read it at ([`data`]). TTLs are etcd leases shared per expiry
 //! bucket ([`leases`]); the key and value layout is in [`keys`].
 
 pub mod applier;

@@ -184,8 +184,8 @@ impl EtcdState {
                     // attempt whose answer was lost (its member answered too late) was
                     // sent again. Then it is done; writing it again would tell watchers
                     // twice, and undo any write that came after it. The mirror shows
-                    // it, or, if another write to the affiliate followed, etcd's
-                    // history of the key does.
+                    // a write without data; etcd's history of the key shows one with
+                    // data (the mirror holds none), or one another write followed.
                     if plan.landed(&self.state().write_view(cluster, u.affiliate_id))
                         || self
                             .landed_in_history(cluster, u.affiliate_id, &view, &plan, sent_after)
