@@ -60,6 +60,15 @@ impl Backend {
         }
     }
 
+    /// List for the inspect page: on etcd, what this replica's mirror holds, without
+    /// catching up (which writes to etcd) for a page anyone may load.
+    pub async fn inspect(&self, cluster: &str) -> Result<Vec<AffiliateView>, Status> {
+        match self {
+            Self::Memory(s) => Ok(s.list(cluster)),
+            Self::Etcd(etcd) => bounded(async { Ok(etcd.list_as_mirrored(cluster).await?) }).await,
+        }
+    }
+
     pub async fn watch(
         &self,
         cluster: &str,

@@ -119,13 +119,19 @@ struct EtcdCollector {
     resyncs: IntCounter,
     resumes: IntCounter,
     read_restarts: IntCounter,
+    data_misses: IntCounter,
     /// Scrapes may run at once: one at a time brings the counters up to date.
     collecting: std::sync::Mutex<()>,
 }
 
 impl EtcdCollector {
-    fn counters(&self) -> [&IntCounter; 3] {
-        [&self.resyncs, &self.resumes, &self.read_restarts]
+    fn counters(&self) -> [&IntCounter; 4] {
+        [
+            &self.resyncs,
+            &self.resumes,
+            &self.read_restarts,
+            &self.data_misses,
+        ]
     }
 }
 
@@ -143,11 +149,12 @@ impl Collector for EtcdCollector {
         let p = self.etcd.progress();
         self.applied.set(p.applied);
         // They only grow; each counter is brought up to the mirror's count.
-        let [resyncs, resumes, read_restarts] = self.counters();
+        let [resyncs, resumes, read_restarts, data_misses] = self.counters();
         for (c, n) in [
             (resyncs, p.resyncs),
             (resumes, p.resumes),
             (read_restarts, p.read_restarts),
+            (data_misses, p.data_misses),
         ] {
             c.inc_by(n.saturating_sub(c.get()));
         }
@@ -422,8 +429,9 @@ impl Metrics {
         }
     }
 
-    /// Adds the etcd backend's series: the revision this replica has applied, and how
-    /// often its watch resumed or had to read everything again.
+    /// Adds the etcd backend's series: the revision this replica has applied, how
+    /// often its watch resumed or had to read everything again, and how often
+    /// watchers started again for want of an affiliate's data.
     pub fn register_etcd(&self, etcd: std::sync::Arc<crate::etcd::EtcdState>) {
         let collector = EtcdCollector {
             etcd,
@@ -448,6 +456,13 @@ impl Metrics {
                 "discovery_etcd_full_read_restarts_total",
                 "Full reads of etcd begun again because etcd compacted the revision \
                  they read at.",
+            )
+            .expect("static metric definition"),
+            data_misses: IntCounter::new(
+                "discovery_etcd_data_misses_total",
+                "Clusters whose watchers on this replica started again from a snapshot \
+                 because an affiliate's data, needed to tell them a change, could not be \
+                 read from etcd.",
             )
             .expect("static metric definition"),
             collecting: std::sync::Mutex::new(()),

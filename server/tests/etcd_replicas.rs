@@ -753,6 +753,53 @@ async fn a_lease_revoked_behind_the_replicas_back_is_replaced() {
     replica.shutdown().await.unwrap();
 }
 
+/// Another program writes under the replica's prefix: an affiliate's key then holds a
+/// value this server never writes, which the mirror skips. Updates of that affiliate,
+/// with data or without (which must store its data again, and cannot read it), are
+/// refused at once, saying why, instead of catching up with etcd again and again until
+/// their deadline and overwriting what they cannot read. Once the value is deleted,
+/// the affiliate can be written again.
+#[tokio::test]
+async fn an_affiliate_value_another_program_wrote_is_refused_saying_why() {
+    use discovery_service::etcd::keys::Layout;
+    use discovery_service::etcd::proto::etcdserverpb::kv_client::KvClient;
+    use discovery_service::etcd::proto::etcdserverpb::{DeleteRangeRequest, PutRequest};
+
+    let etcd = Etcd::start(1).await;
+    let replica = start(etcd.config("/foreign/")).await;
+    let mut c = client(&replica).await;
+    try_update(&mut c, "a", "d").await.unwrap();
+    let key = Layout::new("/foreign/").affiliate("c", "a");
+    let req = PutRequest {
+        key: key.clone().into(),
+        value: b"not ours".to_vec().into(),
+        ..Default::default()
+    };
+    etcd.client().put(req).await.unwrap();
+    for (what, data) in [("a refresh", ""), ("an update with data", "again")] {
+        let attempt = c.affiliate_update(update("c", "a", data, &["e"], 300));
+        let refused = within(what, attempt).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Internal, "{what}: {refused:?}");
+        assert!(refused.message().contains("did not write"), "{refused:?}");
+    }
+    let req = DeleteRangeRequest {
+        key: key.into(),
+        ..Default::default()
+    };
+    let mut kv = KvClient::new(etcd.channel(0).await);
+    within("the delete", kv.delete_range(req)).await.unwrap();
+    within(
+        "an update once it is gone",
+        try_update(&mut c, "a", "again"),
+    )
+    .await
+    .unwrap();
+    let listed = list(&mut c, "c").await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].data, b"again".as_slice());
+    replica.shutdown().await.unwrap();
+}
+
 /// A member that never answers: a loopback listener that accepts connections and
 /// keeps them open, silent. Its URL, and the task holding it (abort it at the end).
 async fn silent_member() -> (String, tokio::task::JoinHandle<()>) {
@@ -1373,6 +1420,7 @@ async fn every_replica_serves_the_pages_and_metrics_of_the_shared_state() {
     // A List through the other replica returns once it has caught up with etcd.
     let mut cb = client(&b).await;
     assert_eq!(list(&mut cb, "c/1").await.len(), 1);
+    let revision = etcd_revision(&etcd).await;
     for r in [&a, &b] {
         let landing = r.landing_addr.unwrap();
         let (status, _, body) = http_get(landing, "/inspect?clusterID=c%2F1").await;
@@ -1397,9 +1445,24 @@ async fn every_replica_serves_the_pages_and_metrics_of_the_shared_state() {
             "no snapshot metrics with etcd"
         );
         assert!(metric(r, "discovery_etcd_applied_revision").await > 0);
+        assert_eq!(metric(r, "discovery_etcd_data_misses_total").await, 0);
     }
+    // The pages show what each replica holds, without catching up with etcd first:
+    // loading them, which anyone may, writes nothing to etcd.
+    assert_eq!(etcd_revision(&etcd).await, revision);
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// etcd's current revision.
+async fn etcd_revision(etcd: &Etcd) -> i64 {
+    use discovery_service::etcd::proto::etcdserverpb::RangeRequest;
+    let req = RangeRequest {
+        key: b"\0".to_vec().into(),
+        ..Default::default()
+    };
+    let r = within("a read", etcd.client().range(req)).await.unwrap();
+    r.header.unwrap().revision
 }
 
 #[tokio::test]
@@ -1504,10 +1567,12 @@ async fn etcd_over_tls_with_a_client_certificate() {
 /// A replica's mirror holds no data (etcd is the copy): a snapshot's or a List's data
 /// is read from etcd as of the revision the mirror saw each affiliate at. Here one
 /// affiliate's key is written again after the views were taken: the latest version is
-/// not what the mirror saw, so the data comes from the views' revision instead, never
-/// from the later write. Once etcd compacted that revision away, the read says so
-/// (OUT_OF_RANGE: the replica then takes its views again), rather than returning data
-/// of another version.
+/// not what the mirror saw, so the data comes from the revision the mirror had
+/// reached, never from the later write. That revision may be far later than the one
+/// the views were written at, which etcd may have compacted since: the read is at the
+/// mirror's revision, which it has not. Only if etcd compacted that one too (the
+/// mirror behind compaction) does the read say so (OUT_OF_RANGE: the replica then
+/// catches up and takes its views again), rather than return data of another version.
 #[tokio::test]
 async fn snapshot_data_is_read_as_of_the_revisions_the_mirror_saw() {
     use discovery_service::etcd::client::CallError;
@@ -1535,7 +1600,17 @@ async fn snapshot_data_is_read_as_of_the_revisions_the_mirror_saw() {
     };
     let r1 = put("a", "a-first").await;
     let r2 = put("b", "b-first").await;
-    let r3 = put("a", "a-second").await;
+    let r3 = client
+        .put(PutRequest {
+            key: layout.affiliate("another", "x").into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .header
+        .unwrap()
+        .revision;
+    let r4 = put("a", "a-second").await;
     let view = |id: &str| AffiliateView {
         id: id.into(),
         data: bytes::Bytes::new(),
@@ -1550,23 +1625,33 @@ async fn snapshot_data_is_read_as_of_the_revisions_the_mirror_saw() {
         v
     };
     let s = |v: &str| v.to_owned();
-    // Taken before the second write of `a`.
+    // Taken before the second write of `a`, when the mirror had applied r2.
     let before = || vec![(view("a"), r1), (view("b"), r2)];
-    let filled = data::fill(&client, &layout, "c", before()).await.unwrap();
+    let filled = data::fill(&client, &layout, "c", before(), r2)
+        .await
+        .unwrap();
     assert_eq!(
         data_of(filled),
         [(s("a"), s("a-first")), (s("b"), s("b-first"))]
     );
     // Taken after it: the latest versions.
-    let after = vec![(view("a"), r3), (view("b"), r2)];
-    let filled = data::fill(&client, &layout, "c", after).await.unwrap();
+    let after = vec![(view("a"), r4), (view("b"), r2)];
+    let filled = data::fill(&client, &layout, "c", after, r4).await.unwrap();
     assert_eq!(
         data_of(filled),
         [(s("a"), s("a-second")), (s("b"), s("b-first"))]
     );
-    // The earlier views' revision compacted away.
+    // The views' revisions compacted away, not the mirror's.
     client.compact(r3).await.unwrap();
-    match data::fill(&client, &layout, "c", before()).await {
+    let filled = data::fill(&client, &layout, "c", before(), r3)
+        .await
+        .unwrap();
+    assert_eq!(
+        data_of(filled),
+        [(s("a"), s("a-first")), (s("b"), s("b-first"))]
+    );
+    // The mirror's revision compacted away too.
+    match data::fill(&client, &layout, "c", before(), r2).await {
         Err(CallError::Rejected(status)) => assert_eq!(status.code(), Code::OutOfRange),
         other => panic!("{other:?}"),
     }

@@ -1,12 +1,13 @@
 //! Applies what the mirror reads from etcd to the replica's [`State`]: watch events
-//! revision by revision, and full reads page by page. No I/O: the mirror feeds it.
+//! revision by revision, and full reads page by page. Its only I/O is the read of
+//! affiliates' data the mirror injects ([`Applier::apply`]'s `fetch`).
 //!
 //! Besides the copies the state keeps, it allocates nothing per change (keys are
 //! parsed in place, ids decoded into a buffer kept between watch responses), and a full
 //! read reuses its buffers: short-lived scraps between the copies the state keeps would
 //! stay resident as heap fragments.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -16,6 +17,10 @@ use super::clock;
 use super::keys::{AffiliateValue, EndpointValue, HexId, Key, Layout};
 use super::proto::mvccpb;
 use crate::state::{Affiliate, Affiliates, Burst, Change, Endpoint, State};
+
+/// Rounds of reading affiliates' data for one watch response ([`Applier::apply`]): a
+/// cluster first watched during a round's reads is asked for in the next.
+const FETCH_ROUNDS: usize = 3;
 
 #[derive(Debug)]
 pub struct Applier {
@@ -100,15 +105,17 @@ impl Applier {
     /// changed only endpoints (a lease took some, or the overdue pass) does not, and
     /// `fetch` reads it from etcd at that revision, for watched clusters only. Returns
     /// how many clusters' watchers were ended because it could not (they start again
-    /// from a snapshot).
+    /// from a snapshot). A cluster first watched while `fetch` runs is asked for in a
+    /// further round, up to [`FETCH_ROUNDS`], so a Watch that began meanwhile is not
+    /// ended for want of data nobody had asked for.
     ///
     /// Allocates nothing per change: the events are decoded into buffers kept from one
     /// call to the next, and their list is freed before the state allocates what it
     /// keeps (its place is then free for it, not a hole among its copies). The
     /// changes' data stay slices of the response's receive buffer until applied.
-    pub async fn apply<F, Fut>(&self, events: Vec<mvccpb::Event>, fetch: F) -> usize
+    pub async fn apply<F, Fut>(&self, events: Vec<mvccpb::Event>, mut fetch: F) -> usize
     where
-        F: FnOnce(Vec<Wanted>) -> Fut,
+        F: FnMut(Vec<Wanted>) -> Fut,
         Fut: Future<Output = Fetched>,
     {
         // Out of its lock while `fetch` runs; only the mirror's one task applies.
@@ -151,12 +158,17 @@ impl Applier {
                 (&ids[a.cluster.clone()], a.seq).cmp(&(&ids[b.cluster.clone()], b.seq))
             });
         }
-        let wanted = self.wanted(ids, order);
-        let fetched = if wanted.is_empty() {
-            Fetched::new()
-        } else {
-            fetch(wanted).await
-        };
+        let mut fetched = Fetched::new();
+        let mut asked = HashSet::new();
+        for _ in 0..FETCH_ROUNDS {
+            let mut wanted = self.wanted(ids, order);
+            wanted.retain(|w| !asked.contains(w));
+            if wanted.is_empty() {
+                break;
+            }
+            asked.extend(wanted.iter().cloned());
+            fetched.extend(fetch(wanted).await);
+        }
         let burst = Burst::new();
         let mut cut = 0;
         for revision in order.chunk_by(|a, b| a.revision == b.revision) {
@@ -703,6 +715,67 @@ mod tests {
         );
         assert_eq!(applier.state().write_view("c2", "a1").guard_revision, 10);
         assert!(applier.state().list("c1").is_empty());
+    }
+
+    /// A Watch that begins while the data of another cluster's change is being read
+    /// is told its own cluster's change, read in a further round, and not ended; what
+    /// cannot be read at all ends the watchers that needed it.
+    #[tokio::test]
+    async fn a_cluster_first_watched_while_data_is_read_is_read_for_too() {
+        let l = Layout::new("p/");
+        let applier = Applier::new(State::new(), l.clone());
+        let mut setup = Vec::new();
+        for c in ["c1", "c2", "c3"] {
+            setup.push(event(affiliate(&l, c, "a", "data"), 10, true));
+            setup.push(event(endpoint(&l, c, "a", "e1", 10, 0), 10, true));
+            setup.push(event(endpoint(&l, c, "a", "e2", 10, 1), 10, true));
+        }
+        let nothing = |_| async { Fetched::new() };
+        assert_eq!(applier.apply(setup, nothing).await, 0);
+        let (_, mut c1) = applier.state().watch("c1", 32);
+        // A lease takes an endpoint of each cluster's affiliate, in one revision.
+        let leases_end = || {
+            ["c1", "c2", "c3"]
+                .map(|c| event(kv(l.endpoint(c, "a", b"e1"), Vec::new(), 0), 11, false))
+                .to_vec()
+        };
+        let late = std::sync::Mutex::new(None);
+        let rounds = std::sync::Mutex::new(Vec::new());
+        let fetch = |wanted: Vec<Wanted>| {
+            let mut clusters: Vec<_> = wanted.iter().map(|w| w.cluster.clone()).collect();
+            clusters.sort();
+            rounds.lock().unwrap().push(clusters);
+            // c2's Watch begins during the first round's reads.
+            let mut late = late.lock().unwrap();
+            if late.is_none() {
+                *late = Some(applier.state().watch("c2", 32).1);
+            }
+            async move {
+                wanted
+                    .into_iter()
+                    .map(|w| (w, Bytes::from_static(b"data")))
+                    .collect()
+            }
+        };
+        assert_eq!(
+            applier.apply(leases_end(), fetch).await,
+            0,
+            "no watcher ended"
+        );
+        assert_eq!(*rounds.lock().unwrap(), [vec![s("c1")], vec![s("c2")]]);
+        assert_eq!(heard(&mut c1), ["a data [e2]"]);
+        let mut c2 = late.into_inner().unwrap().unwrap();
+        assert_eq!(heard(&mut c2), ["a data [e2]"]);
+        drop(c2);
+
+        // The data cannot be read: the watchers of the watched clusters are ended.
+        let (_, mut c3) = applier.state().watch("c3", 32);
+        let again = |c: &str| event(kv(l.endpoint(c, "a", b"e2"), Vec::new(), 0), 12, false);
+        let cut = applier
+            .apply(vec![again("c1"), again("c2"), again("c3")], nothing)
+            .await;
+        assert_eq!(cut, 2, "c1 and c3 are watched (c2's watcher was dropped)");
+        assert!(c1.try_recv().is_err() && c3.try_recv().is_err());
     }
 
     /// Nothing of a watch response (its receive buffer) is held once it is applied,

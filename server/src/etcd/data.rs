@@ -24,23 +24,28 @@ use crate::state::AffiliateView;
 const CONCURRENT_READS: usize = 16;
 
 /// Fills in the data of views taken from the mirror, each with the revision its
-/// affiliate's key was written at (from one instant of the mirror, so at the newest of
-/// those revisions every key holds the version the view was taken from).
+/// affiliate's key was written at. `seen` is a revision the mirror had applied before
+/// they were taken: at any revision from the newest of the views' to the one the
+/// mirror had applied when they were taken, every key holds the version the view was
+/// taken from, and reading at the later of `seen` and that newest one reads inside
+/// that span, as recent as is known to be.
 ///
 /// Reads the cluster's affiliate keys at the latest revision first, where usually
-/// nothing changed since; if some key did, reads them all again at that newest
-/// revision. That read fails with OUT_OF_RANGE if etcd compacted the revision away,
-/// which only happens if the views are older than etcd keeps history: the caller
-/// takes them again.
+/// nothing changed since; if some key did, reads them all again at that revision. That
+/// read fails with OUT_OF_RANGE if etcd compacted the revision away, which only
+/// happens if the mirror is further behind than etcd keeps history: the caller takes
+/// the views again once it has caught up.
 pub async fn fill(
     client: &EtcdClient,
     layout: &Layout,
     cluster: &str,
     stored: Vec<(AffiliateView, i64)>,
+    seen: i64,
 ) -> Result<Vec<AffiliateView>, CallError> {
     let Some(newest) = stored.iter().map(|(_, r)| *r).max() else {
         return Ok(Vec::new());
     };
+    let as_seen = newest.max(seen);
     let mut stored = stored;
     let by_id: HashMap<String, usize> = stored
         .iter()
@@ -48,7 +53,7 @@ pub async fn fill(
         .map(|(i, (v, _))| (v.id.clone(), i))
         .collect();
     let mut filled = vec![false; stored.len()];
-    for at in [0, newest] {
+    for at in [0, as_seen] {
         let kvs = affiliate_keys(client, layout, cluster, at).await?;
         let mut id = String::new();
         for kv in &kvs {
@@ -73,7 +78,7 @@ pub async fn fill(
     }
     Err(CallError::Unavailable(Unavailable(format!(
         "cluster {cluster}: etcd has no version of some affiliate as this replica last saw it \
-         (revision {newest})"
+         (revision {as_seen})"
     ))))
 }
 
@@ -117,22 +122,37 @@ pub async fn at_revisions(client: &EtcdClient, layout: &Layout, wanted: Vec<Want
         .await
 }
 
+/// What the affiliate's key holds now, against the version the mirror saw.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Current {
+    /// Its latest version is the one written at the revision asked: its data.
+    Data(Bytes),
+    /// It changed or went since (the mirror is behind).
+    Changed,
+    /// Its latest value is none this server writes: the mirror skipped it, so
+    /// catching up would not change what the mirror saw.
+    Foreign,
+}
+
 /// The data of the affiliate's key if its latest version is the one written at
-/// `revision`; `None` if it changed or went since (the mirror is behind).
+/// `revision`.
 pub async fn current(
     client: &EtcdClient,
     layout: &Layout,
     cluster: &str,
     affiliate: &str,
     revision: i64,
-) -> Result<Option<Bytes>, CallError> {
+) -> Result<Current, CallError> {
     let req = pb::RangeRequest {
         key: layout.affiliate(cluster, affiliate).into(),
         ..Default::default()
     };
-    let kv = client.range(req).await?.kvs.into_iter().next();
-    Ok(kv
-        .filter(|kv| kv.mod_revision == revision)
-        .and_then(|kv| decode_affiliate(&kv.value, &kv.key))
-        .map(|v| v.data))
+    let Some(kv) = client.range(req).await?.kvs.into_iter().next() else {
+        return Ok(Current::Changed);
+    };
+    Ok(match decode_affiliate(&kv.value, &kv.key) {
+        None => Current::Foreign,
+        Some(_) if kv.mod_revision != revision => Current::Changed,
+        Some(v) => Current::Data(v.data),
+    })
 }

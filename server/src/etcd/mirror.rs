@@ -50,6 +50,7 @@ pub struct Mirror {
     resyncs: AtomicU64,
     resumes: AtomicU64,
     read_restarts: AtomicU64,
+    data_misses: AtomicU64,
 }
 
 /// Sentinel writes shared by barriers: a barrier waits for the first write sent after
@@ -77,6 +78,9 @@ pub struct Progress {
     pub resumes: u64,
     /// Full reads begun again because etcd compacted the revision they read at.
     pub read_restarts: u64,
+    /// Clusters whose watchers started again from a snapshot because an affiliate's
+    /// data, needed to tell them a change, could not be read from etcd.
+    pub data_misses: u64,
 }
 
 /// Why the watch loop stopped feeding: resume on another member, read everything
@@ -109,6 +113,7 @@ impl Mirror {
             resyncs: AtomicU64::new(0),
             resumes: AtomicU64::new(0),
             read_restarts: AtomicU64::new(0),
+            data_misses: AtomicU64::new(0),
         })
     }
 
@@ -118,6 +123,7 @@ impl Mirror {
             resyncs: self.resyncs.load(Ordering::Relaxed),
             resumes: self.resumes.load(Ordering::Relaxed),
             read_restarts: self.read_restarts.load(Ordering::Relaxed),
+            data_misses: self.data_misses.load(Ordering::Relaxed),
         }
     }
 
@@ -320,7 +326,8 @@ impl Mirror {
                 continue;
             };
             let fetch = |wanted| super::data::at_revisions(&self.client, &self.layout, wanted);
-            self.applier.apply(events, fetch).await;
+            let missed = self.applier.apply(events, fetch).await;
+            self.data_misses.fetch_add(missed as u64, Ordering::Relaxed);
             burst = true;
             if last > self.applied() {
                 self.applied.send_replace(last);

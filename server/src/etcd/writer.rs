@@ -150,11 +150,15 @@ impl EtcdState {
                     u.affiliate_id,
                     a.revision(),
                 );
-                let Some(stored) = read.await? else {
+                let stored = match read.await? {
+                    data::Current::Data(stored) => stored,
                     // The mirror is behind a later write: catch up, plan again.
-                    self.mirror.barrier().await?;
-                    last = "the affiliate kept changing concurrently".into();
-                    continue;
+                    data::Current::Changed => {
+                        self.mirror.barrier().await?;
+                        last = "the affiliate kept changing concurrently".into();
+                        continue;
+                    }
+                    data::Current::Foreign => return Err(foreign(cluster, u.affiliate_id)),
                 };
                 let expiry = a.expiry();
                 a.set_data(&stored, expiry);
@@ -186,12 +190,18 @@ impl EtcdState {
                     // twice, and undo any write that came after it. The mirror shows
                     // a write without data; etcd's history of the key shows one with
                     // data (the mirror holds none), or one another write followed.
-                    if plan.landed(&self.state().write_view(cluster, u.affiliate_id))
+                    let now = self.state().write_view(cluster, u.affiliate_id);
+                    if plan.landed(&now)
                         || self
                             .landed_in_history(cluster, u.affiliate_id, &view, &plan, sent_after)
                             .await
                     {
                         return Ok(());
+                    }
+                    // Caught up with the change that failed the condition, yet the
+                    // mirror holds the same versions: it skipped that change.
+                    if seen.is_some() && compared(&now) == compared(&view) {
+                        return Err(foreign(cluster, u.affiliate_id));
                     }
                 }
                 Err(CallError::Rejected(s)) if s.message().contains("lease not found") => {
@@ -325,10 +335,8 @@ impl EtcdState {
         let mut buf = BytesMut::with_capacity(len);
         layout.put_affiliate(&mut buf, cluster, affiliate_id);
         let aff_key = buf.split().freeze();
-        // The value has a block of its own, the size of the data the mirror is about
-        // to store: once freed, it is where that data goes. In the shared buffer, the
-        // freed block would be half again as large, and what the data leaves of it a
-        // hole among what the state keeps (+2 MiB with 100k affiliates).
+        // The value, up to the data limit, is built apart: the keys' buffer stays
+        // small, and is freed with the request.
         let aff_value = Bytes::from(plan.affiliate_value(view));
         let mut compare = Vec::with_capacity(1 + usize::from(creates));
         let mut ops = Vec::with_capacity(1 + usize::from(creates) + plan.endpoints.len());
@@ -491,6 +499,13 @@ impl EtcdState {
     /// List, after catching up with etcd; the data read from etcd ([`data::fill`]).
     pub async fn list(&self, cluster: &str) -> Result<Vec<AffiliateView>, Unavailable> {
         self.mirror.barrier().await?;
+        self.list_as_mirrored(cluster).await
+    }
+
+    /// List as this replica's mirror holds it, without catching up with etcd first:
+    /// for the inspect page, which anyone may load, so loading it writes nothing to
+    /// etcd (catching up writes a marker). The data is read from etcd all the same.
+    pub async fn list_as_mirrored(&self, cluster: &str) -> Result<Vec<AffiliateView>, Unavailable> {
         self.with_data(cluster, || (self.state().list_stored(cluster), ()))
             .await
             .map(|(views, ())| views)
@@ -510,7 +525,7 @@ impl EtcdState {
 
     /// Takes views from the mirror with `take` and fills in their data. If etcd
     /// compacted the revision they were taken at meanwhile (a mirror far behind),
-    /// takes them again: a later take is at a later revision.
+    /// catches up with etcd and takes them again.
     async fn with_data<T>(
         &self,
         cluster: &str,
@@ -519,18 +534,38 @@ impl EtcdState {
         const TRIES: usize = 3;
         let mut tries = 0;
         loop {
+            // Read before taking: the mirror had applied at least this much then.
+            let seen = self.mirror.applied();
             let (stored, rest) = take();
-            match data::fill(&self.client, &self.layout, cluster, stored).await {
+            match data::fill(&self.client, &self.layout, cluster, stored, seen).await {
                 Ok(views) => return Ok((views, rest)),
                 Err(CallError::Rejected(s))
                     if s.code() == tonic::Code::OutOfRange && tries < TRIES =>
                 {
                     tries += 1;
+                    self.mirror.barrier().await?;
                 }
                 Err(e) => return Err(Unavailable(e.to_string())),
             }
         }
     }
+}
+
+/// The versions of the keys an update's condition compares, as the mirror holds them.
+fn compared(view: &crate::state::WriteView) -> (Option<i64>, i64) {
+    (
+        view.current.as_ref().map(|a| a.revision()),
+        view.guard_revision,
+    )
+}
+
+/// An affiliate's key holds a value the mirror skipped: no update of it goes through
+/// (it would overwrite what it cannot read) until that value is deleted.
+fn foreign(cluster: &str, affiliate: &str) -> WriteError {
+    WriteError::Rejected(format!(
+        "affiliate {affiliate:?} of cluster {cluster:?}: its key holds a value this server did \
+         not write; is another program writing under the etcd prefix?"
+    ))
 }
 
 /// One endpoint write of an update.
@@ -567,8 +602,8 @@ struct Plan<'d> {
 }
 
 impl<'d> Plan<'d> {
-    /// The affiliate key's value the plan writes, in a block of its own, exactly its
-    /// size. Without new data the stored data is written again.
+    /// The affiliate key's value the plan writes, exactly its size. Without new data
+    /// the stored data (read from etcd into the view) is written again.
     fn affiliate_value(&self, view: &crate::state::WriteView) -> Vec<u8> {
         let data = self
             .data

@@ -152,7 +152,7 @@ impl Landing {
             .map(|(_, v)| v)
             .unwrap_or_default();
         // The etcd backend reads the data from etcd, which may be away.
-        let mut affiliates = match self.backend.list(&cluster_id).await {
+        let mut affiliates = match self.backend.inspect(&cluster_id).await {
             Ok(affiliates) => affiliates,
             Err(status) => {
                 return response(
