@@ -1420,7 +1420,7 @@ async fn every_replica_serves_the_pages_and_metrics_of_the_shared_state() {
     // A List through the other replica returns once it has caught up with etcd.
     let mut cb = client(&b).await;
     assert_eq!(list(&mut cb, "c/1").await.len(), 1);
-    let revision = etcd_revision(&etcd).await;
+    let revision = etcd.revision().await;
     for r in [&a, &b] {
         let landing = r.landing_addr.unwrap();
         let (status, _, body) = http_get(landing, "/inspect?clusterID=c%2F1").await;
@@ -1449,20 +1449,9 @@ async fn every_replica_serves_the_pages_and_metrics_of_the_shared_state() {
     }
     // The pages show what each replica holds, without catching up with etcd first:
     // loading them, which anyone may, writes nothing to etcd.
-    assert_eq!(etcd_revision(&etcd).await, revision);
+    assert_eq!(etcd.revision().await, revision);
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
-}
-
-/// etcd's current revision.
-async fn etcd_revision(etcd: &Etcd) -> i64 {
-    use discovery_service::etcd::proto::etcdserverpb::RangeRequest;
-    let req = RangeRequest {
-        key: b"\0".to_vec().into(),
-        ..Default::default()
-    };
-    let r = within("a read", etcd.client().range(req)).await.unwrap();
-    r.header.unwrap().revision
 }
 
 #[tokio::test]
@@ -1584,74 +1573,58 @@ async fn snapshot_data_is_read_as_of_the_revisions_the_mirror_saw() {
     let etcd = Etcd::start(1).await;
     let client = etcd.client();
     let layout = Layout::new("fill/");
-    let put = |id: &str, data: &str| {
+    let put = |cluster: &str, id: &str, data: &str| {
         let value = AffiliateValue {
             data_set: true,
             expiry_ms: i64::MAX / 2,
             data: bytes::Bytes::copy_from_slice(data.as_bytes()),
         };
         let req = PutRequest {
-            key: layout.affiliate("c", id).into(),
+            key: layout.affiliate(cluster, id).into(),
             value: value.encode().into(),
             ..Default::default()
         };
         let client = client.clone();
         async move { client.put(req).await.unwrap().header.unwrap().revision }
     };
-    let r1 = put("a", "a-first").await;
-    let r2 = put("b", "b-first").await;
-    let r3 = client
-        .put(PutRequest {
-            key: layout.affiliate("another", "x").into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .header
-        .unwrap()
-        .revision;
-    let r4 = put("a", "a-second").await;
+    let r1 = put("c", "a", "a-first").await;
+    let r2 = put("c", "b", "b-first").await;
+    let r3 = put("another", "x", "x").await;
+    let r4 = put("c", "a", "a-second").await;
     let view = |id: &str| AffiliateView {
         id: id.into(),
         data: bytes::Bytes::new(),
         endpoints: Vec::new(),
     };
-    let data_of = |views: Vec<AffiliateView>| -> Vec<(String, String)> {
-        let mut v: Vec<_> = views
-            .into_iter()
-            .map(|v| (v.id, String::from_utf8_lossy(&v.data).into_owned()))
-            .collect();
-        v.sort();
-        v
+    // Fills views the mirror took once it had applied `seen`: each id with its data.
+    let fill = |views: Vec<(AffiliateView, i64)>, seen: i64| {
+        let (client, layout) = (client.clone(), layout.clone());
+        async move {
+            let views = data::fill(&client, &layout, "c", views, seen).await?;
+            let mut v: Vec<_> = views
+                .into_iter()
+                .map(|v| (v.id, String::from_utf8_lossy(&v.data).into_owned()))
+                .collect();
+            v.sort();
+            Ok::<_, CallError>(v)
+        }
     };
     let s = |v: &str| v.to_owned();
+    let first = [(s("a"), s("a-first")), (s("b"), s("b-first"))];
     // Taken before the second write of `a`, when the mirror had applied r2.
     let before = || vec![(view("a"), r1), (view("b"), r2)];
-    let filled = data::fill(&client, &layout, "c", before(), r2)
-        .await
-        .unwrap();
-    assert_eq!(
-        data_of(filled),
-        [(s("a"), s("a-first")), (s("b"), s("b-first"))]
-    );
+    assert_eq!(fill(before(), r2).await.unwrap(), first);
     // Taken after it: the latest versions.
     let after = vec![(view("a"), r4), (view("b"), r2)];
-    let filled = data::fill(&client, &layout, "c", after, r4).await.unwrap();
     assert_eq!(
-        data_of(filled),
+        fill(after, r4).await.unwrap(),
         [(s("a"), s("a-second")), (s("b"), s("b-first"))]
     );
     // The views' revisions compacted away, not the mirror's.
     client.compact(r3).await.unwrap();
-    let filled = data::fill(&client, &layout, "c", before(), r3)
-        .await
-        .unwrap();
-    assert_eq!(
-        data_of(filled),
-        [(s("a"), s("a-first")), (s("b"), s("b-first"))]
-    );
+    assert_eq!(fill(before(), r3).await.unwrap(), first);
     // The mirror's revision compacted away too.
-    match data::fill(&client, &layout, "c", before(), r2).await {
+    match fill(before(), r2).await {
         Err(CallError::Rejected(status)) => assert_eq!(status.code(), Code::OutOfRange),
         other => panic!("{other:?}"),
     }

@@ -217,6 +217,11 @@ impl Etcd {
         .unwrap()
     }
 
+    /// etcd's current revision.
+    pub async fn revision(&self) -> i64 {
+        revision(&self.client()).await
+    }
+
     pub fn tls(&self) -> Option<&TlsFiles> {
         self.tls.as_ref()
     }
@@ -338,17 +343,17 @@ pub async fn compact_history(endpoints: &[String]) {
         ..Default::default()
     })
     .unwrap();
-    let revision = client
-        .range(RangeRequest {
-            key: b"x"[..].into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .header
-        .unwrap()
-        .revision;
-    client.compact(revision).await.unwrap();
+    client.compact(revision(&client).await).await.unwrap();
+}
+
+/// etcd's current revision, as `client` reads it.
+async fn revision(client: &EtcdClient) -> i64 {
+    let req = RangeRequest {
+        key: b"x"[..].into(),
+        ..Default::default()
+    };
+    let r = super::within("a read of etcd's revision", client.range(req)).await;
+    r.unwrap().header.unwrap().revision
 }
 
 /// Which backend a parametrised test runs on.
