@@ -13,7 +13,9 @@ use bytes::Bytes;
 
 use super::StateError;
 use super::affiliate::{Affiliate, Blob, Collected, Endpoint};
-use super::subscription::{self, AffiliateView, Burst, Notification, Subscriber, Subscription};
+use super::subscription::{
+    self, AffiliateView, Burst, Notification, StallClock, Subscriber, Subscription,
+};
 use crate::limits::CLUSTER_AFFILIATES_MAX;
 
 /// An update as the state layer sees it, already validated by the RPC layer.
@@ -277,15 +279,24 @@ impl Cluster {
 
     /// Snapshot and subscription in one step under the lock: no gap, no duplicate. The
     /// snapshot's affiliates come with their revisions, as from [`Self::list`].
+    #[cfg(test)]
     pub(super) fn subscribe(
         self: &Arc<Self>,
         capacity: usize,
+    ) -> Result<(Vec<(AffiliateView, i64)>, Subscription), Removed> {
+        self.subscribe_with(capacity, StallClock::Now)
+    }
+
+    pub(super) fn subscribe_with(
+        self: &Arc<Self>,
+        capacity: usize,
+        clock: StallClock,
     ) -> Result<(Vec<(AffiliateView, i64)>, Subscription), Removed> {
         let mut inner = self.live()?;
         let snapshot = inner.views();
         let id = inner.next_subscriber;
         inner.next_subscriber += 1;
-        let (subscriber, subscription) = subscription::channel(id, capacity, self.clone());
+        let (subscriber, subscription) = subscription::channel(id, capacity, clock, self.clone());
         inner.subscribers.push(subscriber);
         Ok((snapshot, subscription))
     }
@@ -1065,6 +1076,38 @@ mod tests {
             sub.try_recv().unwrap().expect("waiting");
         }
         burst(t + 3 * WATCH_STALL, 300, &c);
+        assert_eq!(sub.try_recv(), Err(subscription::Lost));
+    }
+
+    /// A watcher whose snapshot is still being completed (the etcd backend reads its
+    /// data from etcd) is not behind, however long that takes and however much waits
+    /// meanwhile: its stall clock starts at its first receive, and from then on it is
+    /// judged as any other.
+    #[test]
+    fn a_watcher_is_judged_from_its_first_receive_when_its_snapshot_is_completed_first() {
+        let exp = Instant::now() + Duration::from_secs(60);
+        let c = Arc::new(Cluster::default());
+        let (_, mut sub) = c.subscribe_with(32, StallClock::FirstReceive).unwrap();
+        let (_, mut judged) = c.subscribe(32).unwrap();
+        let t = Instant::now();
+        let burst = |at: Instant, from: i64, c: &Cluster| {
+            let b = Burst::at(at);
+            for i in 0..40 {
+                c.apply([put_aff("af", "d", true, exp, from + i)], b, &no_data)
+                    .unwrap();
+            }
+        };
+        burst(t, 0, &c);
+        // Many stalls later, nothing received yet: only the watcher already judged is cut.
+        burst(t + 10 * WATCH_STALL, 100, &c);
+        assert_eq!(judged.try_recv(), Err(subscription::Lost));
+        assert_eq!(c.counts().subscriptions, 1);
+        // It begins receiving: 79 waiting, the oldest now fresh.
+        sub.try_recv().unwrap().expect("waiting");
+        let started = Instant::now();
+        burst(started + WATCH_STALL / 2, 200, &c);
+        assert_eq!(c.counts().subscriptions, 1, "judged from its first receive");
+        burst(started + WATCH_STALL, 300, &c);
         assert_eq!(sub.try_recv(), Err(subscription::Lost));
     }
 

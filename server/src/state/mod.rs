@@ -19,7 +19,7 @@ use dashmap::DashMap;
 pub use affiliate::{Affiliate, Blob, DroppedEndpoints, Endpoint};
 pub use cluster::{Affiliates, Change, Cluster, ClusterCounts, Update, WriteView};
 pub use gc::GcReport;
-pub use subscription::{AffiliateView, Burst, Lost, Notification, Subscription};
+pub use subscription::{AffiliateView, Burst, Lost, Notification, StallClock, Subscription};
 
 /// Errors of the state layer; the messages are part of the wire contract (§4.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -103,19 +103,32 @@ impl State {
     /// Snapshot plus subscription, atomically; creates the cluster so the subscription
     /// keeps it alive.
     pub fn watch(&self, cluster_id: &str, capacity: usize) -> (Vec<AffiliateView>, Subscription) {
-        let (snapshot, subscription) = self.watch_stored(cluster_id, capacity);
+        let (snapshot, subscription) = self.subscribe(cluster_id, capacity, StallClock::Now);
         (without_revisions(snapshot), subscription)
     }
 
-    /// [`Self::watch`], the snapshot's affiliates with their revisions as from
-    /// [`Self::list_stored`].
+    /// [`Self::watch`] for the etcd backend's mirror: the snapshot's affiliates with
+    /// their revisions as from [`Self::list_stored`], their data still to be read, so
+    /// the watcher's stall clock starts at its first receive.
     pub fn watch_stored(
         &self,
         cluster_id: &str,
         capacity: usize,
     ) -> (Vec<(AffiliateView, i64)>, Subscription) {
+        self.subscribe(cluster_id, capacity, StallClock::FirstReceive)
+    }
+
+    fn subscribe(
+        &self,
+        cluster_id: &str,
+        capacity: usize,
+        clock: StallClock,
+    ) -> (Vec<(AffiliateView, i64)>, Subscription) {
         loop {
-            if let Ok(pair) = self.get_or_create(cluster_id).subscribe(capacity) {
+            if let Ok(pair) = self
+                .get_or_create(cluster_id)
+                .subscribe_with(capacity, clock)
+            {
                 return pair;
             }
         }

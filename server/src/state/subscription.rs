@@ -11,13 +11,14 @@
 //! affiliates) is delivered whole to a watcher that was not behind when it began, and
 //! so are bursts that follow each other faster than a watcher can be scheduled: their
 //! size says nothing about its pace. Past [`WATCH_BURST_MAX`] more than the buffer, a
-//! watcher is cut anyway.
+//! watcher is cut anyway. A watcher whose snapshot must be completed first (the etcd
+//! backend reads its data) is judged from its first receive ([`StallClock`]).
 //!
 //! [`WATCH_BUFFER`]: crate::limits::WATCH_BUFFER
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -95,6 +96,20 @@ pub(super) struct Subscriber {
     /// The bursts not yet read in full, oldest first: when each began and how many
     /// had been sent before it. At most one per notification waiting.
     unread: VecDeque<(Instant, u64)>,
+    /// When the watcher's stall clock started ([`StallClock`]); until then it is never
+    /// behind (the allowance past its buffer still bounds what it holds).
+    clock: Arc<OnceLock<Instant>>,
+}
+
+/// When a watcher's waiting notifications start to count against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StallClock {
+    /// From the subscription: its snapshot is at hand to send.
+    Now,
+    /// From its first receive: its snapshot is still to be completed (the etcd
+    /// backend reads the data from etcd first), and the time that takes is not the
+    /// watcher's.
+    FirstReceive,
 }
 
 impl Subscriber {
@@ -120,8 +135,9 @@ impl Subscriber {
             }
             let waiting = self.sent.saturating_sub(received);
             if let Some(&(oldest, _)) = self.unread.front()
+                && let Some(&started) = self.clock.get()
                 && waiting >= self.behind as u64
-                && burst.at.saturating_duration_since(oldest) >= WATCH_STALL
+                && burst.at.saturating_duration_since(oldest.max(started)) >= WATCH_STALL
             {
                 self.lost.store(true, Ordering::Release);
                 return false;
@@ -151,6 +167,7 @@ pub struct Subscription {
     rx: mpsc::Receiver<Arc<Notification>>,
     lost: Arc<AtomicBool>,
     received: Arc<AtomicU64>,
+    clock: Arc<OnceLock<Instant>>,
     cluster: Arc<Cluster>,
 }
 
@@ -159,8 +176,13 @@ pub struct Subscription {
 pub(super) fn channel(
     id: u64,
     capacity: usize,
+    clock: StallClock,
     cluster: Arc<Cluster>,
 ) -> (Subscriber, Subscription) {
+    let clock = Arc::new(match clock {
+        StallClock::Now => OnceLock::from(Instant::now()),
+        StallClock::FirstReceive => OnceLock::new(),
+    });
     let behind = capacity.max(1);
     // The channel allocates its slots as they fill, so this bound costs nothing unused.
     let (tx, rx) = mpsc::channel(behind + WATCH_BURST_MAX);
@@ -179,12 +201,14 @@ pub(super) fn channel(
             sent: 0,
             received: received.clone(),
             unread: VecDeque::new(),
+            clock: clock.clone(),
         },
         Subscription {
             id,
             rx,
             lost,
             received,
+            clock,
             cluster,
         },
     )
@@ -213,7 +237,10 @@ impl Subscription {
         Ok(n)
     }
 
+    /// Starts the stall clock if it waited for the first receive, and reports
+    /// whether the watcher was cut.
     fn check(&self) -> Result<(), Lost> {
+        self.clock.get_or_init(Instant::now);
         if self.lost.load(Ordering::Acquire) {
             Err(Lost)
         } else {
