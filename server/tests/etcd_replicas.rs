@@ -754,10 +754,11 @@ async fn a_lease_revoked_behind_the_replicas_back_is_replaced() {
 }
 
 /// Another program writes under the replica's prefix: an affiliate's key then holds a
-/// value this server never writes, which the mirror skips. Updates of that affiliate,
-/// with data or without (which must store its data again, and cannot read it), are
+/// value this server never writes. The copy takes it for no affiliate, as a full read
+/// of etcd would: watchers are told the affiliate is gone, and the cluster's List and
+/// Watch go on serving the rest. Updates of that affiliate, with data or without, are
 /// refused at once, saying why, instead of catching up with etcd again and again until
-/// their deadline and overwriting what they cannot read. Once the value is deleted,
+/// their deadline, and overwriting what they cannot read. Once the value is deleted,
 /// the affiliate can be written again.
 #[tokio::test]
 async fn an_affiliate_value_another_program_wrote_is_refused_saying_why() {
@@ -769,6 +770,10 @@ async fn an_affiliate_value_another_program_wrote_is_refused_saying_why() {
     let replica = start(etcd.config("/foreign/")).await;
     let mut c = client(&replica).await;
     try_update(&mut c, "a", "d").await.unwrap();
+    try_update(&mut c, "b", "d").await.unwrap();
+    let mut w = c.watch(watch_req("c")).await.unwrap().into_inner();
+    let snapshot = next(&mut w).await.unwrap().expect("a snapshot");
+    assert_eq!(snapshot.affiliates.len(), 2);
     let key = Layout::new("/foreign/").affiliate("c", "a");
     let req = PutRequest {
         key: key.clone().into(),
@@ -776,6 +781,11 @@ async fn an_affiliate_value_another_program_wrote_is_refused_saying_why() {
         ..Default::default()
     };
     etcd.client().put(req).await.unwrap();
+    let gone = next(&mut w).await.unwrap().expect("the stream goes on");
+    assert!(gone.deleted, "{gone:?}");
+    assert_eq!(gone.affiliates[0].id, "a");
+    let ids: Vec<String> = list(&mut c, "c").await.into_iter().map(|a| a.id).collect();
+    assert_eq!(ids, ["b"]);
     for (what, data) in [("a refresh", ""), ("an update with data", "again")] {
         let attempt = c.affiliate_update(update("c", "a", data, &["e"], 300));
         let refused = within(what, attempt).await.unwrap_err();
@@ -794,9 +804,9 @@ async fn an_affiliate_value_another_program_wrote_is_refused_saying_why() {
     )
     .await
     .unwrap();
-    let listed = list(&mut c, "c").await;
-    assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].data, b"again".as_slice());
+    let back = next(&mut w).await.unwrap().expect("the stream goes on");
+    assert_eq!((back.deleted, back.affiliates[0].id.as_str()), (false, "a"));
+    assert_eq!(back.affiliates[0].data, b"again".as_slice());
     replica.shutdown().await.unwrap();
 }
 

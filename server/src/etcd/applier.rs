@@ -109,8 +109,8 @@ impl Applier {
     /// further round, up to [`FETCH_ROUNDS`], so a Watch that began meanwhile is not
     /// ended for want of data nobody had asked for.
     ///
-    /// Allocates nothing per change: the events are decoded into buffers kept from one
-    /// call to the next, and their list is freed before the state allocates what it
+    /// Allocates nothing per change beyond the reads of data: the events are decoded
+    /// into buffers kept from one call to the next, and their list is freed before the state allocates what it
     /// keeps (its place is then free for it, not a hole among its copies). The
     /// changes' data stay slices of the response's receive buffer until applied.
     pub async fn apply<F, Fut>(&self, events: Vec<mvccpb::Event>, mut fetch: F) -> usize
@@ -281,7 +281,11 @@ fn change_of<Id>(
             revision: if put { kv.mod_revision } else { 0 },
         },
         Key::Affiliate { .. } if put => {
-            let v = decode_affiliate(&kv.value, &kv.key)?;
+            // A value this server never writes no longer holds an affiliate it knows:
+            // gone, as a full read (which skips it) would find it.
+            let Some(v) = decode_affiliate(&kv.value, &kv.key) else {
+                return Some(Change::DeleteAffiliate { id });
+            };
             Change::PutAffiliate {
                 id,
                 data: v.data,

@@ -27,7 +27,8 @@ const CONCURRENT_READS: usize = 16;
 /// affiliate's key was written at. `seen` is a revision the mirror had applied before
 /// they were taken: at any revision from the newest of the views' to the one the
 /// mirror had applied when they were taken, every key holds the version the view was
-/// taken from, and reading at the later of `seen` and that newest one reads inside
+/// taken from (the mirror skips no write of an affiliate key: one it cannot read ends
+/// the affiliate), and reading at the later of `seen` and that newest one reads inside
 /// that span, as recent as is known to be.
 ///
 /// Reads the cluster's affiliate keys at the latest revision first, where usually

@@ -5,7 +5,8 @@
 //! that holds only if the affiliate's key is still at the revision the plan saw (and,
 //! when it creates the affiliate, the cluster's guard key too: every creation rewrites
 //! it, so two replicas cannot both pass the 1024 check). A failed condition means the
-//! mirror was behind: wait until it has caught up with etcd and plan again. Nothing is
+//! mirror was behind: wait until it has caught up with etcd and plan again (unless the
+//! key holds a value another program wrote, which no attempt can pass). Nothing is
 //! acknowledged before the mirror holds it, so a List or Watch on the same replica
 //! right after sees the write.
 
@@ -199,8 +200,15 @@ impl EtcdState {
                         return Ok(());
                     }
                     // Caught up with the change that failed the condition, yet the
-                    // mirror holds the same versions: it skipped that change.
-                    if seen.is_some() && compared(&now) == compared(&view) {
+                    // mirror holds the same versions: it may have been a value the
+                    // mirror takes for no affiliate (another program's). Then every
+                    // attempt would fail the same way: say so now.
+                    if seen.is_some()
+                        && compared(&now) == compared(&view)
+                        && data::current(&self.client, &self.layout, cluster, u.affiliate_id, 0)
+                            .await?
+                            == data::Current::Foreign
+                    {
                         return Err(foreign(cluster, u.affiliate_id));
                     }
                 }
@@ -296,7 +304,7 @@ impl EtcdState {
     /// The update's transaction. Its keys and the endpoints' values are written into
     /// one buffer and shared from it: one allocation for all of them, and the
     /// batcher's copy of the request only counts references. The affiliate's value
-    /// has a block of its own (see below).
+    /// is built apart (see below).
     async fn transaction(
         &self,
         cluster: &str,
@@ -499,16 +507,24 @@ impl EtcdState {
     /// List, after catching up with etcd; the data read from etcd ([`data::fill`]).
     pub async fn list(&self, cluster: &str) -> Result<Vec<AffiliateView>, Unavailable> {
         self.mirror.barrier().await?;
-        self.list_as_mirrored(cluster).await
+        self.list_filled(cluster, true).await
     }
 
     /// List as this replica's mirror holds it, without catching up with etcd first:
     /// for the inspect page, which anyone may load, so loading it writes nothing to
     /// etcd (catching up writes a marker). The data is read from etcd all the same.
     pub async fn list_as_mirrored(&self, cluster: &str) -> Result<Vec<AffiliateView>, Unavailable> {
-        self.with_data(cluster, || (self.state().list_stored(cluster), ()))
-            .await
-            .map(|(views, ())| views)
+        self.list_filled(cluster, false).await
+    }
+
+    async fn list_filled(
+        &self,
+        cluster: &str,
+        catch_up: bool,
+    ) -> Result<Vec<AffiliateView>, Unavailable> {
+        let take = || (self.state().list_stored(cluster), ());
+        let (views, ()) = self.with_data(cluster, catch_up, take).await?;
+        Ok(views)
     }
 
     /// Snapshot and subscription, after catching up with etcd; the snapshot's data
@@ -519,16 +535,20 @@ impl EtcdState {
         capacity: usize,
     ) -> Result<(Vec<AffiliateView>, Subscription), Unavailable> {
         self.mirror.barrier().await?;
-        self.with_data(cluster, || self.state().watch_stored(cluster, capacity))
-            .await
+        self.with_data(cluster, true, || {
+            self.state().watch_stored(cluster, capacity)
+        })
+        .await
     }
 
     /// Takes views from the mirror with `take` and fills in their data. If etcd
     /// compacted the revision they were taken at meanwhile (a mirror far behind),
-    /// catches up with etcd and takes them again.
+    /// takes them again, after catching up with etcd if `catch_up` (which writes a
+    /// marker; the inspect page does not).
     async fn with_data<T>(
         &self,
         cluster: &str,
+        catch_up: bool,
         take: impl Fn() -> (Vec<(AffiliateView, i64)>, T),
     ) -> Result<(Vec<AffiliateView>, T), Unavailable> {
         const TRIES: usize = 3;
@@ -543,7 +563,12 @@ impl EtcdState {
                     if s.code() == tonic::Code::OutOfRange && tries < TRIES =>
                 {
                     tries += 1;
-                    self.mirror.barrier().await?;
+                    // A subscription taken with them ends now: its cluster is not
+                    // watched while the replica catches up.
+                    drop(rest);
+                    if catch_up {
+                        self.mirror.barrier().await?;
+                    }
                 }
                 Err(e) => return Err(Unavailable(e.to_string())),
             }
