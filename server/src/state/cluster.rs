@@ -1050,21 +1050,23 @@ mod tests {
         assert_eq!(c.counts().subscriptions, 0);
     }
 
+    /// 40 writes of one affiliate as one burst beginning at `at`, from revision `from`.
+    fn burst(at: Instant, from: i64, c: &Cluster) {
+        let exp = Instant::now() + Duration::from_secs(60);
+        let b = Burst::at(at);
+        for i in 0..40 {
+            c.apply([put_aff("af", "d", true, exp, from + i)], b, &no_data)
+                .unwrap();
+        }
+    }
+
     /// What counts is the age of the oldest notification still unread: a backlog read
     /// in full is forgotten, and a fresh one, however large, is not a stall.
     #[test]
     fn a_watcher_is_judged_by_its_oldest_unread_notification() {
-        let exp = Instant::now() + Duration::from_secs(60);
         let c = Arc::new(Cluster::default());
         let (_, mut sub) = c.subscribe(32).unwrap();
         let t = Instant::now();
-        let burst = |at: Instant, from: i64, c: &Cluster| {
-            let b = Burst::at(at);
-            for i in 0..40 {
-                c.apply([put_aff("af", "d", true, exp, from + i)], b, &no_data)
-                    .unwrap();
-            }
-        };
         burst(t, 0, &c);
         assert_eq!(drain(&mut sub).len(), 40, "read in full");
         // Long after, two bursts back to back: 40 waiting, but fresh.
@@ -1085,18 +1087,10 @@ mod tests {
     /// judged as any other.
     #[test]
     fn a_watcher_is_judged_from_its_first_receive_when_its_snapshot_is_completed_first() {
-        let exp = Instant::now() + Duration::from_secs(60);
         let c = Arc::new(Cluster::default());
         let (_, mut sub) = c.subscribe_with(32, StallClock::FirstReceive).unwrap();
         let (_, mut judged) = c.subscribe(32).unwrap();
         let t = Instant::now();
-        let burst = |at: Instant, from: i64, c: &Cluster| {
-            let b = Burst::at(at);
-            for i in 0..40 {
-                c.apply([put_aff("af", "d", true, exp, from + i)], b, &no_data)
-                    .unwrap();
-            }
-        };
         burst(t, 0, &c);
         // Many stalls later, nothing received yet: only the watcher already judged is cut.
         burst(t + 10 * WATCH_STALL, 100, &c);
