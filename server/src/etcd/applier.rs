@@ -110,9 +110,10 @@ impl Applier {
     /// ended for want of data nobody had asked for.
     ///
     /// Allocates nothing per change beyond the reads of data: the events are decoded
-    /// into buffers kept from one call to the next, and their list is freed before the state allocates what it
-    /// keeps (its place is then free for it, not a hole among its copies). The
-    /// changes' data stay slices of the response's receive buffer until applied.
+    /// into buffers kept from one call to the next, and their list is freed before the
+    /// state allocates what it keeps (its place is then free for it, not a hole among
+    /// its copies). The changes' data stay slices of the response's receive buffer
+    /// until applied.
     pub async fn apply<F, Fut>(&self, events: Vec<mvccpb::Event>, mut fetch: F) -> usize
     where
         F: FnMut(Vec<Wanted>) -> Fut,

@@ -130,8 +130,8 @@ pub enum Current {
     Data(Bytes),
     /// It changed or went since (the mirror is behind).
     Changed,
-    /// Its latest value is none this server writes: the mirror skipped it, so
-    /// catching up would not change what the mirror saw.
+    /// Its latest value is none this server writes (another program's): the mirror
+    /// takes it for no affiliate, and no update can be planned past it.
     Foreign,
 }
 

@@ -584,8 +584,9 @@ fn compared(view: &crate::state::WriteView) -> (Option<i64>, i64) {
     )
 }
 
-/// An affiliate's key holds a value the mirror skipped: no update of it goes through
-/// (it would overwrite what it cannot read) until that value is deleted.
+/// An affiliate's key holds a value another program wrote, which the mirror takes for
+/// no affiliate: no update of it goes through (it would overwrite what it cannot read)
+/// until that value is deleted.
 fn foreign(cluster: &str, affiliate: &str) -> WriteError {
     WriteError::Rejected(format!(
         "affiliate {affiliate:?} of cluster {cluster:?}: its key holds a value this server did \
