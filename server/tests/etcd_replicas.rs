@@ -516,8 +516,6 @@ async fn a_watcher_gets_a_batch_larger_than_its_buffer_whole() {
 /// waits to see); they share those writes instead of making 200.
 #[tokio::test]
 async fn concurrent_lists_share_their_writes_to_etcd() {
-    use discovery_service::etcd::proto::etcdserverpb::RangeRequest;
-    use discovery_service::etcd::proto::etcdserverpb::kv_client::KvClient;
     use discovery_service::proto::server::ListRequest;
 
     let etcd = Etcd::start(1).await;
@@ -526,22 +524,7 @@ async fn concurrent_lists_share_their_writes_to_etcd() {
     c.affiliate_update(update("c", "n", "d", &[], 300))
         .await
         .unwrap();
-    let channel = etcd.channel(0).await;
-    let mut kv = KvClient::new(channel);
-    let mut revision = async || {
-        let r = within(
-            "range",
-            kv.range(RangeRequest {
-                key: bytes::Bytes::from_static(b"/"),
-                count_only: true,
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
-        r.into_inner().header.unwrap().revision
-    };
-    let before = revision().await;
+    let before = etcd.revision().await;
     let lists = (0..200).map(|_| {
         let mut c = c.clone();
         async move {
@@ -554,7 +537,7 @@ async fn concurrent_lists_share_their_writes_to_etcd() {
     for r in within("200 lists", futures::future::join_all(lists)).await {
         assert_eq!(r.unwrap().into_inner().affiliates.len(), 1);
     }
-    let writes = revision().await - before;
+    let writes = etcd.revision().await - before;
     assert!(writes <= 20, "{writes} etcd writes for 200 lists");
     replica.shutdown().await.unwrap();
 }
